@@ -1,0 +1,3 @@
+"""devpi-twisted: a private and caching Python package index on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,197 @@
+"""
+Passwords, login tokens and the credentials a request carries.
+
+Password checks are deliberately slow (argon2id), so they run off the reactor
+thread and each (user, password, stored hash) answer is remembered for a short
+while: twine sends Basic auth on every request, and checking it each time
+would make uploads crawl.  Tokens are HMAC-signed with the server's secret and
+carry a fingerprint of the password hash, so they survive a restart but stop
+working when the password changes or the user is deleted.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from typing import Any, Callable
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .model.keys import userKey
+
+TOKEN_PREFIX = "dtw1."
+TOKEN_LIFETIME = 36000  # seconds, as devpi's login
+CACHE_SECONDS = 300.0
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class PasswordHashing:
+    """argon2id hashing and checking (blocking; call from a thread)."""
+
+    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+        self._hasher = hasher or PasswordHasher()
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, pwhash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(pwhash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    @staticmethod
+    def isHash(value: Any) -> bool:
+        """Whether C{value} looks like a stored argon2 hash."""
+        return isinstance(value, str) and value.startswith("$argon2")
+
+
+def parseBasic(header: bytes | None) -> tuple[str, str] | None:
+    """C{(user, secret)} from a C{Basic} Authorization header or an X-Devpi-Auth value."""
+    if not header:
+        return None
+    value = header.strip()
+    if value[:6].lower() == b"basic ":
+        value = value[6:].strip()
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    user, sep, secret = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, secret
+
+
+class Authenticator:
+    """
+    Checks passwords and tokens against the users in storage.
+
+    @param storage: the L{devpi_twisted.interfaces.IStorage}.
+    @param runInThread: runs the slow password check off the reactor thread.
+    @param secret: the server's signing secret (bytes).
+    @param clock: for token expiry and the answer cache.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage: Any,
+        runInThread: Callable[..., Deferred[Any]],
+        secret: bytes,
+        clock: IReactorTime,
+        hashing: PasswordHashing | None = None,
+    ) -> None:
+        self._storage = storage
+        self._runInThread = runInThread
+        self._secret = secret
+        self._clock = clock
+        self._hashing = hashing or PasswordHashing()
+        self._answers: dict[bytes, tuple[float, bool]] = {}
+        self._inFlight: dict[bytes, list[Deferred[bool]]] = {}
+
+    # passwords
+
+    def hashPassword(self, password: str) -> Deferred[str]:
+        """Hash a new password in a thread."""
+        return self._runInThread(self._hashing.hash, password)
+
+    def _cacheKey(self, user: str, password: str, pwhash: str) -> bytes:
+        material = "\0".join((user, password, pwhash)).encode("utf-8")
+        return hmac.new(self._secret, material, hashlib.sha256).digest()
+
+    def _checkPassword(self, user: str, password: str, pwhash: str) -> Deferred[bool]:
+        """Check once per (user, password, hash) in a window; share concurrent checks."""
+        key = self._cacheKey(user, password, pwhash)
+        now = self._clock.seconds()
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > now:
+            return succeed(cached[1])
+        waiter: Deferred[bool] = Deferred()
+        if key in self._inFlight:
+            self._inFlight[key].append(waiter)
+            return waiter
+        self._inFlight[key] = [waiter]
+
+        def done(ok: bool) -> None:
+            self._remember(key, ok)
+            for w in self._inFlight.pop(key):
+                w.callback(ok)
+
+        def failed(failure: Any) -> None:
+            for w in self._inFlight.pop(key):
+                w.errback(failure)
+
+        self._runInThread(self._hashing.verify, pwhash, password).addCallbacks(done, failed)
+        return waiter
+
+    def _remember(self, key: bytes, ok: bool) -> None:
+        now = self._clock.seconds()
+        if len(self._answers) > 10000:
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            if len(self._answers) > 10000:
+                self._answers.clear()
+        self._answers[key] = (now + CACHE_SECONDS, ok)
+
+    # tokens
+
+    def _fingerprint(self, pwhash: str | None) -> str:
+        digest = hmac.new(self._secret, (pwhash or "").encode("utf-8"), hashlib.sha256)
+        return digest.hexdigest()[:16]
+
+    def makeToken(self, user: str, pwhash: str | None) -> str:
+        """A login token for C{user}, valid for L{TOKEN_LIFETIME} seconds."""
+        expires = int(self._clock.seconds()) + TOKEN_LIFETIME
+        payload = _b64(json.dumps([user, expires, self._fingerprint(pwhash)]).encode("utf-8"))
+        signature = _b64(hmac.new(self._secret, payload.encode("ascii"), hashlib.sha256).digest())
+        return f"{TOKEN_PREFIX}{payload}.{signature}"
+
+    def _tokenUser(self, token: str, user: str, pwhash: str | None) -> bool:
+        if not token.startswith(TOKEN_PREFIX):
+            return False
+        payload, _, signature = token[len(TOKEN_PREFIX):].partition(".")
+        expected = _b64(hmac.new(self._secret, payload.encode("ascii", "replace"), hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, signature):
+            return False
+        try:
+            name, expires, fingerprint = json.loads(_unb64(payload))
+        except (ValueError, TypeError, binascii.Error):
+            return False
+        return (
+            name == user
+            and isinstance(expires, int)
+            and expires > self._clock.seconds()
+            and hmac.compare_digest(str(fingerprint), self._fingerprint(pwhash))
+        )
+
+    # the entry point
+
+    async def authenticate(self, user: str, secret: str) -> str | None:
+        """
+        The user name when C{secret} is C{user}'s password or a valid token
+        of theirs, else C{None}.
+        """
+        config = await self._storage.read(lambda view: view.get(userKey(user)))
+        if config is None:
+            return None
+        pwhash = config.get("pwhash")
+        if self._tokenUser(secret, user, pwhash):
+            return user
+        if not pwhash:
+            return None
+        if await self._checkPassword(user, secret, pwhash):
+            return user
+        return None

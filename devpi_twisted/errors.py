@@ -1,0 +1,85 @@
+"""
+Domain exceptions.
+
+Domain code raises these; L{devpi_twisted.web.errors} is the one place that
+turns them into HTTP answers.  Each carries the HTTP status it stands for so
+the mapping stays a table, not a chain of special cases.
+"""
+
+
+class DevpiError(Exception):
+    """Base of every error that has a meaning for a client."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(DevpiError):
+    """The request's body, name or parameters are not acceptable."""
+
+    status = 400
+
+
+class Unauthorized(DevpiError):
+    """No valid credentials where credentials are needed."""
+
+    status = 401
+
+
+class Forbidden(DevpiError):
+    """The authenticated (or anonymous) user may not do this."""
+
+    status = 403
+
+
+class NotFound(DevpiError):
+    """The user, index, project or file does not exist."""
+
+    status = 404
+
+
+class Gone(DevpiError):
+    """It existed, and was deleted."""
+
+    status = 410
+
+
+class Conflict(DevpiError):
+    """The name is taken, or other content exists under that name."""
+
+    status = 409
+
+
+class NotAcceptable(DevpiError):
+    """Nothing the client accepts can be produced."""
+
+    status = 406
+
+
+class UnsupportedMediaType(DevpiError):
+    """The view needs a media type the client did not ask for."""
+
+    status = 415
+
+
+class TooLarge(DevpiError):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+
+
+class UpstreamError(DevpiError):
+    """An upstream index failed and nothing cached can stand in."""
+
+    status = 502
+
+
+class StorageError(Exception):
+    """The storage backend cannot be used (wrong format, locked, corrupt)."""
+
+
+class ServerDirError(StorageError):
+    """The server directory is unusable as it is; the message says what to do."""

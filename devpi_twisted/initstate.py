@@ -1,0 +1,75 @@
+"""
+Creating a new server directory with its first state: the root user and,
+unless asked not to, the C{root/pypi} mirror.  Shared by C{devpi-twisted init}
+and by C{twistd devpi} on an empty directory.
+"""
+
+import secrets
+import sys
+from typing import Any, TextIO
+
+from twisted.python.filepath import FilePath
+
+from .auth import PasswordHashing
+from .interfaces import IWriteTransaction
+from .model import keys
+from .serverdir import ServerDir, checkCanInitialise, initialise
+from .storage.plugin import findBackend
+from .storage.threads import SynchronousRunner
+from .timeutil import isoNow
+
+PYPI_URL = "https://pypi.org/simple/"
+
+
+def rootPypiConfig(mirrorURL: str, cacheExpiry: int) -> dict[str, Any]:
+    return {
+        "type": "mirror",
+        "volatile": False,
+        "title": "PyPI",
+        "mirror_url": mirrorURL,
+        "mirror_web_url_fmt": "https://pypi.org/project/{name}/",
+        "mirror_cache_expiry": cacheExpiry,
+    }
+
+
+def createServerDir(
+    path: FilePath,
+    storageName: str,
+    rootPassword: str | None,
+    rootPypi: bool = True,
+    mirrorURL: str = PYPI_URL,
+    cacheExpiry: int = 1800,
+    out: TextIO = sys.stderr,
+) -> ServerDir:
+    """
+    Initialise C{path}.  Without C{rootPassword} a strong one is generated
+    and printed once to C{out}; only its hash is kept.
+    """
+    checkCanInitialise(path)
+    backend = findBackend(storageName)
+    if rootPassword is None:
+        rootPassword = secrets.token_urlsafe(18)
+        out.write(
+            "devpi-twisted: created user 'root' with the generated password\n"
+            f"    {rootPassword}\n"
+            "It is shown only this once; change it with 'devpi-twisted passwd root'.\n"
+        )
+    elif rootPassword == "":
+        out.write("devpi-twisted: WARNING: user 'root' has an EMPTY password; use this for tests only\n")
+    pwhash = PasswordHashing().hash(rootPassword)
+
+    def populate(directory: FilePath) -> None:
+        storage, _ = backend.open(directory, SynchronousRunner(), None)
+
+        def _initial(txn: IWriteTransaction) -> None:
+            txn.set(keys.userKey("root"), {"pwhash": pwhash, "created": isoNow()})
+            if rootPypi:
+                txn.set(keys.indexKey("root", "pypi"), rootPypiConfig(mirrorURL, cacheExpiry))
+
+        failures: list[Any] = []
+        storage.write(_initial).addErrback(failures.append)
+        storage.close().addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    return initialise(path, storageName, populate)

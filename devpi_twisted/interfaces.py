@@ -1,0 +1,169 @@
+"""
+Interfaces of the pluggable parts.
+
+Storage is split in two: L{IStorage} keeps the metadata (a key/value state
+with a global serial and a changelog), L{IBlobStore} keeps file contents by
+their sha256.  Both are returned by an L{IStorageBackend} plugin, so another
+backend (PostgreSQL and an object store, say) can replace the embedded
+SQLite + files default without touching the web or domain code.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IReadView(Interface):
+    """A consistent read-only snapshot of the state at one serial."""
+
+    serial = Attribute("The serial of the last change this view includes (-1: none).")
+
+    def get(key):
+        """
+        The value at C{key} (JSON-compatible), or C{None} when it is absent.
+        """
+
+    def items(prefix):
+        """
+        A list of C{(key, value)} for every key starting with C{prefix},
+        sorted by key.
+        """
+
+
+class IWriteTransaction(IReadView):
+    """
+    A read-write transaction: reads see its own writes; all of it commits as
+    one change with one new serial, or none of it does.
+    """
+
+    def set(key, value):
+        """Store C{value} (JSON-compatible, not C{None}) at C{key}."""
+
+    def delete(key):
+        """Remove C{key}; nothing happens when it is absent."""
+
+
+class IStorage(Interface):
+    """
+    The state of the server: a key/value store in which every change raises a
+    global serial by one and appends a changelog record.
+
+    Functions passed to L{read} and L{write} run synchronously with a view or
+    transaction, possibly in a thread the backend owns, and must not touch the
+    reactor.
+    """
+
+    def currentSerial():
+        """The serial of the last committed change (-1 for an empty store)."""
+
+    def lastCommitTime():
+        """The Unix time of the last committed change, or C{None}."""
+
+    def read(function):
+        """
+        Call C{function(view)} with an L{IReadView} of the current state.
+
+        @return: a Deferred that fires with C{function}'s result.
+        """
+
+    def readAsOf(serial, function):
+        """
+        Call C{function(view)} with an L{IReadView} of the state as it was right
+        after the change C{serial}.
+
+        @return: a Deferred with C{function}'s result.
+        """
+
+    def write(function):
+        """
+        Call C{function(txn)} with an L{IWriteTransaction} and commit it.
+
+        Writes are serialised: one transaction at a time.  When C{function}
+        raises, nothing is committed and the Deferred fails with its exception.
+        A transaction that changes nothing does not raise the serial.
+
+        @return: a Deferred that fires with C{(serial, result)}.
+        """
+
+    def changesSince(serial, limit):
+        """
+        The changelog records after C{serial}, oldest first, at most C{limit}.
+
+        @return: a Deferred with a list of L{devpi_twisted.storage.ChangeRecord}.
+        """
+
+    def referencedBlobs():
+        """
+        @return: a Deferred with the set of sha256 digests that current values
+            refer to (see L{devpi_twisted.storage.BLOB_REF}).
+        """
+
+    def subscribe(callback):
+        """
+        Call C{callback(record)} on the reactor thread after every commit.
+
+        @return: a no-argument callable that unsubscribes.
+        """
+
+    def close():
+        """Release the store.  @return: a Deferred that fires when closed."""
+
+
+class IBlobWriter(Interface):
+    """A file being written to the blob store."""
+
+    def write(data):
+        """
+        Append C{data}.  @return: a Deferred that fires once it is written;
+        callers wait for it before writing more, which bounds memory.
+        """
+
+    def finish():
+        """
+        Make the blob durable under its sha256.
+
+        @return: a Deferred with a L{devpi_twisted.storage.BlobInfo}.
+        """
+
+    def abort():
+        """Drop what was written.  @return: a Deferred."""
+
+
+class IBlobStore(Interface):
+    """Content-addressed, write-once file contents."""
+
+    def openWriter():
+        """@return: a new L{IBlobWriter}."""
+
+    def open(sha256):
+        """
+        Open the blob for reading.
+
+        @return: a Deferred with a binary file object, or C{None} when absent.
+        """
+
+    def exists(sha256):
+        """@return: a Deferred with whether the blob is stored."""
+
+    def deleteUnreferenced(referenced):
+        """
+        Remove every blob whose digest is not in the set C{referenced},
+        and unfinished temporary files.
+
+        @return: a Deferred with the number of files removed.
+        """
+
+
+class IStorageBackend(Interface):
+    """A storage plugin, found with L{twisted.plugin.getPlugins}."""
+
+    name = Attribute("The value of C{--storage} that selects this backend.")
+    description = Attribute("One line for C{--help}.")
+
+    def open(serverdir, runner, log):
+        """
+        Open (creating if needed) the storage in C{serverdir}.
+
+        @param serverdir: a L{twisted.python.filepath.FilePath}.
+        @param runner: a L{devpi_twisted.storage.threads.Runner} that runs
+            blocking work off the reactor thread.
+        @return: C{(storage, blobs)}, an L{IStorage} and an L{IBlobStore}.
+        """

@@ -1,0 +1,1 @@
+"""Pure code, no I/O: names, configs, inheritance and permission decisions."""

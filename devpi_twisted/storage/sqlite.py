@@ -1,0 +1,270 @@
+"""
+The embedded metadata store: SQLite in WAL mode.
+
+Tables:
+  - C{changelog(serial, at)}: one row per committed change;
+  - C{history(key, serial, value)}: every value each key ever had (C{NULL}:
+    deleted), which gives reads "as of serial N" and the changelog contents;
+  - C{kv(key, serial, value, blob)}: the current value of each key, and the
+    blob digest it refers to, for fast reads and garbage collection.
+
+One connection per thread.  Writes run in the runner's single writer thread,
+so there is one writer at a time; reads run in parallel reader threads, each
+inside its own read transaction, so a view is a consistent snapshot.
+"""
+
+import json
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from ..interfaces import IReadView, IStorage, IWriteTransaction
+from . import ChangeRecord, blobRef, prefixUpperBound
+from .threads import Runner
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS changelog (serial INTEGER PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    key TEXT NOT NULL, serial INTEGER NOT NULL, value TEXT,
+    PRIMARY KEY (key, serial));
+CREATE INDEX IF NOT EXISTS history_serial ON history (serial);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY, serial INTEGER NOT NULL, value TEXT NOT NULL, blob TEXT);
+CREATE INDEX IF NOT EXISTS kv_blob ON kv (blob) WHERE blob IS NOT NULL;
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@implementer(IReadView)
+class _CurrentView:
+    def __init__(self, conn: sqlite3.Connection, serial: int) -> None:
+        self._conn = conn
+        self.serial = serial
+
+    def get(self, key: str) -> Any:
+        row = self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefixUpperBound(prefix)),
+        )
+        return [(k, json.loads(v)) for k, v in rows]
+
+
+@implementer(IReadView)
+class _HistoricalView:
+    def __init__(self, conn: sqlite3.Connection, serial: int) -> None:
+        self._conn = conn
+        self.serial = serial
+
+    def get(self, key: str) -> Any:
+        row = self._conn.execute(
+            "SELECT value FROM history WHERE key = ? AND serial <= ? ORDER BY serial DESC LIMIT 1",
+            (key, self.serial),
+        ).fetchone()
+        return None if row is None or row[0] is None else json.loads(row[0])
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT h.key, h.value FROM history h WHERE h.key >= ? AND h.key < ? "
+            "AND h.serial = (SELECT MAX(serial) FROM history WHERE key = h.key AND serial <= ?) "
+            "ORDER BY h.key",
+            (prefix, prefixUpperBound(prefix), self.serial),
+        )
+        return [(k, json.loads(v)) for k, v in rows if v is not None]
+
+
+@implementer(IWriteTransaction)
+class _WriteTransaction:
+    def __init__(self, conn: sqlite3.Connection, serial: int) -> None:
+        self._view = _CurrentView(conn, serial)
+        self.serial = serial
+        self.changes: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        if key in self.changes:
+            return self.changes[key]
+        return self._view.get(key)
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        merged = dict(self._view.items(prefix))
+        for key, value in self.changes.items():
+            if key.startswith(prefix):
+                merged[key] = value
+        return sorted((k, v) for k, v in merged.items() if v is not None)
+
+    def set(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("use delete() to remove a key")
+        # A round trip through JSON keeps later reads in this transaction
+        # identical to what a fresh read will return.
+        self.changes[key] = json.loads(_dumps(value))
+
+    def delete(self, key: str) -> None:
+        self.changes[key] = None
+
+
+@implementer(IStorage)
+class SqliteStorage:
+    """
+    L{IStorage} on one SQLite database file.
+
+    @param path: the database file.
+    @param runner: runs writes in one thread, reads in others.
+    """
+
+    def __init__(self, path: FilePath, runner: Runner) -> None:
+        self._path = path
+        self._runner = runner
+        self._local = threading.local()
+        self._subscribers: list[Callable[[ChangeRecord], None]] = []
+        conn = self._connect()
+        with conn:
+            conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT serial, at FROM changelog ORDER BY serial DESC LIMIT 1").fetchone()
+        self._serial, self._lastTime = (row[0], row[1]) if row else (-1, None)
+        conn.close()
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path.path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def currentSerial(self) -> int:
+        return self._serial
+
+    def lastCommitTime(self) -> float | None:
+        return self._lastTime
+
+    def _readSnapshot(self, function: Callable[[IReadView], T], serial: int | None) -> T:
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            if serial is None:
+                row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
+                view: IReadView = _CurrentView(conn, -1 if row[0] is None else row[0])
+            else:
+                view = _HistoricalView(conn, serial)
+            return function(view)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def read(self, function: Callable[[IReadView], T]) -> Deferred[T]:
+        return self._runner.runRead(self._readSnapshot, function, None)
+
+    def readAsOf(self, serial: int, function: Callable[[IReadView], T]) -> Deferred[T]:
+        return self._runner.runRead(self._readSnapshot, function, serial)
+
+    def _write(self, function: Callable[[IWriteTransaction], T]) -> tuple[ChangeRecord | None, T]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
+            last = -1 if row[0] is None else row[0]
+            txn = _WriteTransaction(conn, last)
+            result = function(txn)
+            if not txn.changes:
+                conn.execute("ROLLBACK")
+                return None, result
+            serial = last + 1
+            now = time.time()
+            conn.execute("INSERT INTO changelog (serial, at) VALUES (?, ?)", (serial, now))
+            for key, value in txn.changes.items():
+                if value is None:
+                    conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+                    conn.execute("INSERT INTO history VALUES (?, ?, NULL)", (key, serial))
+                else:
+                    text = _dumps(value)
+                    conn.execute(
+                        "INSERT OR REPLACE INTO kv (key, serial, value, blob) VALUES (?, ?, ?, ?)",
+                        (key, serial, text, blobRef(value)),
+                    )
+                    conn.execute("INSERT INTO history VALUES (?, ?, ?)", (key, serial, text))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return ChangeRecord(serial, now, dict(txn.changes)), result
+
+    def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
+        d = self._runner.runWrite(self._write, function)
+        return d.addCallback(self._committed)
+
+    def _committed(self, outcome: tuple[ChangeRecord | None, T]) -> tuple[int, T]:
+        record, result = outcome
+        if record is None:
+            return self._serial, result
+        self._serial = max(self._serial, record.serial)
+        self._lastTime = record.time
+        for callback in list(self._subscribers):
+            callback(record)
+        return record.serial, result
+
+    def _changesSince(self, serial: int, limit: int) -> list[ChangeRecord]:
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            records = []
+            rows = conn.execute(
+                "SELECT serial, at FROM changelog WHERE serial > ? ORDER BY serial LIMIT ?",
+                (serial, limit),
+            ).fetchall()
+            for s, at in rows:
+                changes = {
+                    k: None if v is None else json.loads(v)
+                    for k, v in conn.execute(
+                        "SELECT key, value FROM history WHERE serial = ?", (s,)
+                    )
+                }
+                records.append(ChangeRecord(s, at, changes))
+            return records
+        finally:
+            conn.execute("ROLLBACK")
+
+    def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
+        return self._runner.runRead(self._changesSince, serial, limit)
+
+    def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def referencedBlobs(self) -> Deferred[set[str]]:
+        """The digests of every blob a current value refers to."""
+
+        def _refs(view: Any) -> set[str]:
+            rows = self._conn().execute("SELECT DISTINCT blob FROM kv WHERE blob IS NOT NULL")
+            return {r[0] for r in rows}
+
+        return self._runner.runRead(self._readSnapshot, _refs, None)
+
+    def close(self) -> Deferred[None]:
+        # Thread-local connections close with their threads; checkpoint the
+        # WAL so the database file is complete on its own.
+        def _checkpointAndClose() -> None:
+            conn = self._conn()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            self._local.conn = None
+
+        return self._runner.runWrite(_checkpointAndClose)

@@ -1,0 +1,186 @@
+"""
+In-memory implementations of L{IStorage} and L{IBlobStore}.
+
+They keep the same promises as the embedded backend (one serial per change,
+history for reads as of a serial, nothing committed when a transaction
+raises) and answer with already-fired Deferreds, so unit tests stay
+synchronous.
+"""
+
+import copy
+import hashlib
+import io
+import json
+import time
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from ..interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
+from ..storage import BlobInfo, ChangeRecord, blobRef
+
+T = TypeVar("T")
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+@implementer(IReadView)
+class _View:
+    def __init__(self, state: dict[str, Any], serial: int) -> None:
+        self._state = state
+        self.serial = serial
+
+    def get(self, key: str) -> Any:
+        value = self._state.get(key)
+        return None if value is None else copy.deepcopy(value)
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        return sorted((k, copy.deepcopy(v)) for k, v in self._state.items() if k.startswith(prefix))
+
+
+@implementer(IWriteTransaction)
+class _Transaction(_View):
+    def __init__(self, state: dict[str, Any], serial: int) -> None:
+        super().__init__(state, serial)
+        self.changes: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        if key in self.changes:
+            return copy.deepcopy(self.changes[key])
+        return super().get(key)
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        merged = dict(super().items(prefix))
+        merged.update({k: v for k, v in self.changes.items() if k.startswith(prefix)})
+        return sorted((k, copy.deepcopy(v)) for k, v in merged.items() if v is not None)
+
+    def set(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("use delete() to remove a key")
+        self.changes[key] = _copy(value)
+
+    def delete(self, key: str) -> None:
+        self.changes[key] = None
+
+
+@implementer(IStorage)
+class MemoryStorage:
+    """L{IStorage} in a dict, with its full history."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._state: dict[str, Any] = {}
+        self._log: list[ChangeRecord] = []
+        self._subscribers: list[Callable[[ChangeRecord], None]] = []
+        self.closed = False
+
+    def currentSerial(self) -> int:
+        return len(self._log) - 1
+
+    def lastCommitTime(self) -> float | None:
+        return self._log[-1].time if self._log else None
+
+    def read(self, function: Callable[[IReadView], T]) -> Deferred[T]:
+        try:
+            return succeed(function(_View(self._state, self.currentSerial())))
+        except Exception as e:
+            return fail(e)
+
+    def _stateAsOf(self, serial: int) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for record in self._log[: serial + 1]:
+            for key, value in record.changes.items():
+                if value is None:
+                    state.pop(key, None)
+                else:
+                    state[key] = value
+        return state
+
+    def readAsOf(self, serial: int, function: Callable[[IReadView], T]) -> Deferred[T]:
+        try:
+            return succeed(function(_View(self._stateAsOf(serial), serial)))
+        except Exception as e:
+            return fail(e)
+
+    def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
+        txn = _Transaction(self._state, self.currentSerial())
+        try:
+            result = function(txn)
+        except Exception as e:
+            return fail(e)
+        if not txn.changes:
+            return succeed((self.currentSerial(), result))
+        record = ChangeRecord(len(self._log), self._clock(), copy.deepcopy(txn.changes))
+        self._log.append(record)
+        for key, value in txn.changes.items():
+            if value is None:
+                self._state.pop(key, None)
+            else:
+                self._state[key] = value
+        for callback in list(self._subscribers):
+            callback(record)
+        return succeed((record.serial, result))
+
+    def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
+        return succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]])
+
+    def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def referencedBlobs(self) -> Deferred[set[str]]:
+        return succeed({ref for ref in map(blobRef, self._state.values()) if ref})
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+@implementer(IBlobWriter)
+class _MemoryBlobWriter:
+    def __init__(self, store: "MemoryBlobStore") -> None:
+        self._store = store
+        self._buffer = io.BytesIO()
+        self._done = False
+
+    def write(self, data: bytes) -> Deferred[None]:
+        self._buffer.write(data)
+        return succeed(None)
+
+    def finish(self) -> Deferred[BlobInfo]:
+        data = self._buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        self._store.blobs.setdefault(digest, data)
+        self._done = True
+        return succeed(BlobInfo(digest, len(data)))
+
+    def abort(self) -> Deferred[None]:
+        self._done = True
+        return succeed(None)
+
+
+@implementer(IBlobStore)
+class MemoryBlobStore:
+    """L{IBlobStore} in a dict from sha256 to bytes."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def openWriter(self) -> _MemoryBlobWriter:
+        return _MemoryBlobWriter(self)
+
+    def open(self, sha256: str) -> Deferred[Any]:
+        data = self.blobs.get(sha256)
+        return succeed(None if data is None else io.BytesIO(data))
+
+    def exists(self, sha256: str) -> Deferred[bool]:
+        return succeed(sha256 in self.blobs)
+
+    def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
+        gone = [d for d in self.blobs if d not in referenced]
+        for digest in gone:
+            del self.blobs[digest]
+        return succeed(len(gone))

@@ -1,0 +1,1 @@
+"""The HTTP side: routes, views, responses and the one error-to-HTTP mapping."""

@@ -1,0 +1,168 @@
+"""
+The devpi JSON API: users, indexes, login, C{+api} and C{+status}.
+
+Views take a request, ask the domain objects, and return devpi's JSON
+envelope.  Errors are raised, never rendered here (see L{.errors}).
+"""
+
+import time
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from ..auth import Authenticator, TOKEN_LIFETIME
+from ..config import ServerConfig
+from ..errors import BadRequest, Unauthorized
+from ..indexes import Indexes
+from ..interfaces import IStorage
+from ..users import Users
+from .context import outsideURL, requesterOf
+from .headers import setSerial
+from .responses import jsonBody, readJSON
+
+FEATURES = ["server-keyvalue-parsing"]
+
+
+class APIViews:
+    """The JSON API views, with their collaborators injected."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        nodeinfo: dict[str, Any],
+        storage: IStorage,
+        auth: Authenticator,
+        users: Users,
+        indexes: Indexes,
+        version: str,
+        clock: Any = time,
+    ) -> None:
+        self._config = config
+        self._nodeinfo = nodeinfo
+        self._storage = storage
+        self._auth = auth
+        self._users = users
+        self._indexes = indexes
+        self._version = version
+        self._startedAt = clock.time()
+
+    def _written(self, request: IRequest) -> None:
+        setSerial(request, self._storage.currentSerial())
+
+    async def apiconfig(self, request: IRequest, user: str | None = None, index: str | None = None) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        base = outsideURL(request, self._config.outsideURL)
+        result: dict[str, Any] = {
+            "login": f"{base}/+login",
+            "authstatus": ["ok", requester, []] if requester else ["noauth", "", []],
+            "features": FEATURES,
+        }
+        if index is not None:
+            assert user is not None
+            config = await self._indexes.get(user, index, withProjects=False)
+            result["index"] = f"{base}/{user}/{index}"
+            result["simpleindex"] = f"{base}/{user}/{index}/+simple/"
+            if config["type"] != "mirror":
+                result["pypisubmit"] = f"{base}/{user}/{index}/"
+        return jsonBody(request, result=result, type="apiconfig")
+
+    async def login(self, request: IRequest) -> bytes:
+        body = readJSON(request)
+        if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
+                or not isinstance(body.get("password"), str):
+            raise BadRequest("Bad request: no user/password specified")
+        user = body["user"]
+        if await self._auth.authenticate(user, body["password"]) is None:
+            raise Unauthorized(f"user {user!r} could not be authenticated")
+        config = await self._storage.read(lambda view: view.get(f"user/{user}"))
+        token = self._auth.makeToken(user, (config or {}).get("pwhash"))
+        return jsonBody(
+            request,
+            result={"password": token, "expiration": TOKEN_LIFETIME},
+            type="proxyauth",
+            message="login successful",
+        )
+
+    async def status(self, request: IRequest) -> bytes:
+        serial = self._storage.currentSerial()
+        lastCommit = self._storage.lastCommitTime()
+        host = request.getHost()
+        result = {
+            "serverdir": self._config.serverdir.path,
+            "uuid": self._nodeinfo["uuid"],
+            "versioninfo": {"devpi-twisted": self._version},
+            "server-code": __import__("devpi_twisted").__path__[0],
+            "host": getattr(host, "host", None),
+            "port": getattr(host, "port", None),
+            "outside-url": self._config.outsideURL,
+            "serial": serial,
+            "last-commit-timestamp": lastCommit,
+            "event-serial": serial,
+            "event-serial-timestamp": lastCommit,
+            "event-serial-in-sync-at": lastCommit,
+            "metrics": [],
+            "role": "MASTER",
+            "polling_replicas": {},
+            "started-at": self._startedAt,
+        }
+        return jsonBody(request, result=result, type="status")
+
+    # users
+
+    async def listUsers(self, request: IRequest) -> bytes:
+        return jsonBody(request, result=await self._users.listAll(), type="list:userconfig")
+
+    async def getUser(self, request: IRequest, user: str) -> bytes:
+        return jsonBody(request, result=await self._users.get(user), type="userconfig")
+
+    async def createUser(self, request: IRequest, user: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        result = await self._users.create(requester, user, readJSON(request))
+        self._written(request)
+        return jsonBody(request, 201, result=result, type="userconfig")
+
+    async def modifyUser(self, request: IRequest, user: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        token = await self._users.modify(requester, user, readJSON(request))
+        self._written(request)
+        if token is not None:
+            return jsonBody(
+                request,
+                result={"password": token, "expiration": TOKEN_LIFETIME},
+                type="userpassword",
+                message="user updated, new proxy auth",
+            )
+        return jsonBody(request, message="user updated")
+
+    async def deleteUser(self, request: IRequest, user: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        await self._users.delete(requester, user)
+        self._written(request)
+        return jsonBody(request, message=f"user {user!r} deleted")
+
+    # indexes
+
+    async def getIndex(self, request: IRequest, user: str, index: str) -> bytes:
+        withProjects = b"no_projects" not in request.args
+        result = await self._indexes.get(user, index, withProjects=withProjects)
+        return jsonBody(request, result=result, type="indexconfig")
+
+    async def createIndex(self, request: IRequest, user: str, index: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        result = await self._indexes.create(requester, user, index, readJSON(request))
+        self._written(request)
+        return jsonBody(request, result=result, type="indexconfig")
+
+    async def modifyIndex(self, request: IRequest, user: str, index: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        result = await self._indexes.modify(
+            requester, user, index, readJSON(request), errorOnNoop=b"error_on_noop" in request.args
+        )
+        self._written(request)
+        return jsonBody(request, result=result, type="indexconfig")
+
+    async def deleteIndex(self, request: IRequest, user: str, index: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        await self._indexes.delete(requester, user, index)
+        self._written(request)
+        return jsonBody(request, 201, message=f"index {user}/{index} deleted")

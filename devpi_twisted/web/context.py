@@ -1,0 +1,63 @@
+"""
+What a view needs to know about a request: who sent it and where the server
+is reached from outside.
+"""
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.web.iweb import IRequest
+
+from ..auth import Authenticator, parseBasic
+
+_REQUESTER = "_devpiRequester"
+
+
+async def requesterOf(request: IRequest, auth: Authenticator) -> str | None:
+    """
+    The authenticated user name, or C{None} for anonymous.
+
+    C{X-Devpi-Auth} (devpi-client) wins over C{Authorization: Basic} (pip,
+    twine); when it is present but invalid the request is anonymous, as with
+    devpi.  Either may carry a password or a login token.  The answer is kept
+    on the request.
+    """
+    if hasattr(request, _REQUESTER):
+        return getattr(request, _REQUESTER)
+    devpiAuth = request.getHeader(b"x-devpi-auth")
+    if devpiAuth is not None:
+        credentials = parseBasic(devpiAuth.encode("latin-1") if isinstance(devpiAuth, str) else devpiAuth)
+    else:
+        credentials = parseBasic(request.getHeader(b"authorization"))
+    user = None
+    if credentials is not None:
+        user = await auth.authenticate(*credentials)
+    setattr(request, _REQUESTER, user)
+    return user
+
+
+def hasCredentials(request: IRequest) -> bool:
+    return bool(request.getHeader(b"x-devpi-auth") or request.getHeader(b"authorization"))
+
+
+def outsideURL(request: IRequest, configured: str | None) -> str:
+    """
+    The server's base URL as clients see it, without a trailing slash:
+    C{X-Outside-Url}, then C{--outside-url}, then the request's own host.
+    """
+    header = request.getHeader(b"x-outside-url")
+    if header:
+        text = header.decode("utf-8", "replace") if isinstance(header, bytes) else header
+        parts = urlsplit(text)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return text.rstrip("/")
+    if configured:
+        return configured
+    scheme = "https" if request.isSecure() else "http"
+    host = request.getHeader(b"host")
+    if host:
+        hostText = host.decode("ascii", "replace") if isinstance(host, bytes) else host
+        if all(c.isalnum() or c in "-.:[]" for c in hostText):
+            return f"{scheme}://{hostText}"
+    address: Any = request.getHost()
+    return f"{scheme}://{address.host}:{address.port}"

@@ -1,0 +1,67 @@
+"""
+The one place that maps errors to HTTP.
+
+Domain errors carry their status; routing misses from Werkzeug carry theirs;
+anything else is a bug: logged with its traceback, answered with a plain 500
+and no traceback.  Every error body is JSON C{{"message": ...}}.
+"""
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from ..errors import DevpiError, Unauthorized
+from .responses import jsonBody
+
+log = Logger()
+
+
+def _reason(message: str) -> bytes:
+    """A message usable as an HTTP reason phrase: one line of ASCII."""
+    text = " ".join(message.split())
+    return text.encode("ascii", "replace")[:200]
+
+
+def renderDevpiError(request: IRequest, failure: Failure) -> bytes:
+    error = failure.value
+    assert isinstance(error, DevpiError)
+    body = jsonBody(request, error.status, message=error.message)
+    if getattr(error, "reasonPhrase", False):
+        # twine and setuptools show the reason phrase, not the body.
+        request.setResponseCode(error.status, _reason(error.message))
+    if isinstance(error, Unauthorized) and getattr(error, "challenge", False):
+        request.setHeader(b"WWW-Authenticate", b'Basic realm="pypi"')
+    return body
+
+
+def renderHTTPException(request: IRequest, failure: Failure) -> bytes:
+    error = failure.value
+    assert isinstance(error, HTTPException)
+    code = error.code or 500
+    if code in (301, 302, 307, 308) and getattr(error, "new_url", None):
+        request.setResponseCode(code)
+        request.setHeader(b"Location", error.new_url.encode("utf-8"))
+        return b""
+    messages = {404: "Not Found", 405: "Method Not Allowed"}
+    return jsonBody(request, code, message=messages.get(code, error.name))
+
+
+def renderUnexpected(request: IRequest, failure: Failure) -> bytes:
+    log.failure(
+        "unexpected error for {method} {path}",
+        failure=failure,
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace"),
+    )
+    return jsonBody(request, 500, message="internal server error")
+
+
+HANDLERS: list[tuple[Any, Any]] = [
+    (HTTPException, renderHTTPException),
+    (DevpiError, renderDevpiError),
+    (Exception, renderUnexpected),
+]
+"""In the order Klein must try them: Werkzeug's first, the catch-all last."""

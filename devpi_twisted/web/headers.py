@@ -1,0 +1,42 @@
+"""
+The headers devpi puts on every response, errors and files included.
+"""
+
+from typing import Any
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+
+
+class DevpiHeadersResource(Resource):
+    """
+    Wraps the routed resource and adds devpi's headers to every response.
+
+    devpi-client refuses a reply whose C{X-Devpi-Api-Version} is not C{2}.
+    C{X-Devpi-Serial} is set here to the serial when the request arrived; a
+    write view sets it again to the serial it committed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource, storage: Any, uuid: str, primaryUUID: str, version: str) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._storage = storage
+        self._static = [
+            (b"X-Devpi-Api-Version", b"2"),
+            (b"X-Devpi-Server-Version", version.encode("ascii")),
+            (b"X-Devpi-Uuid", uuid.encode("ascii")),
+            (b"X-Devpi-Primary-Uuid", primaryUUID.encode("ascii")),
+            (b"X-Devpi-Master-Uuid", primaryUUID.encode("ascii")),
+        ]
+
+    def render(self, request: IRequest) -> Any:
+        for name, value in self._static:
+            request.setHeader(name, value)
+        setSerial(request, self._storage.currentSerial())
+        return self._wrapped.render(request)
+
+
+def setSerial(request: IRequest, serial: int) -> None:
+    request.setHeader(b"X-Devpi-Serial", str(serial).encode("ascii"))

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="devpi-twisted",
+    version="0.1.0",
+    description="A reliable private and caching Python package index on Twisted, devpi-compatible",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["devpi_twisted", "devpi_twisted.*"]) + ["twisted.plugins"],
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=25.5",
+        "klein>=24.8",
+        "treq>=24.9",
+        "automat>=24.8.1",
+        "service-identity>=24.1",
+        "pyopenssl>=25.0",
+        "zope.interface>=6.0",
+        "packaging>=24.0",
+        "argon2-cffi>=23.1",
+    ],
+    entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Software Distribution",
+    ],
+)

@@ -1,0 +1,101 @@
+"""
+The storage contract, run against the in-memory fake and the embedded
+SQLite + files backend, plus what only the embedded backend promises.
+"""
+
+import os
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from devpi_twisted.storage.blobs import FileBlobStore
+from devpi_twisted.storage.sqlite import SqliteStorage
+from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
+from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
+from devpi_twisted.testing.contract import BlobStoreContract, StorageContract
+
+
+class MemoryStorageTests(StorageContract, SynchronousTestCase):
+    def makeStorage(self) -> Any:
+        return MemoryStorage()
+
+
+class SqliteStorageTests(StorageContract, SynchronousTestCase):
+    def makeStorage(self) -> Any:
+        self.path = FilePath(self.mktemp())
+        self.path.makedirs()
+        return SqliteStorage(self.path.child("db.sqlite"), SynchronousRunner())
+
+    def test_survivesReopen(self) -> None:
+        """Committed changes, serial and history are there after reopening."""
+        self.successResultOf(self.storage.write(lambda txn: txn.set("a", {"v": 1})))
+        self.successResultOf(self.storage.write(lambda txn: txn.set("a", {"v": 2})))
+        self.successResultOf(self.storage.close())
+        reopened = SqliteStorage(self.path.child("db.sqlite"), SynchronousRunner())
+        self.assertEqual(reopened.currentSerial(), 1)
+        self.assertEqual(self.successResultOf(reopened.read(lambda v: v.get("a"))), {"v": 2})
+        self.assertEqual(self.successResultOf(reopened.readAsOf(0, lambda v: v.get("a"))), {"v": 1})
+
+    def test_walMode(self) -> None:
+        """The database runs in WAL mode, so readers do not block the writer."""
+        mode = self.successResultOf(self.storage.read(
+            lambda v: v._conn.execute("PRAGMA journal_mode").fetchone()[0]))
+        self.assertEqual(mode, "wal")
+
+
+class MemoryBlobStoreTests(BlobStoreContract, SynchronousTestCase):
+    def makeBlobStore(self) -> Any:
+        return MemoryBlobStore()
+
+
+class FileBlobStoreTests(BlobStoreContract, SynchronousTestCase):
+    def makeBlobStore(self) -> Any:
+        self.root = FilePath(self.mktemp())
+        return FileBlobStore(self.root, SynchronousRunner())
+
+    def test_layout(self) -> None:
+        """Blobs live at +files/<first two hex digits>/<sha256>; no temporaries remain."""
+        info = self.store(b"data")
+        self.assertTrue(self.root.child(info.sha256[:2]).child(info.sha256).isfile())
+        self.assertEqual(self.root.child("tmp").listdir(), [])
+
+    def test_unfinishedTemporariesRemoved(self) -> None:
+        """A temporary left by an interrupted write is removed by garbage collection."""
+        writer = self.blobs.openWriter()
+        self.successResultOf(writer.write(b"half"))
+        self.assertEqual(len(self.root.child("tmp").listdir()), 1)
+        writer._file.close()
+        self.successResultOf(self.blobs.deleteUnreferenced(set()))
+        self.assertEqual(self.root.child("tmp").listdir(), [])
+
+    def test_rejectsNonDigest(self) -> None:
+        """Only sha256 hex digests name blobs, so no path can escape the store."""
+        self.assertRaises(ValueError, self.blobs.pathFor, "../../etc/passwd")
+
+
+class ThreadedStorageTests(TestCase):
+    """The embedded backend on real threads, as the server runs it."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.runner = ThreadRunner(reactor)
+        self.runner.start()
+        self.addCleanup(self.runner.stopService)
+        path = FilePath(self.mktemp())
+        path.makedirs()
+        self.storage = SqliteStorage(path.child("db.sqlite"), self.runner)
+
+    async def test_concurrentWritesSerialise(self) -> None:
+        """Concurrent read-modify-write transactions never lose an update."""
+        from twisted.internet.defer import gatherResults
+
+        def increment(txn: Any) -> None:
+            txn.set("counter", (txn.get("counter") or 0) + 1)
+
+        await gatherResults([self.storage.write(increment) for _ in range(50)])
+        self.assertEqual(await self.storage.read(lambda v: v.get("counter")), 50)
+        self.assertEqual(self.storage.currentSerial(), 49)
+        await self.storage.close()
