@@ -23,6 +23,7 @@ class ServerConfig:
     outsideURL: str | None = None
     policy: Policy = Policy()
     mirrorCacheExpiry: int = 1800
+    maxUploadSize: int = 1024 ** 3
     rootPassword: str | None = None
 
 

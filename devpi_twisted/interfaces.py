@@ -108,7 +108,13 @@ class IStorage(Interface):
 
 
 class IBlobWriter(Interface):
-    """A file being written to the blob store."""
+    """
+    A file being written to the blob store.
+
+    The steps are: L{write} as often as needed, L{close} (durable, digests
+    known), optionally L{read} to inspect the content, then L{commit} to make
+    it visible under its sha256, or L{abort} at any point to drop it.
+    """
 
     def write(data):
         """
@@ -116,22 +122,42 @@ class IBlobWriter(Interface):
         callers wait for it before writing more, which bounds memory.
         """
 
-    def finish():
+    def close():
         """
-        Make the blob durable under its sha256.
+        Finish writing: flush and fsync.
 
         @return: a Deferred with a L{devpi_twisted.storage.BlobInfo}.
         """
 
+    def read(function):
+        """
+        Call C{function(binaryFile)} with the closed content, off the reactor
+        thread (to inspect an archive before accepting it).
+
+        @return: a Deferred with C{function}'s result.
+        """
+
+    def commit():
+        """
+        Make the closed blob visible under its sha256 (a no-op when the same
+        content is stored already).
+
+        @return: a Deferred with the L{devpi_twisted.storage.BlobInfo}.
+        """
+
     def abort():
-        """Drop what was written.  @return: a Deferred."""
+        """Drop what was written (also after L{close}).  @return: a Deferred."""
 
 
 class IBlobStore(Interface):
     """Content-addressed, write-once file contents."""
 
-    def openWriter():
-        """@return: a new L{IBlobWriter}."""
+    def openWriter(extraHashes=()):
+        """
+        @param extraHashes: names of hashes to compute besides sha256, from
+            C{"md5"} and C{"blake2b_256"}.
+        @return: a new L{IBlobWriter}.
+        """
 
     def open(sha256):
         """
@@ -146,7 +172,8 @@ class IBlobStore(Interface):
     def deleteUnreferenced(referenced):
         """
         Remove every blob whose digest is not in the set C{referenced},
-        and unfinished temporary files.
+        and unfinished temporary files.  Only safe while no writer is open,
+        i.e. at startup.
 
         @return: a Deferred with the number of files removed.
         """

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -25,7 +26,10 @@ from .model.acl import Policy
 from .serverdir import ServerDir
 from .storage.plugin import findBackend
 from .storage.threads import ThreadRunner
+from .releases import Releases
+from .simple import SimplePages
 from .users import Users
+from .web.limits import limitedRequestFactory
 from .web.routes import makeWebResource
 
 ENV_PREFIX = "DEVPI_TWISTED_"
@@ -50,6 +54,7 @@ class Options(usage.Options):
         ["mirror-creators", None, "root",
          "Who may create mirror indexes or set mirror_url: 'root' or 'users' (devpi's behaviour)."],
         ["mirror-cache-expiry", None, 1800, "Default seconds before a mirror page is revalidated.", int],
+        ["max-upload-size", None, 1024 ** 3, "Largest request body (upload) in bytes; larger ones get 413.", int],
         ["root-passwd", None, None, "Password for root when the directory is initialised."],
     ]
     optFlags = [
@@ -70,9 +75,13 @@ class Options(usage.Options):
 
     def _applyEnvironment(self, environ: Any) -> None:
         for long, _, _, _, *coerce in self.optParameters:
-            value = environ.get(ENV_PREFIX + long.upper().replace("-", "_"))
+            name = ENV_PREFIX + long.upper().replace("-", "_")
+            value = environ.get(name)
             if value is not None:
-                self[long] = coerce[0](value) if coerce else value
+                try:
+                    self[long] = coerce[0](value) if coerce else value
+                except ValueError:
+                    raise usage.UsageError(f"{name}={value!r} is not a valid value for --{long}")
         for long, _, _ in self.optFlags:
             value = environ.get(ENV_PREFIX + long.upper().replace("-", "_"))
             if value is not None:
@@ -88,6 +97,8 @@ class Options(usage.Options):
             raise usage.UsageError("--mirror-creators must be 'root' or 'users'")
         if self["mirror-cache-expiry"] < 0:
             raise usage.UsageError("--mirror-cache-expiry must not be negative")
+        if self["max-upload-size"] <= 0:
+            raise usage.UsageError("--max-upload-size must be positive")
 
     def toConfig(self) -> ServerConfig:
         restrict = self["restrict-modify"]
@@ -103,6 +114,7 @@ class Options(usage.Options):
                 mirrorCreators=self["mirror-creators"],
             ),
             mirrorCacheExpiry=self["mirror-cache-expiry"],
+            maxUploadSize=self["max-upload-size"],
             rootPassword=self["root-passwd"],
         )
 
@@ -132,8 +144,6 @@ class StorageService(Service):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet.defer import Deferred
-
         Deferred.fromCoroutine(self._recover()).addErrback(
             lambda f: self.log.failure("startup cleanup failed", failure=f)
         )
@@ -181,19 +191,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     StorageService(serverdir, storage, blobs).setServiceParent(top)
 
     auth = Authenticator(storage, runner.runFile, serverdir.secret(), reactor)
-    users = Users(storage, auth, config.policy)
-    indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
+    nodeinfo = serverdir.nodeinfo()
     resource = makeWebResource(
         config=config,
-        nodeinfo=serverdir.nodeinfo(),
+        nodeinfo=nodeinfo,
         storage=storage,
+        blobs=blobs,
         auth=auth,
-        users=users,
-        indexes=indexes,
+        users=Users(storage, auth, config.policy),
+        indexes=Indexes(storage, config.policy, config.mirrorCacheExpiry),
+        releases=Releases(storage, reactor.seconds),
+        pages=SimplePages(storage),
         version=__version__,
     )
-    site = Site(resource, reactor=reactor)
+    site = Site(resource, reactor=reactor, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
+    site.requestFactory = limitedRequestFactory(
+        config.maxUploadSize, [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode())]
+    )
     for description in config.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(top)
     return top

@@ -17,10 +17,24 @@ class ChangeRecord:
 
 @dataclass(frozen=True)
 class BlobInfo:
-    """A blob made durable under its content address."""
+    """A written blob: its content address, size and any extra digests."""
 
     sha256: str
     size: int
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def newHashes(extraHashes: tuple[str, ...]) -> dict[str, Any]:
+    """Hash objects for sha256 plus the extra names (md5, blake2b_256)."""
+    import hashlib
+
+    makers = {
+        "sha256": hashlib.sha256,
+        "md5": lambda: hashlib.md5(usedforsecurity=False),
+        "blake2b_256": lambda: hashlib.blake2b(digest_size=32),
+    }
+    names = ("sha256", *[n for n in extraHashes if n != "sha256"])
+    return {name: makers[name]() for name in names}
 
 
 BLOB_REF = "+blob"

@@ -7,17 +7,16 @@ crash leaves at most a temporary file or an unreferenced blob, and both are
 removed at startup by L{FileBlobStore.deleteUnreferenced}.
 """
 
-import hashlib
 import os
 import uuid
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from ..interfaces import IBlobStore, IBlobWriter
-from . import BlobInfo
+from . import BlobInfo, newHashes
 from .threads import Runner
 
 
@@ -29,7 +28,7 @@ def _fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def _isDigest(name: str) -> bool:
+def isDigest(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
@@ -37,47 +36,66 @@ def _isDigest(name: str) -> bool:
 class _FileBlobWriter:
     """Writes one blob; every step runs in the runner's file threads."""
 
-    def __init__(self, store: "FileBlobStore") -> None:
+    def __init__(self, store: "FileBlobStore", extraHashes: tuple[str, ...]) -> None:
         self._store = store
         self._tmp = store._tmpdir.child(uuid.uuid4().hex)
         self._file: BinaryIO | None = None
-        self._hash = hashlib.sha256()
+        self._hashes = newHashes(extraHashes)
         self._size = 0
+        self._info: BlobInfo | None = None
 
     def _write(self, data: bytes) -> None:
         if self._file is None:
             self._tmp.parent().makedirs(ignoreExistingDirectory=True)
             self._file = open(self._tmp.path, "wb")
         self._file.write(data)
-        self._hash.update(data)
+        for h in self._hashes.values():
+            h.update(data)
         self._size += len(data)
 
     def write(self, data: bytes) -> Deferred[None]:
         return self._store._runner.runFile(self._write, data)
 
-    def _finish(self) -> BlobInfo:
-        if self._file is None:
-            self._write(b"")
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        digest = self._hash.hexdigest()
-        target = self._store._pathFor(digest)
+    def _close(self) -> BlobInfo:
+        if self._info is None:
+            if self._file is None:
+                self._write(b"")
+            assert self._file is not None
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            digests = {name: h.hexdigest() for name, h in self._hashes.items()}
+            self._info = BlobInfo(digests["sha256"], self._size, digests)
+        return self._info
+
+    def close(self) -> Deferred[BlobInfo]:
+        return self._store._runner.runFile(self._close)
+
+    def _read(self, function: Callable[[BinaryIO], Any]) -> Any:
+        with open(self._tmp.path, "rb") as f:
+            return function(f)
+
+    def read(self, function: Callable[[BinaryIO], Any]) -> Deferred[Any]:
+        return self._store._runner.runFile(self._read, function)
+
+    def _commit(self) -> BlobInfo:
+        info = self._close()
+        target = self._store._pathFor(info.sha256)
         if target.exists():
-            # Same content is already stored: nothing to add.
-            self._tmp.remove()
+            # The same content is stored already.
+            if self._tmp.exists():
+                self._tmp.remove()
         else:
             target.parent().makedirs(ignoreExistingDirectory=True)
             os.rename(self._tmp.path, target.path)
             _fsyncDirectory(target.parent().path)
-        return BlobInfo(digest, self._size)
+        return info
 
-    def finish(self) -> Deferred[BlobInfo]:
-        return self._store._runner.runFile(self._finish)
+    def commit(self) -> Deferred[BlobInfo]:
+        return self._store._runner.runFile(self._commit)
 
     def _abort(self) -> None:
-        if self._file is not None:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tmp.exists():
             self._tmp.remove()
@@ -96,16 +114,16 @@ class FileBlobStore:
         self._runner = runner
 
     def _pathFor(self, sha256: str) -> FilePath:
-        if not _isDigest(sha256):
+        if not isDigest(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self._root.child(sha256[:2]).child(sha256)
 
     def pathFor(self, sha256: str) -> FilePath:
-        """Where the blob lives on disk (for serving it with sendfile-like I/O)."""
+        """Where the blob lives on disk."""
         return self._pathFor(sha256)
 
-    def openWriter(self) -> _FileBlobWriter:
-        return _FileBlobWriter(self)
+    def openWriter(self, extraHashes: tuple[str, ...] = ()) -> _FileBlobWriter:
+        return _FileBlobWriter(self, tuple(extraHashes))
 
     def open(self, sha256: str) -> Deferred[BinaryIO | None]:
         def _open() -> BinaryIO | None:

@@ -160,7 +160,7 @@ class BlobStoreContract:
         writer = self.blobs.openWriter()
         for chunk in chunks:
             self.successResultOf(writer.write(chunk))
-        return self.successResultOf(writer.finish())
+        return self.successResultOf(writer.commit())
 
     def content(self, digest: str) -> bytes | None:
         f = self.successResultOf(self.blobs.open(digest))
@@ -191,6 +191,35 @@ class BlobStoreContract:
         digest = hashlib.sha256(b"nothing").hexdigest()
         self.assertIsNone(self.content(digest))
         self.assertFalse(self.successResultOf(self.blobs.exists(digest)))
+
+    def test_extraHashes(self) -> None:
+        """md5 and blake2b-256 are computed on request, as uploads must verify them."""
+        writer = self.blobs.openWriter(("md5", "blake2b_256"))
+        self.successResultOf(writer.write(b"abc"))
+        info = self.successResultOf(writer.close())
+        self.assertEqual(info.hashes, {
+            "sha256": hashlib.sha256(b"abc").hexdigest(),
+            "md5": hashlib.md5(b"abc").hexdigest(),
+            "blake2b_256": hashlib.blake2b(b"abc", digest_size=32).hexdigest(),
+        })
+
+    def test_closedIsNotVisibleUntilCommit(self) -> None:
+        """A closed blob can be inspected but is not stored until committed."""
+        writer = self.blobs.openWriter()
+        self.successResultOf(writer.write(b"inspect me"))
+        info = self.successResultOf(writer.close())
+        self.assertEqual(self.successResultOf(writer.read(lambda f: f.read())), b"inspect me")
+        self.assertFalse(self.successResultOf(self.blobs.exists(info.sha256)))
+        self.assertEqual(self.successResultOf(writer.commit()).sha256, info.sha256)
+        self.assertEqual(self.content(info.sha256), b"inspect me")
+
+    def test_abortAfterClose(self) -> None:
+        """A closed blob that is aborted is never stored."""
+        writer = self.blobs.openWriter()
+        self.successResultOf(writer.write(b"refused"))
+        info = self.successResultOf(writer.close())
+        self.successResultOf(writer.abort())
+        self.assertFalse(self.successResultOf(self.blobs.exists(info.sha256)))
 
     def test_abort(self) -> None:
         """An aborted writer stores nothing."""

@@ -8,7 +8,6 @@ synchronous.
 """
 
 import copy
-import hashlib
 import io
 import json
 import time
@@ -18,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from ..interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
-from ..storage import BlobInfo, ChangeRecord, blobRef
+from ..storage import BlobInfo, ChangeRecord, blobRef, newHashes
 
 T = TypeVar("T")
 
@@ -141,24 +140,41 @@ class MemoryStorage:
 
 @implementer(IBlobWriter)
 class _MemoryBlobWriter:
-    def __init__(self, store: "MemoryBlobStore") -> None:
+    def __init__(self, store: "MemoryBlobStore", extraHashes: tuple[str, ...]) -> None:
         self._store = store
         self._buffer = io.BytesIO()
-        self._done = False
+        self._hashes = newHashes(extraHashes)
+        self._info: BlobInfo | None = None
 
     def write(self, data: bytes) -> Deferred[None]:
+        if self._info is not None:
+            return fail(ValueError("write after close"))
         self._buffer.write(data)
+        for h in self._hashes.values():
+            h.update(data)
         return succeed(None)
 
-    def finish(self) -> Deferred[BlobInfo]:
-        data = self._buffer.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        self._store.blobs.setdefault(digest, data)
-        self._done = True
-        return succeed(BlobInfo(digest, len(data)))
+    def _close(self) -> BlobInfo:
+        if self._info is None:
+            digests = {name: h.hexdigest() for name, h in self._hashes.items()}
+            self._info = BlobInfo(digests["sha256"], len(self._buffer.getvalue()), digests)
+        return self._info
+
+    def close(self) -> Deferred[BlobInfo]:
+        return succeed(self._close())
+
+    def read(self, function: Callable[[Any], T]) -> Deferred[T]:
+        try:
+            return succeed(function(io.BytesIO(self._buffer.getvalue())))
+        except Exception as e:
+            return fail(e)
+
+    def commit(self) -> Deferred[BlobInfo]:
+        info = self._close()
+        self._store.blobs.setdefault(info.sha256, self._buffer.getvalue())
+        return succeed(info)
 
     def abort(self) -> Deferred[None]:
-        self._done = True
         return succeed(None)
 
 
@@ -169,8 +185,8 @@ class MemoryBlobStore:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
 
-    def openWriter(self) -> _MemoryBlobWriter:
-        return _MemoryBlobWriter(self)
+    def openWriter(self, extraHashes: tuple[str, ...] = ()) -> _MemoryBlobWriter:
+        return _MemoryBlobWriter(self, tuple(extraHashes))
 
     def open(self, sha256: str) -> Deferred[Any]:
         data = self.blobs.get(sha256)

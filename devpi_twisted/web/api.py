@@ -16,7 +16,7 @@ from ..errors import BadRequest, Unauthorized
 from ..indexes import Indexes
 from ..interfaces import IStorage
 from ..users import Users
-from .context import outsideURL, requesterOf
+from .context import hasQueryFlag, outsideURL, requesterOf
 from .headers import setSerial
 from .responses import jsonBody, readJSON
 
@@ -143,7 +143,7 @@ class APIViews:
     # indexes
 
     async def getIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        withProjects = b"no_projects" not in request.args
+        withProjects = not hasQueryFlag(request, b"no_projects")
         result = await self._indexes.get(user, index, withProjects=withProjects)
         return jsonBody(request, result=result, type="indexconfig")
 
@@ -156,7 +156,7 @@ class APIViews:
     async def modifyIndex(self, request: IRequest, user: str, index: str) -> bytes:
         requester = await requesterOf(request, self._auth)
         result = await self._indexes.modify(
-            requester, user, index, readJSON(request), errorOnNoop=b"error_on_noop" in request.args
+            requester, user, index, readJSON(request), errorOnNoop=hasQueryFlag(request, b"error_on_noop")
         )
         self._written(request)
         return jsonBody(request, result=result, type="indexconfig")

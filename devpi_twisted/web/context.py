@@ -4,7 +4,7 @@ is reached from outside.
 """
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.web.iweb import IRequest
 
@@ -34,6 +34,22 @@ async def requesterOf(request: IRequest, auth: Authenticator) -> str | None:
         user = await auth.authenticate(*credentials)
     setattr(request, _REQUESTER, user)
     return user
+
+
+def hasQueryFlag(request: IRequest, name: bytes) -> bool:
+    """
+    Whether the query string names C{name}, with or without a value.
+
+    devpi tests flags such as C{?error_on_noop} and C{?force} by presence;
+    Twisted's C{request.args} drops a parameter that has no C{=}, so the raw
+    query string is read instead.
+    """
+    _, _, query = request.uri.partition(b"?")
+    for item in query.split(b"&"):
+        key = item.split(b"=", 1)[0]
+        if key and unquote_to_bytes(key.replace(b"+", b" ")) == name:
+            return True
+    return False
 
 
 def hasCredentials(request: IRequest) -> bool:

@@ -25,7 +25,13 @@ def jsonBody(request: IRequest, status: int = 200, *, result: Any = None, type: 
         body["message"] = message
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON)
-    return (json.dumps(body, indent=2) + "\n").encode("utf-8")
+    return withLength(request, (json.dumps(body, indent=2) + "\n").encode("utf-8"))
+
+
+def withLength(request: IRequest, body: bytes) -> bytes:
+    """Set Content-Length so the answer is not chunked (and HEAD tells the size)."""
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    return body
 
 
 def readJSON(request: IRequest, limit: int = 10 * 1024 * 1024) -> Any:

@@ -1,29 +1,61 @@
 """
 The route table: every URL the server answers, in one place.
 
-Each route delegates to a view object; the table itself holds no logic.  URL
-segments for users and indexes are one path segment each; static segments
-such as C{+api} and C{+login} take precedence, and a name can never contain
-C{+}, so they never collide with names.
+Each route delegates to a view object; the table holds no logic beyond
+choosing the view by method and by what the client asks for.  URL segments
+for users, indexes and projects are one path segment each; static segments
+such as C{+api}, C{+simple} and C{+f} take precedence, and names can never
+contain C{+}, so they never collide.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..auth import Authenticator
 from ..config import ServerConfig
+from ..errors import BadRequest
 from ..indexes import Indexes
-from ..interfaces import IStorage
+from ..interfaces import IBlobStore, IStorage
+from ..model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
+from ..releases import Releases
+from ..simple import SimplePages
 from ..users import Users
 from .api import APIViews
 from .errors import HANDLERS
 from .headers import DevpiHeadersResource
+from .pages import PageViews, isInstaller
+from .projects import ProjectViews
+from .upload import UploadViews
 
 USER = "<user>"
 INDEX = "<index>"
+PROJECT = "<project>"
+VERSION = "<version>"
+_RW = ["GET", "PUT", "PATCH", "DELETE"]
+_SPECIAL = {"+api", "+login", "+status", "+simple", "+f"}
+
+
+def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
+    """
+    Call the view for the request's method.  A C{+} segment that reached a
+    name route is a special route used with the wrong method (devpi's name
+    segments are C{[^+/]+}).
+    """
+    if any(name.startswith("+") for name in names):
+        raise (MethodNotAllowed() if names[-1] in _SPECIAL else NotFound())
+    return views[request.method if request.method != b"HEAD" else b"GET"](request, *names)
+
+
+def _wantsSimple(request: IRequest) -> bool:
+    """An installer, or a client that asks for the PEP 691 JSON list, gets the simple page."""
+    if isInstaller(request):
+        return True
+    accept = request.getHeader(b"accept")
+    return bool(accept) and not wantsJSONAPI(accept) and chooseSimpleFormat(accept) == JSON
 
 
 class Routes:
@@ -31,11 +63,16 @@ class Routes:
 
     app = Klein()
 
-    def __init__(self, api: APIViews) -> None:
+    def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews) -> None:
         self._api = api
+        self._pages = pages
+        self._projects = projects
+        self._uploads = uploads
 
     for _type, _handler in HANDLERS:
         app.handle_errors(_type)(lambda self, request, failure, _h=_handler: _h(request, failure))
+
+    # server-wide
 
     @app.route("/", methods=["GET"])
     def root(self, request: IRequest) -> Any:
@@ -53,35 +90,98 @@ class Routes:
     def status(self, request: IRequest) -> Any:
         return self._api.status(request)
 
+    # users
+
     @app.route(f"/{USER}/+api", methods=["GET", "POST"])
     def userApi(self, request: IRequest, user: str) -> Any:
         return self._api.apiconfig(request)
+
+    @app.route(f"/{USER}", methods=_RW)
+    @app.route(f"/{USER}/", methods=_RW)
+    def user(self, request: IRequest, user: str) -> Any:
+        return _byMethod(request, {
+            b"GET": self._api.getUser,
+            b"PUT": self._api.createUser,
+            b"PATCH": self._api.modifyUser,
+            b"DELETE": self._api.deleteUser,
+        }, user)
+
+    # indexes
 
     @app.route(f"/{USER}/{INDEX}/+api", methods=["GET", "POST"])
     def indexApi(self, request: IRequest, user: str, index: str) -> Any:
         return self._api.apiconfig(request, user, index)
 
-    @app.route(f"/{USER}", methods=["GET", "PUT", "PATCH", "DELETE"])
-    @app.route(f"/{USER}/", methods=["GET", "PUT", "PATCH", "DELETE"])
-    def user(self, request: IRequest, user: str) -> Any:
-        views = {
-            b"GET": self._api.getUser,
-            b"PUT": self._api.createUser,
-            b"PATCH": self._api.modifyUser,
-            b"DELETE": self._api.deleteUser,
-        }
-        return views[request.method](request, user)
-
-    @app.route(f"/{USER}/{INDEX}", methods=["GET", "PUT", "PATCH", "DELETE"])
-    @app.route(f"/{USER}/{INDEX}/", methods=["GET", "PUT", "PATCH", "DELETE"])
+    @app.route(f"/{USER}/{INDEX}", methods=[*_RW, "POST", "PUSH"])
+    @app.route(f"/{USER}/{INDEX}/", methods=[*_RW, "POST", "PUSH"])
     def index(self, request: IRequest, user: str, index: str) -> Any:
-        views = {
+        if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
+            return self._pages.indexList(request, user, index, slash=True)
+        return _byMethod(request, {
             b"GET": self._api.getIndex,
             b"PUT": self._api.createIndex,
             b"PATCH": self._api.modifyIndex,
             b"DELETE": self._api.deleteIndex,
-        }
-        return views[request.method](request, user, index)
+            b"POST": self._post,
+            b"PUSH": self._post,
+        }, user, index)
+
+    def _post(self, request: IRequest, user: str, index: str) -> Any:
+        contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if contentType in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
+            return self._uploads.submit(request, user, index)
+        raise BadRequest("pushing releases between indexes is not supported yet")
+
+    # simple pages
+
+    @app.route(f"/{USER}/{INDEX}/+simple", methods=["GET"])
+    def simpleListNoSlash(self, request: IRequest, user: str, index: str) -> Any:
+        return self._pages.indexList(request, user, index, slash=False)
+
+    @app.route(f"/{USER}/{INDEX}/+simple/", methods=["GET"])
+    def simpleList(self, request: IRequest, user: str, index: str) -> Any:
+        return self._pages.indexList(request, user, index, slash=True)
+
+    @app.route(f"/{USER}/{INDEX}/+simple/{PROJECT}", methods=["GET"])
+    def simpleProjectNoSlash(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        return self._pages.project(request, user, index, project, slash=False)
+
+    @app.route(f"/{USER}/{INDEX}/+simple/{PROJECT}/", methods=["GET"])
+    def simpleProject(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        return self._pages.project(request, user, index, project, slash=True)
+
+    # files
+
+    @app.route(f"/{USER}/{INDEX}/+f/<path:relpath>", methods=["GET", "DELETE", "PATCH"])
+    def file(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
+        return _byMethod(request, {
+            b"GET": self._projects.getFile,
+            b"DELETE": self._projects.deleteFile,
+            b"PATCH": self._projects.patchFile,
+        }, user, index, relpath)
+
+    # projects and versions
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}", methods=["GET", "DELETE", "PATCH"])
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/", methods=["GET", "DELETE", "PATCH"])
+    def project(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
+            slash = request.path.endswith(b"/")
+            return self._pages.project(request, user, index, project, slash=slash or isInstaller(request))
+        return _byMethod(request, {
+            b"GET": self._projects.getProject,
+            b"DELETE": self._projects.deleteProject,
+            b"PATCH": self._projects.patchProject,
+        }, user, index, project)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}", methods=["GET", "DELETE", "PATCH"])
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/", methods=["GET", "DELETE", "PATCH"])
+    def version(self, request: IRequest, user: str, index: str, project: str, version: str) -> Any:
+        return _byMethod(request, {
+            b"GET": self._projects.getVersion,
+            b"DELETE": self._projects.deleteVersion,
+            b"PATCH": self._projects.patchVersion,
+        }, user, index, project, version)
 
 
 def makeWebResource(
@@ -89,14 +189,21 @@ def makeWebResource(
     config: ServerConfig,
     nodeinfo: dict[str, Any],
     storage: IStorage,
+    blobs: IBlobStore,
     auth: Authenticator,
     users: Users,
     indexes: Indexes,
+    releases: Releases,
+    pages: SimplePages,
     version: str,
 ) -> Resource:
     """The root resource of the site, with devpi's headers on every response."""
-    api = APIViews(config, nodeinfo, storage, auth, users, indexes, version)
-    routes = Routes(api)
+    routes = Routes(
+        APIViews(config, nodeinfo, storage, auth, users, indexes, version),
+        PageViews(pages),
+        ProjectViews(config, storage, blobs, auth, releases),
+        UploadViews(auth, releases, blobs),
+    )
     return DevpiHeadersResource(
         routes.app.resource(), storage, nodeinfo["uuid"], nodeinfo["uuid"], version
     )

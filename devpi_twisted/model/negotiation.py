@@ -1,0 +1,162 @@
+"""
+Choosing the representation of a simple page from the C{Accept} header.
+
+PEP 691 names three media types for the simple API.  This module picks one
+of them the way the clients expect: q-values count and order does not, the
+most specific media range decides each type's q-value, C{q=0} excludes a
+type, and ties go to JSON only when the client named JSON explicitly.  A
+request without a usable C{Accept} header gets C{text/html}, which keeps
+tools that send no header working.
+
+Pure code: no I/O, no Twisted.
+"""
+
+import math
+
+JSON = "application/vnd.pypi.simple.v1+json"
+HTML_V1 = "application/vnd.pypi.simple.v1+html"
+TEXT_HTML = "text/html"
+
+# Media types a client may name, mapped to what we answer with; the
+# "latest" meta-versions must be answered with the concrete v1 type.
+_EXACT = {
+    JSON: JSON,
+    "application/vnd.pypi.simple.latest+json": JSON,
+    HTML_V1: HTML_V1,
+    "application/vnd.pypi.simple.latest+html": HTML_V1,
+    TEXT_HTML: TEXT_HTML,
+}
+_BY_MAJOR = {
+    "application": (JSON, HTML_V1),
+    "text": (TEXT_HTML,),
+}
+_ALL = (JSON, HTML_V1, TEXT_HTML)
+
+# Tie-breaking among equal q-values: a type the client named beats one it
+# only reached through a wildcard; among named types JSON comes first, among
+# wildcard matches HTML does (so a bare */* gets text/html).
+_NAMED_RANK = {JSON: 2, TEXT_HTML: 1, HTML_V1: 0}
+_WILDCARD_RANK = {TEXT_HTML: 2, HTML_V1: 1, JSON: 0}
+
+_SPECIFIC, _SUBTYPE_WILDCARD, _FULL_WILDCARD = 2, 1, 0
+
+_CACHE_SIZE = 256
+_CACHE_MAX_KEY = 1024
+_cache: dict[bytes | str, str | None] = {}
+
+
+def _qValue(text: str) -> float:
+    """Parse a q parameter; garbage counts as 1 so a sloppy client still gets served."""
+    try:
+        q = float(text.strip().strip('"'))
+    except ValueError:
+        return 1.0
+    if math.isnan(q):
+        return 1.0
+    return min(max(q, 0.0), 1.0)
+
+
+def _parseAccept(header: str) -> list[tuple[str, str, float]]:
+    """Split an C{Accept} value into C{(major, minor, q)}; unusable entries are skipped."""
+    ranges = []
+    for item in header.split(","):
+        mediaRange, _, params = item.partition(";")
+        major, slash, minor = mediaRange.strip().lower().partition("/")
+        if not slash or not major or not minor or "/" in minor:
+            continue
+        if major == "*" and minor != "*":
+            continue
+        q = 1.0
+        if params:
+            for param in params.split(";"):
+                name, _, value = param.partition("=")
+                if name.strip().lower() == "q":
+                    # Parameters after q are accept-extensions; ignore them.
+                    q = _qValue(value)
+                    break
+        ranges.append((major, minor, q))
+    return ranges
+
+
+def _choose(header: str) -> str | None:
+    """Do the work for L{chooseSimpleFormat} on a decoded header."""
+    ranges = _parseAccept(header)
+    if not ranges:
+        return TEXT_HTML
+    # For each type we offer: (specificity of the best matching range, q).
+    found: dict[str, tuple[int, float]] = {}
+    for major, minor, q in ranges:
+        if minor == "*":
+            if major == "*":
+                targets: tuple[str, ...] = _ALL
+                specificity = _FULL_WILDCARD
+            else:
+                targets = _BY_MAJOR.get(major, ())
+                specificity = _SUBTYPE_WILDCARD
+        else:
+            target = _EXACT.get(f"{major}/{minor}")
+            if target is None:
+                continue
+            targets = (target,)
+            specificity = _SPECIFIC
+        for target in targets:
+            current = found.get(target)
+            if (
+                current is None
+                or specificity > current[0]
+                or (specificity == current[0] and q > current[1])
+            ):
+                found[target] = (specificity, q)
+
+    best = None
+    bestKey = None
+    for target, (specificity, q) in found.items():
+        if q <= 0.0:
+            continue
+        named = specificity == _SPECIFIC
+        key = (q, named, (_NAMED_RANK if named else _WILDCARD_RANK)[target])
+        if bestKey is None or key > bestKey:
+            best, bestKey = target, key
+    return best
+
+
+def chooseSimpleFormat(accept: bytes | str | None) -> str | None:
+    """
+    Pick the media type for a simple page, or L{None} when the caller should
+    answer 406 because nothing we serve is acceptable.
+
+    @param accept: the raw C{Accept} header value, or L{None} if absent.
+    @return: L{JSON}, L{HTML_V1}, L{TEXT_HTML} or L{None}.
+    """
+    if accept is None:
+        return TEXT_HTML
+    try:
+        return _cache[accept]
+    except KeyError:
+        pass
+    except TypeError:
+        return TEXT_HTML
+    header = accept.decode("latin-1") if isinstance(accept, bytes) else accept
+    if not isinstance(header, str):
+        return TEXT_HTML
+    result = _choose(header)
+    if len(accept) <= _CACHE_MAX_KEY:
+        if len(_cache) >= _CACHE_SIZE:
+            # Drop the oldest entry; dicts remember insertion order.
+            _cache.pop(next(iter(_cache)), None)
+        _cache[accept] = result
+    return result
+
+
+def wantsJSONAPI(accept: bytes | str | None) -> bool:
+    """
+    Whether a request is for devpi's JSON views, which devpi decides by the
+    literal presence of C{application/json} in C{Accept}.
+    """
+    if accept is None:
+        return False
+    if isinstance(accept, bytes):
+        return b"application/json" in accept.lower()
+    if isinstance(accept, str):
+        return "application/json" in accept.lower()
+    return False

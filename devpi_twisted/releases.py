@@ -1,0 +1,329 @@
+"""
+Releases of private indexes: storing uploaded files, yanking, statuses and
+deletions, each as one storage transaction.
+
+The checks that depend on what is stored (the same file name with other
+bytes, a volatile index, an archived project) run inside the transaction, so
+concurrent uploads cannot both win.
+"""
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound
+from .interfaces import IReadView, IStorage, IWriteTransaction
+from .model import keys
+from .model.acl import mayUpload
+from .model.indexconfig import MIRROR
+from .storage import BLOB_REF, BlobInfo
+
+PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
+
+
+def uploadTime(seconds: float) -> str:
+    """RFC 3339 UTC with microseconds, as PEP 700 wants C{upload-time}."""
+    micros = int(round((seconds % 1) * 1_000_000)) % 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def httpDate(seconds: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
+def logEntry(what: str, who: str | None, seconds: float, **extra: Any) -> dict[str, Any]:
+    """A devpi-style log record of what happened to a file."""
+    entry = {"what": what, "who": who, "when": list(time.gmtime(seconds)[:6])}
+    entry.update(extra)
+    return entry
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A checked upload, its blob committed, ready to be recorded."""
+
+    filename: str
+    project: str  # normalised
+    displayName: str
+    version: str
+    metadata: dict[str, Any]
+    presentKeys: frozenset[str]
+    blob: BlobInfo
+    coreMetadata: bytes | None = None
+    attestations: list[Any] | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def indexConfig(view: IReadView, user: str, index: str) -> dict[str, Any]:
+    config = view.get(keys.indexKey(user, index))
+    if config is None:
+        raise NotFound(f"The stage {user}/{index} could not be found.")
+    return config
+
+
+def checkUploadRights(view: IReadView, requester: str | None, user: str, index: str) -> dict[str, Any]:
+    """The index config, if C{requester} may change its releases."""
+    from .errors import Unauthorized
+
+    config = indexConfig(view, user, index)
+    if config.get("type") == MIRROR:
+        raise NotFound(f"cannot submit to mirror index {user}/{index}")
+    if not mayUpload(requester, user, config):
+        if requester is None:
+            error = Unauthorized("no valid credentials, log in to upload")
+            error.challenge = True  # type: ignore[attr-defined]
+            raise error
+        raise Forbidden(f"user {requester!r} has no permission to upload to {user}/{index}")
+    return config
+
+
+class Releases:
+    """Changes to the releases of private indexes."""
+
+    def __init__(self, storage: IStorage, clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._clock = clock
+
+    async def checkCanUpload(self, requester: str | None, user: str, index: str) -> dict[str, Any]:
+        return await self._storage.read(lambda view: checkUploadRights(view, requester, user, index))
+
+    async def storeFile(self, requester: str | None, user: str, index: str, upload: UploadedFile) -> bool:
+        """
+        Record an uploaded file.
+
+        @return: C{True} if stored, C{False} when the identical file was
+            there already (an idempotent re-upload).
+        """
+        now = self._clock()
+
+        def _store(txn: IWriteTransaction) -> bool:
+            config = checkUploadRights(txn, requester, user, index)
+            project = upload.project
+            projectKey = keys.projectKey(user, index, project)
+            projectConfig = txn.get(projectKey) or {"name": upload.displayName}
+            status = (projectConfig.get("status") or {}).get("status", "active")
+            if status in ("archived", "quarantined"):
+                raise BadRequest(f"project {project!r} is {status} and takes no uploads")
+            existing = existingFile(txn, config, user, index, project, upload.filename, upload.blob.sha256)
+            log = [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(upload.log)
+            if existing is not None:
+                if existing["sha256"] == upload.blob.sha256:
+                    return False
+                _removeFile(txn, user, index, existing)
+                log.append(logEntry("overwrite", requester, now))
+            txn.set(projectKey, projectConfig)
+            versionKey = keys.versionKey(user, index, project, upload.version)
+            metadata = txn.get(versionKey)
+            if metadata is None:
+                metadata = dict(upload.metadata)
+            else:
+                metadata.update({k: v for k, v in upload.metadata.items() if k in upload.presentKeys})
+            metadata["name"] = metadata.get("name") or upload.displayName
+            metadata["version"] = upload.version
+            txn.set(versionKey, metadata)
+            sha = upload.blob.sha256
+            entry: dict[str, Any] = {
+                "rel": "releasefile",
+                "filename": upload.filename,
+                "project": project,
+                "version": upload.version,
+                "sha256": sha,
+                "hashes": dict(upload.blob.hashes),
+                "size": upload.blob.size,
+                BLOB_REF: sha,
+                "relpath": keys.fileRelpath(user, index, sha, upload.filename),
+                "upload_time": uploadTime(now),
+                "last_modified": httpDate(now),
+                "requires_python": upload.metadata.get("requires_python") or None,
+                "yanked": False,
+                "log": log,
+            }
+            if upload.coreMetadata is not None:
+                import hashlib
+
+                entry["core_metadata_sha256"] = hashlib.sha256(upload.coreMetadata).hexdigest()
+                txn.set(
+                    keys.coreMetadataKey(user, index, project, upload.filename),
+                    {"data": base64.b64encode(upload.coreMetadata).decode("ascii")},
+                )
+            if upload.attestations:
+                entry["attestations"] = upload.attestations
+            fileKey = keys.fileKey(user, index, project, upload.filename)
+            txn.set(fileKey, entry)
+            txn.set(keys.pathKey(user, index, sha[:3], sha[3:16], upload.filename), {"file": fileKey})
+            return True
+
+        _, stored = await self._storage.write(_store)
+        return stored
+
+    async def checkNoConflict(self, user: str, index: str, project: str, filename: str, sha256: str) -> None:
+        """Refuse early, before the blob is committed, what L{storeFile} would refuse."""
+
+        def _check(view: IReadView) -> None:
+            config = indexConfig(view, user, index)
+            existingFile(view, config, user, index, project, filename, sha256)
+
+        await self._storage.read(_check)
+
+    async def register(self, requester: str | None, user: str, index: str, project: str,
+                       displayName: str, version: str, metadata: dict[str, Any]) -> None:
+        """The legacy C{:action=submit}: set a release's metadata without a file."""
+
+        def _register(txn: IWriteTransaction) -> None:
+            checkUploadRights(txn, requester, user, index)
+            projectKey = keys.projectKey(user, index, project)
+            txn.set(projectKey, txn.get(projectKey) or {"name": displayName})
+            txn.set(keys.versionKey(user, index, project, version), dict(metadata, version=version))
+
+        await self._storage.write(_register)
+
+    async def setYanked(self, requester: str | None, user: str, index: str, project: str,
+                        version: str | None, filename: str | None, yanked: Any) -> int:
+        """
+        Yank (C{True} or a reason) or unyank (C{False}) a version's files or
+        one file.  @return: how many files changed.
+        """
+        if yanked == "" or yanked is None:
+            yanked = False
+        if not isinstance(yanked, (bool, str)):
+            raise BadRequest("'yanked' must be true, false or a reason")
+
+        def _yank(txn: IWriteTransaction) -> int:
+            checkUploadRights(txn, requester, user, index)
+            entries = [
+                (k, e) for k, e in txn.items(keys.filesPrefix(user, index, project))
+                if e.get("rel", "releasefile") == "releasefile"
+                and (version is None or e["version"] == version)
+                and (filename is None or e["filename"] == filename)
+            ]
+            if not entries:
+                raise NotFound(f"no files of {project} {version or filename} on {user}/{index}")
+            changed = 0
+            for key, entry in entries:
+                if entry.get("yanked", False) != yanked:
+                    entry["yanked"] = yanked
+                    txn.set(key, entry)
+                    changed += 1
+            return changed
+
+        _, changed = await self._storage.write(_yank)
+        return changed
+
+    async def setStatus(self, requester: str | None, user: str, index: str, project: str,
+                        status: Any, reason: Any) -> None:
+        """Set a project's PEP 792 status."""
+        if status not in PROJECT_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(PROJECT_STATUSES)}")
+        if reason is not None and not isinstance(reason, str):
+            raise BadRequest("status reason must be a string")
+
+        def _status(txn: IWriteTransaction) -> None:
+            checkUploadRights(txn, requester, user, index)
+            key = keys.projectKey(user, index, project)
+            config = txn.get(key)
+            if config is None:
+                raise NotFound(f"no project {project!r}")
+            if status == "active" and not reason:
+                config.pop("status", None)
+            else:
+                config["status"] = {"status": status, **({"reason": reason} if reason else {})}
+            txn.set(key, config)
+
+        await self._storage.write(_status)
+
+    async def deleteProject(self, requester: str | None, user: str, index: str, project: str, force: bool) -> None:
+        def _delete(txn: IWriteTransaction) -> None:
+            config = checkUploadRights(txn, requester, user, index)
+            if txn.get(keys.projectKey(user, index, project)) is None:
+                raise NotFound("project not found")
+            if not config.get("volatile", True) and not force:
+                raise Forbidden(f"project {project!r} is on non-volatile index {user}/{index}")
+            for _, entry in txn.items(keys.filesPrefix(user, index, project)):
+                _removeFile(txn, user, index, entry)
+            for key, _ in txn.items(keys.versionsPrefix(user, index, project)):
+                txn.delete(key)
+            txn.delete(keys.projectKey(user, index, project))
+
+        await self._storage.write(_delete)
+
+    async def deleteVersion(self, requester: str | None, user: str, index: str, project: str,
+                            version: str, force: bool) -> None:
+        def _delete(txn: IWriteTransaction) -> None:
+            config = checkUploadRights(txn, requester, user, index)
+            if txn.get(keys.versionKey(user, index, project, version)) is None:
+                raise NotFound(f"The version {version} of project {project} does not exist.")
+            if not config.get("volatile", True) and not force:
+                raise Forbidden("cannot delete version on non-volatile index")
+            for _, entry in txn.items(keys.filesPrefix(user, index, project)):
+                if entry["version"] == version:
+                    _removeFile(txn, user, index, entry)
+            txn.delete(keys.versionKey(user, index, project, version))
+            _dropEmptyProject(txn, user, index, project)
+
+        await self._storage.write(_delete)
+
+    async def deleteFile(self, requester: str | None, user: str, index: str, relpath: str, force: bool) -> str:
+        def _delete(txn: IWriteTransaction) -> str:
+            config = checkUploadRights(txn, requester, user, index)
+            entry = lookupFile(txn, user, index, relpath)
+            if not config.get("volatile", True) and not force:
+                raise Forbidden("cannot delete version on non-volatile index")
+            _removeFile(txn, user, index, entry)
+            project, version = entry["project"], entry["version"]
+            remaining = [e for _, e in txn.items(keys.filesPrefix(user, index, project)) if e["version"] == version]
+            if not remaining:
+                txn.delete(keys.versionKey(user, index, project, version))
+                _dropEmptyProject(txn, user, index, project)
+            return entry["relpath"]
+
+        _, relpath = await self._storage.write(_delete)
+        return relpath
+
+
+def existingFile(view: IReadView, config: dict[str, Any], user: str, index: str, project: str,
+                 filename: str, sha256: str) -> dict[str, Any] | None:
+    """
+    The stored entry under this file name, if any.
+
+    @raise Conflict: other bytes are stored under the name and the index is
+        not volatile.
+    """
+    existing = view.get(keys.fileKey(user, index, project, filename))
+    if existing is not None and existing["sha256"] != sha256 and not config.get("volatile", True):
+        raise Conflict(
+            f"File already exists: {filename!r} is in the non-volatile index "
+            f"{user}/{index} with other content (sha256 {existing['sha256']})"
+        )
+    return existing
+
+
+def _removeFile(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
+    sha, filename, project = entry["sha256"], entry["filename"], entry["project"]
+    txn.delete(keys.fileKey(user, index, project, filename))
+    txn.delete(keys.coreMetadataKey(user, index, project, filename))
+    txn.delete(keys.pathKey(user, index, sha[:3], sha[3:16], filename))
+    txn.set(keys.tombstoneKey(user, index, sha[:3], sha[3:16], filename), {"project": project})
+
+
+def _dropEmptyProject(txn: IWriteTransaction, user: str, index: str, project: str) -> None:
+    if not txn.items(keys.versionsPrefix(user, index, project)):
+        txn.delete(keys.projectKey(user, index, project))
+
+
+def lookupFile(view: IReadView, user: str, index: str, relpath: str) -> dict[str, Any]:
+    """
+    The file entry a C{+f/<h3>/<h13>/<filename>} path names.
+
+    @raise Gone: it was deleted.  @raise NotFound: it never existed here.
+    """
+    parts = relpath.split("/")
+    if len(parts) == 3:
+        pointer = view.get(keys.pathKey(user, index, *parts))
+        if pointer is not None:
+            entry = view.get(pointer["file"])
+            if entry is not None:
+                return entry
+        if view.get(keys.tombstoneKey(user, index, *parts)) is not None:
+            raise Gone("file existed, deleted in later serial")
+    raise NotFound("no such file")

@@ -1,0 +1,85 @@
+"""
+Simple API views (PEP 503 HTML and PEP 691 JSON) for every index.
+"""
+
+import re
+from urllib.parse import quote
+
+from twisted.web.iweb import IRequest
+
+from ..errors import NotAcceptable, NotFound
+from ..model.names import isValidProjectName, normalizeProject
+from ..model.negotiation import chooseSimpleFormat
+from ..simple import RenderedPage, SimplePages
+from .files import etagMatches
+from .responses import withLength
+
+_INSTALLER = re.compile(rb"([^ ]* )*(distribute|setuptools|pip|pex|uv)/.*")
+PAGE_CACHE_CONTROL = b"max-age=0, must-revalidate"
+
+
+def isInstaller(request: IRequest) -> bool:
+    """devpi's test: a User-Agent naming an installer gets simple pages directly."""
+    agent = request.getHeader(b"user-agent")
+    return bool(agent and _INSTALLER.match(agent))
+
+
+def redirect(request: IRequest, location: str, status: int = 302) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Location", location.encode("utf-8"))
+    return withLength(request, b"")
+
+
+class PageViews:
+    """Renders simple pages from the page cache with conditional answers."""
+
+    def __init__(self, pages: SimplePages) -> None:
+        self._pages = pages
+
+    def _mediaType(self, request: IRequest) -> str:
+        mediaType = chooseSimpleFormat(request.getHeader(b"accept"))
+        if mediaType is None:
+            raise NotAcceptable(
+                "none of the simple API media types is acceptable "
+                "(application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html, text/html)"
+            )
+        return mediaType
+
+    def _send(self, request: IRequest, page: RenderedPage) -> bytes:
+        request.setHeader(b"Vary", b"Accept, User-Agent")
+        request.setHeader(b"ETag", page.etag)
+        request.setHeader(b"Cache-Control", PAGE_CACHE_CONTROL)
+        request.setHeader(b"X-PyPI-Last-Serial", str(page.lastSerial).encode("ascii"))
+        if etagMatches(request, page.etag):
+            request.setResponseCode(304)
+            return b""
+        request.setHeader(b"Content-Type", page.contentType)
+        return withLength(request, page.body)
+
+    async def indexList(self, request: IRequest, user: str, index: str, slash: bool) -> bytes:
+        mediaType = self._mediaType(request)
+        if not slash and not isInstaller(request) and "json" not in mediaType:
+            return redirect(request, request.uri.decode("latin-1").split("?")[0] + "/", 301)
+        return self._send(request, await self._pages.indexPage(user, index, mediaType))
+
+    async def project(self, request: IRequest, user: str, index: str, name: str, slash: bool) -> bytes:
+        """
+        A project's page.  File links are relative to the page's own URL
+        (leading back to the server root), so they work behind a proxy that
+        adds a path prefix, with or without the trailing slash.
+        """
+        mediaType = self._mediaType(request)
+        if not isValidProjectName(name):
+            raise NotFound(f"The project {name} does not exist.")
+        project = normalizeProject(name)
+        path = request.path.decode("latin-1")
+        if project != name:
+            base = path.rstrip("/").rsplit("/", 1)[0]
+            return redirect(request, f"{base}/{quote(project)}/")
+        if not slash and not isInstaller(request) and "json" not in mediaType:
+            return redirect(request, path + "/", 301)
+        rootPrefix = "../" * (path.count("/") - 1)
+        page = await self._pages.projectPage(
+            user, index, project, mediaType, rootPrefix, isInstaller(request)
+        )
+        return self._send(request, page)

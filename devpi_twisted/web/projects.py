@@ -1,0 +1,162 @@
+"""
+Project, version and file views: devpi's JSON read views, stored files and
+their C{.metadata}, deletions, and yanking and project status (which devpi
+does not have).
+"""
+
+import base64
+import hashlib
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from ..auth import Authenticator
+from ..config import ServerConfig
+from ..errors import BadRequest, NotFound, UnsupportedMediaType
+from ..interfaces import IBlobStore, IStorage
+from ..model import keys
+from ..model.names import isValidProjectName, normalizeProject
+from ..model.negotiation import wantsJSONAPI
+from ..queries import fileMeta, projectConfig, versionData
+from ..releases import Releases, lookupFile
+from .context import outsideURL, requesterOf
+from .files import FileResponse
+from .headers import setSerial
+from .pages import redirect
+from .responses import jsonBody, readJSON
+
+
+def _project(name: str) -> str:
+    if not isValidProjectName(name):
+        raise NotFound(f"no project {name!r}")
+    return normalizeProject(name)
+
+
+class ProjectViews:
+    """Views below C{/user/index/}."""
+
+    def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
+                 auth: Authenticator, releases: Releases) -> None:
+        self._config = config
+        self._storage = storage
+        self._blobs = blobs
+        self._auth = auth
+        self._releases = releases
+
+    def _written(self, request: IRequest) -> None:
+        setSerial(request, self._storage.currentSerial())
+
+    async def getProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
+        if not wantsJSONAPI(request.getHeader(b"accept")):
+            raise UnsupportedMediaType(
+                f"unsupported media type {request.getHeader(b'accept')!r}; "
+                f"use Accept: application/json, or /{user}/{index}/+simple/{name}/"
+            )
+        project = _project(name)
+        if project != name:
+            return redirect(request, request.path.decode("latin-1").replace(name, project, 1))
+        base = outsideURL(request, self._config.outsideURL)
+        ignoreBases = b"ignore_bases" in request.args
+        result = await self._storage.read(
+            lambda view: projectConfig(view, user, index, project, base, ignoreBases)
+        )
+        return jsonBody(request, result=result, type="projectconfig")
+
+    async def getVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
+        project = _project(name)
+        base = outsideURL(request, self._config.outsideURL)
+        result = await self._storage.read(lambda view: versionData(view, user, index, project, version, base))
+        return jsonBody(request, result=result, type="versiondata")
+
+    async def deleteProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
+        project = _project(name)
+        requester = await requesterOf(request, self._auth)
+        await self._releases.deleteProject(requester, user, index, project, b"force" in request.args)
+        self._written(request)
+        return jsonBody(request, message=f"project {project} deleted from stage {user}/{index}")
+
+    async def deleteVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
+        project = _project(name)
+        requester = await requesterOf(request, self._auth)
+        await self._releases.deleteVersion(requester, user, index, project, version, b"force" in request.args)
+        self._written(request)
+        return jsonBody(request, message=f"project {project} version {version!r} deleted")
+
+    async def patchProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
+        """C{{"status": "archived", "reason": "..."}}: the PEP 792 project status."""
+        project = _project(name)
+        body = readJSON(request)
+        if not isinstance(body, dict) or "status" not in body:
+            raise BadRequest("expected a JSON object with 'status' (and optionally 'reason')")
+        requester = await requesterOf(request, self._auth)
+        await self._releases.setStatus(requester, user, index, project, body["status"], body.get("reason"))
+        self._written(request)
+        return jsonBody(request, message=f"status of {project} set to {body['status']}")
+
+    async def patchVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
+        """C{{"yanked": true | "reason" | false}} for every file of a version (PEP 592)."""
+        project = _project(name)
+        yanked = self._yankedValue(request)
+        requester = await requesterOf(request, self._auth)
+        changed = await self._releases.setYanked(requester, user, index, project, version, None, yanked)
+        self._written(request)
+        return jsonBody(request, message=f"{changed} files of {project} {version} changed")
+
+    @staticmethod
+    def _yankedValue(request: IRequest) -> Any:
+        body = readJSON(request)
+        if not isinstance(body, dict) or "yanked" not in body:
+            raise BadRequest("expected a JSON object with 'yanked': true, a reason, or false")
+        return body["yanked"]
+
+    # files
+
+    async def _entry(self, user: str, index: str, relpath: str) -> dict[str, Any]:
+        return await self._storage.read(lambda view: lookupFile(view, user, index, relpath))
+
+    async def getFile(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
+        if relpath.endswith(".metadata"):
+            return await self._coreMetadata(request, user, index, relpath[: -len(".metadata")])
+        entry = await self._entry(user, index, relpath)
+        if wantsJSONAPI(request.getHeader(b"accept")):
+            return jsonBody(request, result=fileMeta(entry), type="releasefilemeta")
+        file = await self._blobs.open(entry["sha256"])
+        if file is None:
+            raise NotFound(f"content of {entry['filename']} is missing on this server")
+        return FileResponse(
+            file=file, size=entry["size"], filename=entry["filename"],
+            etag=b'"' + entry["sha256"].encode("ascii") + b'"',
+            lastModified=entry.get("last_modified"),
+        )
+
+    async def _coreMetadata(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
+        import io
+
+        entry = await self._entry(user, index, relpath)
+        stored = await self._storage.read(lambda view: view.get(
+            keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
+        if stored is None:
+            raise NotFound(f"no metadata found in {entry['filename']}")
+        data = base64.b64decode(stored["data"])
+        return FileResponse(
+            file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",
+            etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
+            lastModified=entry.get("last_modified"), contentType=b"text/plain; charset=utf-8",
+        )
+
+    async def deleteFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        deleted = await self._releases.deleteFile(requester, user, index, relpath, b"force" in request.args)
+        self._written(request)
+        return jsonBody(request, message=f"package {deleted!r} deleted")
+
+    async def patchFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
+        """C{{"yanked": ...}} for one file."""
+        yanked = self._yankedValue(request)
+        entry = await self._entry(user, index, relpath)
+        requester = await requesterOf(request, self._auth)
+        await self._releases.setYanked(
+            requester, user, index, entry["project"], None, entry["filename"], yanked
+        )
+        self._written(request)
+        return jsonBody(request, message=f"{entry['filename']} yanked" if yanked else f"{entry['filename']} unyanked")

@@ -1,0 +1,179 @@
+"""
+The legacy upload API (twine, uv publish, poetry, pdm, devpi-client):
+C{POST /user/index/} with C{:action=file_upload}.
+
+The body (which twisted.web has already spooled to a temporary file) is
+parsed incrementally and the file part streamed into the blob store, so
+memory stays flat for any size.  Every check runs before the blob is
+committed; a refused upload stores nothing.  Errors carry their message in
+the reason phrase too, because twine shows only that.
+"""
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from ..auth import Authenticator
+from ..errors import BadRequest, DevpiError
+from ..interfaces import IBlobStore, IBlobWriter
+from ..model import distfile
+from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
+from ..model.names import normalizeProject
+from ..releases import Releases, UploadedFile
+from .context import requesterOf
+from .responses import withLength
+
+READ_SIZE = 1024 * 1024
+_DIGEST_FIELDS = ("md5_digest", "sha256_digest", "blake2_256_digest")
+
+
+class _Form:
+    """What the form carried: fields, and the content part in a blob writer."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, list[str]] = {}
+        self.writer: IBlobWriter | None = None
+        self.filename: str | None = None
+
+    def first(self, name: str) -> str:
+        values = self.fields.get(name) or [""]
+        return values[0]
+
+
+class UploadViews:
+    """Accepts uploads into private indexes."""
+
+    log = Logger()
+
+    def __init__(self, auth: Authenticator, releases: Releases, blobs: IBlobStore) -> None:
+        self._auth = auth
+        self._releases = releases
+        self._blobs = blobs
+
+    async def submit(self, request: IRequest, user: str, index: str) -> bytes:
+        try:
+            return await self._submit(request, user, index)
+        except DevpiError as error:
+            error.reasonPhrase = True  # type: ignore[attr-defined]
+            raise
+
+    async def _submit(self, request: IRequest, user: str, index: str) -> bytes:
+        requester = await requesterOf(request, self._auth)
+        config = await self._releases.checkCanUpload(requester, user, index)
+        form = await self._readForm(request)
+        try:
+            action = form.first(":action")
+            if action == "file_upload":
+                await self._fileUpload(request, requester, user, index, config, form)
+            elif action == "submit":
+                await self._register(requester, user, index, form)
+            elif action:
+                raise BadRequest(f"action {action!r} not supported")
+            else:
+                raise BadRequest("the form has no ':action' field")
+        finally:
+            if form.writer is not None:
+                await form.writer.abort()
+        request.setResponseCode(200)
+        return withLength(request, b"")
+
+    async def _readForm(self, request: IRequest) -> _Form:
+        contentType = request.getHeader(b"content-type") or b""
+        form = _Form()
+        request.content.seek(0)
+        if contentType.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded":
+            body = request.content.read(10 * 1024 * 1024 + 1)
+            if len(body) > 10 * 1024 * 1024:
+                raise BadRequest("form too large")
+            form.fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+            return form
+        parser = MultipartParser(parseBoundary(contentType))
+        inContent = False
+        try:
+            while True:
+                chunk = request.content.read(READ_SIZE)
+                events = parser.feed(chunk) if chunk else parser.close()
+                for event in events:
+                    if isinstance(event, Field):
+                        form.fields.setdefault(event.name, []).append(event.value)
+                    elif isinstance(event, FileStart):
+                        inContent = event.name == "content"
+                        if inContent:
+                            if form.writer is not None:
+                                raise BadRequest("more than one 'content' file in the form")
+                            form.writer = self._blobs.openWriter(("md5", "blake2b_256"))
+                            form.filename = event.filename
+                    elif isinstance(event, FileData):
+                        if inContent:
+                            assert form.writer is not None
+                            await form.writer.write(event.data)
+                    elif isinstance(event, FileEnd):
+                        inContent = False
+                if not chunk:
+                    return form
+        except BaseException:
+            if form.writer is not None:
+                await form.writer.abort()
+            raise
+
+    async def _register(self, requester: str | None, user: str, index: str, form: _Form) -> None:
+        metadata = distfile.parseUploadMetadata(form.fields)
+        name = str(metadata["name"])
+        await self._releases.register(
+            requester, user, index, normalizeProject(name), name, str(metadata["version"]), metadata
+        )
+
+    async def _fileUpload(self, request: IRequest, requester: str | None, user: str, index: str,
+                          config: dict[str, Any], form: _Form) -> None:
+        if form.writer is None or not form.filename:
+            raise BadRequest("content file field not found")
+        metadata = distfile.parseUploadMetadata(form.fields)
+        name, version = str(metadata["name"]), str(metadata["version"])
+        filename = form.filename
+        distfile.checkFilename(filename, name, version)
+        if config.get("pypi_strict"):
+            distfile.checkStrict(filename, name, version)
+        info = await form.writer.close()
+        distfile.checkDigests({k: form.first(k) for k in _DIGEST_FIELDS}, info.hashes)
+        archive = await form.writer.read(lambda f: distfile.inspectArchive(filename, f))
+        distfile.checkConsistency(filename, name, version, archive)
+        attestations = self._attestations(form)
+        present = frozenset(distfile.presentMetadataKeys(form.fields))
+        metadata.pop("protocol_version", None)
+        project = normalizeProject(name)
+        await self._releases.checkNoConflict(user, index, project, filename, info.sha256)
+        await form.writer.commit()
+        form.writer = None
+        stored = await self._releases.storeFile(requester, user, index, UploadedFile(
+            filename=filename,
+            project=project,
+            displayName=archive.name or name,
+            version=version,
+            metadata=metadata,
+            presentKeys=present,
+            blob=info,
+            coreMetadata=archive.metadataBytes if filename.endswith(".whl") else None,
+            attestations=attestations,
+        ))
+        self.log.info(
+            "{what} {filename} ({size} bytes, sha256 {sha256}) to {index} by {who}",
+            what="stored" if stored else "identical re-upload of",
+            filename=filename, size=info.size, sha256=info.sha256,
+            index=f"{user}/{index}", who=requester,
+        )
+
+    @staticmethod
+    def _attestations(form: _Form) -> list[Any] | None:
+        raw = form.first("attestations")
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise BadRequest("'attestations' is not valid JSON")
+        if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
+            raise BadRequest("'attestations' must be a JSON array of attestation objects")
+        return value
