@@ -63,7 +63,12 @@ def orderOf(view: IReadView, user: str, index: str) -> list[Stage]:
     return order
 
 
-def simpleFileOf(entry: dict[str, Any], rootPrefix: str) -> SimpleFile:
+def provenancePath(relpath: str) -> str:
+    """Where the provenance of the file at C{relpath} is served."""
+    return relpath.replace("/+f/", "/+provenance/", 1)
+
+
+def simpleFileOf(entry: dict[str, Any], rootPrefix: str, baseURL: str) -> SimpleFile:
     return SimpleFile(
         filename=entry["filename"],
         url=rootPrefix + entry["relpath"],
@@ -73,6 +78,7 @@ def simpleFileOf(entry: dict[str, Any], rootPrefix: str) -> SimpleFile:
         requiresPython=entry.get("requires_python"),
         yanked=entry.get("yanked", False),
         coreMetadataSha256=entry.get("core_metadata_sha256"),
+        provenanceURL=f"{baseURL}/{provenancePath(entry['relpath'])}" if entry.get("attestations") else None,
         version=entry.get("version"),
     )
 
@@ -127,15 +133,20 @@ class SimplePages:
             self._cachedCount -= len(dropped)
 
     async def projectPage(self, user: str, index: str, project: str, mediaType: str,
-                          rootPrefix: str, installer: bool) -> RenderedPage:
-        cacheKey = (user, index, mediaType, rootPrefix, installer)
+                          rootPrefix: str, installer: bool, baseURL: str) -> RenderedPage:
+        """
+        @param rootPrefix: leads from the page's URL back to the server root.
+        @param baseURL: the server's outside URL, for the links PEP 740 wants
+            absolute (provenance).
+        """
+        cacheKey = (user, index, mediaType, rootPrefix, installer, baseURL)
         pages = self._projectPages.get(project)
         if pages is not None:
             page = pages.get(cacheKey)
             if page is not None:
                 return page
         serialBefore = self._storage.currentSerial()
-        collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix))
+        collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix, baseURL))
         files = list(collected.files)
         versions = set(collected.versions)
         found = collected.found
@@ -187,7 +198,8 @@ class SimplePages:
             self._cachedCount += 1
         return rendered
 
-    def _collect(self, view: IReadView, user: str, index: str, project: str, rootPrefix: str) -> _Collected:
+    def _collect(self, view: IReadView, user: str, index: str, project: str, rootPrefix: str,
+                 baseURL: str) -> _Collected:
         order = orderOf(view, user, index)
 
         def holds(stage: Stage) -> bool:
@@ -210,7 +222,7 @@ class SimplePages:
                 if entry.get("rel", "releasefile") != "releasefile" or entry["filename"] in seen:
                     continue
                 seen.add(entry["filename"])
-                collected.files.append(simpleFileOf(entry, rootPrefix))
+                collected.files.append(simpleFileOf(entry, rootPrefix, baseURL))
             for _, metadata in view.items(keys.versionsPrefix(stage.user, stage.index, project)):
                 collected.versions.add(metadata["version"])
         return collected

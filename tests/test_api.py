@@ -988,11 +988,6 @@ class HeadersAndErrorsTests(_APITestCase):
             self.assertIn(answer.code, (404, 405), (method, path, answer.body))
             self.assertNotIn("user", answer.json["message"])
 
-    test_specialSegmentsAreNotUserNames.todo = (  # type: ignore[attr-defined]
-        "web/routes.py: <user> matches '+api', '+login' and '+status' for the methods their own "
-        "routes do not take (devpi's user segment is [^+/]+)"
-    )
-
     def test_unexpectedError(self) -> None:
         """An unexpected exception in a view is a logged 500 with a JSON message and no traceback."""
         def broken(*args: Any) -> Any:

@@ -11,6 +11,7 @@ from ..errors import NotAcceptable, NotFound
 from ..model.names import isValidProjectName, normalizeProject
 from ..model.negotiation import chooseSimpleFormat
 from ..simple import RenderedPage, SimplePages
+from .context import outsideURL
 from .files import etagMatches
 from .responses import withLength
 
@@ -33,8 +34,9 @@ def redirect(request: IRequest, location: str, status: int = 302) -> bytes:
 class PageViews:
     """Renders simple pages from the page cache with conditional answers."""
 
-    def __init__(self, pages: SimplePages) -> None:
+    def __init__(self, pages: SimplePages, outsideURL: str | None) -> None:
         self._pages = pages
+        self._outsideURL = outsideURL
 
     def _mediaType(self, request: IRequest) -> str:
         mediaType = chooseSimpleFormat(request.getHeader(b"accept"))
@@ -80,6 +82,7 @@ class PageViews:
             return redirect(request, path + "/", 301)
         rootPrefix = "../" * (path.count("/") - 1)
         page = await self._pages.projectPage(
-            user, index, project, mediaType, rootPrefix, isInstaller(request)
+            user, index, project, mediaType, rootPrefix, isInstaller(request),
+            outsideURL(request, self._outsideURL),
         )
         return self._send(request, page)

@@ -6,6 +6,7 @@ does not have).
 
 import base64
 import hashlib
+import json
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -14,16 +15,17 @@ from ..auth import Authenticator
 from ..config import ServerConfig
 from ..errors import BadRequest, NotFound, UnsupportedMediaType
 from ..interfaces import IBlobStore, IStorage
+from ..model.attestations import provenanceObject
 from ..model import keys
 from ..model.names import isValidProjectName, normalizeProject
 from ..model.negotiation import wantsJSONAPI
 from ..queries import fileMeta, projectConfig, versionData
 from ..releases import Releases, lookupFile
-from .context import outsideURL, requesterOf
+from .context import hasQueryFlag, outsideURL, requesterOf
 from .files import FileResponse
 from .headers import setSerial
 from .pages import redirect
-from .responses import jsonBody, readJSON
+from .responses import jsonBody, readJSON, withLength
 
 
 def _project(name: str) -> str:
@@ -56,7 +58,7 @@ class ProjectViews:
         if project != name:
             return redirect(request, request.path.decode("latin-1").replace(name, project, 1))
         base = outsideURL(request, self._config.outsideURL)
-        ignoreBases = b"ignore_bases" in request.args
+        ignoreBases = hasQueryFlag(request, b"ignore_bases")
         result = await self._storage.read(
             lambda view: projectConfig(view, user, index, project, base, ignoreBases)
         )
@@ -71,14 +73,14 @@ class ProjectViews:
     async def deleteProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
         project = _project(name)
         requester = await requesterOf(request, self._auth)
-        await self._releases.deleteProject(requester, user, index, project, b"force" in request.args)
+        await self._releases.deleteProject(requester, user, index, project, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} deleted from stage {user}/{index}")
 
     async def deleteVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
         requester = await requesterOf(request, self._auth)
-        await self._releases.deleteVersion(requester, user, index, project, version, b"force" in request.args)
+        await self._releases.deleteVersion(requester, user, index, project, version, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} version {version!r} deleted")
 
@@ -129,6 +131,16 @@ class ProjectViews:
             lastModified=entry.get("last_modified"),
         )
 
+    async def getProvenance(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
+        """The PEP 740 provenance object of a file uploaded with attestations."""
+        entry = await self._entry(user, index, relpath)
+        if not entry.get("attestations"):
+            raise NotFound(f"no provenance for {entry['filename']}")
+        uploader = next((log.get("who") for log in entry.get("log", []) if log.get("what") == "upload"), None)
+        body = json.dumps(provenanceObject(entry["attestations"], uploader)).encode("utf-8")
+        request.setHeader(b"Content-Type", b"application/vnd.pypi.integrity.v1+json")
+        return withLength(request, body)
+
     async def _coreMetadata(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
         import io
 
@@ -146,7 +158,7 @@ class ProjectViews:
 
     async def deleteFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         requester = await requesterOf(request, self._auth)
-        deleted = await self._releases.deleteFile(requester, user, index, relpath, b"force" in request.args)
+        deleted = await self._releases.deleteFile(requester, user, index, relpath, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"package {deleted!r} deleted")
 

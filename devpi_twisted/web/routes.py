@@ -36,7 +36,7 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+simple", "+f"}
+_SPECIAL = {"+api", "+login", "+status", "+simple", "+f", "+provenance"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -160,6 +160,10 @@ class Routes:
             b"PATCH": self._projects.patchFile,
         }, user, index, relpath)
 
+    @app.route(f"/{USER}/{INDEX}/+provenance/<path:relpath>", methods=["GET"])
+    def provenance(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
+        return self._projects.getProvenance(request, user, index, relpath)
+
     # projects and versions
 
     @app.route(f"/{USER}/{INDEX}/{PROJECT}", methods=["GET", "DELETE", "PATCH"])
@@ -200,7 +204,7 @@ def makeWebResource(
     """The root resource of the site, with devpi's headers on every response."""
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version),
-        PageViews(pages),
+        PageViews(pages, config.outsideURL),
         ProjectViews(config, storage, blobs, auth, releases),
         UploadViews(auth, releases, blobs),
     )

@@ -20,14 +20,25 @@ from ..auth import Authenticator
 from ..errors import BadRequest, DevpiError
 from ..interfaces import IBlobStore, IBlobWriter
 from ..model import distfile
+from ..model.attestations import checkAttestations
 from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
 from ..model.names import normalizeProject
 from ..releases import Releases, UploadedFile
+from ..storage import newHashes
 from .context import requesterOf
 from .responses import withLength
 
 READ_SIZE = 1024 * 1024
-_DIGEST_FIELDS = ("md5_digest", "sha256_digest", "blake2_256_digest")
+_DIGEST_FIELDS = {"md5_digest": "md5", "sha256_digest": "sha256", "blake2_256_digest": "blake2b_256"}
+
+
+def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
+    """Digests the client sent after the file part, computed from the stored bytes."""
+    hashers = {name: h for name, h in newHashes(tuple(names)).items() if name in names}
+    while chunk := file.read(READ_SIZE):
+        for h in hashers.values():
+            h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 class _Form:
@@ -104,7 +115,12 @@ class UploadViews:
                         if inContent:
                             if form.writer is not None:
                                 raise BadRequest("more than one 'content' file in the form")
-                            form.writer = self._blobs.openWriter(("md5", "blake2b_256"))
+                            # Hash on the way in only what the client sent
+                            # digests for (fields usually precede the file).
+                            form.writer = self._blobs.openWriter(tuple(
+                                hashName for field, hashName in _DIGEST_FIELDS.items()
+                                if hashName != "sha256" and form.first(field)
+                            ))
                             form.filename = event.filename
                     elif isinstance(event, FileData):
                         if inContent:
@@ -137,10 +153,17 @@ class UploadViews:
         if config.get("pypi_strict"):
             distfile.checkStrict(filename, name, version)
         info = await form.writer.close()
-        distfile.checkDigests({k: form.first(k) for k in _DIGEST_FIELDS}, info.hashes)
+        digests = {field: form.first(field) for field in _DIGEST_FIELDS}
+        hashes = dict(info.hashes)
+        late = [name for field, name in _DIGEST_FIELDS.items() if digests[field] and name not in hashes]
+        if late:
+            hashes.update(await form.writer.read(lambda f: _hashFile(f, late)))
+        distfile.checkDigests(digests, hashes)
         archive = await form.writer.read(lambda f: distfile.inspectArchive(filename, f))
         distfile.checkConsistency(filename, name, version, archive)
         attestations = self._attestations(form)
+        if attestations is not None:
+            checkAttestations(attestations, filename, info.sha256)
         present = frozenset(distfile.presentMetadataKeys(form.fields))
         metadata.pop("protocol_version", None)
         project = normalizeProject(name)

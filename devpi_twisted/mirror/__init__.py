@@ -1,0 +1,1 @@
+"""Mirror indexes: the upstream client, the online/offline machine, and the cache."""
