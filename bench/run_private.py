@@ -350,19 +350,29 @@ class IndexServer(Server):
 class DevpiTwisted(IndexServer):
     name = "devpi-twisted"
 
-    def __init__(self, workdir: Path, pin: str | None, twistd: Path) -> None:
+    def __init__(self, workdir: Path, pin: str | None, twistd: Path, src: Path | None = None) -> None:
         super().__init__(workdir, pin)
         self.twistd = twistd
+        self.src = src
 
     def start(self) -> None:
         serverdir = self.workdir / "twisted-server"
         t0 = time.monotonic()
         self._spawn([str(self.twistd), "-n", "--pidfile=", "devpi", "--serverdir", str(serverdir),
                      "--root-passwd", "", "--no-root-pypi",
-                     "--listen", f"tcp:{self.port}:interface={HOST}"])
+                     "--listen", f"tcp:{self.port}:interface={HOST}"], env=self._env())
         assert self.process is not None
         waitForHTTP(self.port, "/+api", self.process, 60, self.logfile)
         self.startup = time.monotonic() - t0
+
+
+    def _env(self) -> dict[str, str] | None:
+        """With --src, import devpi_twisted (and its twisted plugin) from there."""
+        if self.src is None:
+            return None
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.src), env.get("PYTHONPATH")]))
+        return env
 
 
 class DevpiServer(IndexServer):
@@ -445,13 +455,14 @@ http {{
         location = /page.json {{ types {{ }} default_type "{JSON_ACCEPT}"; }}
         # The "upload" limit: read the body and discard it.
         location = /upload/ {{ client_max_body_size 0; return 200; }}
+        location = /ready {{ return 200; }}
     }}
 }}
 """)
         t0 = time.monotonic()
         self._spawn(["nginx", "-e", str(root / "error.log"), "-p", str(root), "-c", str(config)])
         assert self.process is not None
-        waitForHTTP(self.port, "/page.html", self.process, 30, self.logfile)
+        waitForHTTP(self.port, "/ready", self.process, 30, self.logfile)
         self.startup = time.monotonic() - t0
 
     def pagePath(self, fmt: str) -> str:
@@ -783,6 +794,22 @@ def printTable(results: Results) -> None:
 # --------------------------------------------------------------------------
 
 
+def describeSource(src: Path | None) -> str:
+    """Which devpi_twisted was measured (read-only git queries)."""
+    tree = src or REPO
+    where = f"source {tree}"
+    try:
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            where += f" at {commit.stdout.strip()}" + (" plus uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return where
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-devpi", action="store_true", help="do not run devpi-server")
@@ -793,6 +820,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5, 3 with --quick)")
     parser.add_argument("--twistd", type=Path, default=DEFAULT_TWISTD,
                         help=f"twistd of the devpi-twisted venv (default {DEFAULT_TWISTD})")
+    parser.add_argument("--src", type=Path,
+                        help="import devpi_twisted from this source tree instead of the venv's "
+                             "(e.g. a 'git archive COMMIT | tar -x -C DIR' snapshot)")
     parser.add_argument("--devpi-venv", type=Path, default=DEFAULT_DEVPI_VENV,
                         help=f"venv with devpi-server {DEVPI_VERSION}, created if missing "
                              f"(default {DEFAULT_DEVPI_VENV})")
@@ -825,6 +855,7 @@ def main() -> int:
     results.info.append(
         f"runs per figure: {args.runs} (median), wrk {args.duration} s each; "
         + ("servers pinned to CPU 0, wrk and the upload client to CPU 1" if pin else "no CPU pinning"))
+    results.info.append(f"devpi-twisted: {describeSource(args.src)}; {args.twistd}")
     workdir = Path(tempfile.mkdtemp(prefix="devpi-twisted-bench-"))
     started = time.monotonic()
     work: dict = {}
@@ -838,7 +869,7 @@ def main() -> int:
             work["big"] = bigUploads()
             results.info.append(f"big wheels: {BIG_COUNT} files of {work['big'][0].size:,} bytes "
                                 f"(one random {BIG_SIZE:,}-byte STORED member); MB = 10**6 bytes")
-        servers: list = [("twisted", DevpiTwisted(workdir, serverPin, args.twistd))]
+        servers: list = [("twisted", DevpiTwisted(workdir, serverPin, args.twistd, args.src))]
         if not args.skip_devpi:
             servers.append(("index", DevpiServer(workdir, serverPin, args.devpi_venv)))
         for kind, server in servers:

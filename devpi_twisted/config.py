@@ -24,6 +24,9 @@ class ServerConfig:
     policy: Policy = Policy()
     mirrorCacheExpiry: int = 1800
     maxUploadSize: int = 1024 ** 3
+    requestTimeout: float = 5.0
+    upstreamCA: str | None = None
+    offlineMode: bool = False
     rootPassword: str | None = None
 
 

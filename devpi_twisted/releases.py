@@ -102,9 +102,7 @@ class Releases:
             project = upload.project
             projectKey = keys.projectKey(user, index, project)
             projectConfig = txn.get(projectKey) or {"name": upload.displayName}
-            status = (projectConfig.get("status") or {}).get("status", "active")
-            if status in ("archived", "quarantined"):
-                raise BadRequest(f"project {project!r} is {status} and takes no uploads")
+            checkTakesUploads(projectConfig, project)
             existing = existingFile(txn, config, user, index, project, upload.filename, upload.blob.sha256)
             log = [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(upload.log)
             if existing is not None:
@@ -162,6 +160,7 @@ class Releases:
 
         def _check(view: IReadView) -> None:
             config = indexConfig(view, user, index)
+            checkTakesUploads(view.get(keys.projectKey(user, index, project)) or {}, project)
             existingFile(view, config, user, index, project, filename, sha256)
 
         await self._storage.read(_check)
@@ -279,6 +278,13 @@ class Releases:
 
         _, relpath = await self._storage.write(_delete)
         return relpath
+
+
+def checkTakesUploads(projectConfig: dict[str, Any], project: str) -> None:
+    """@raise BadRequest: the project's PEP 792 status refuses uploads."""
+    status = (projectConfig.get("status") or {}).get("status", "active")
+    if status in ("archived", "quarantined"):
+        raise BadRequest(f"project {project!r} is {status} and takes no uploads")
 
 
 def existingFile(view: IReadView, config: dict[str, Any], user: str, index: str, project: str,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from .errors import NotFound
+from .errors import NotFound, UpstreamError
 from .interfaces import IReadView, IStorage
 from .model import keys
 from .model.inheritance import Stage, contributingStages, resolutionOrder
@@ -28,7 +28,7 @@ from .model.simplepage import (
 )
 from .storage import ChangeRecord
 
-_PROJECT_KINDS = {"project", "version", "file"}
+_PROJECT_KINDS = {"project", "version", "file", "simple"}
 _MAX_CACHED = 20000
 
 
@@ -50,6 +50,9 @@ class MirrorSource(Protocol):
 
     async def projectNames(self, stage: Stage) -> list[str]:
         """The names the mirror can list without fetching upstream's whole list."""
+
+    def isFresh(self, stage: Stage, project: str) -> bool:
+        """Whether what the mirror has of C{project} may be served without asking upstream."""
 
 
 def _etag(body: bytes) -> bytes:
@@ -102,7 +105,7 @@ class SimplePages:
     def __init__(self, storage: IStorage, mirrors: MirrorSource | None = None) -> None:
         self._storage = storage
         self._mirrors = mirrors
-        self._projectPages: dict[str, dict[tuple[Any, ...], RenderedPage]] = {}
+        self._projectPages: dict[str, dict[tuple[Any, ...], tuple[RenderedPage, list[Stage]]]] = {}
         self._indexPages: dict[tuple[Any, ...], RenderedPage] = {}
         self._cachedCount = 0
         storage.subscribe(self._changed)
@@ -142,9 +145,10 @@ class SimplePages:
         cacheKey = (user, index, mediaType, rootPrefix, installer, baseURL)
         pages = self._projectPages.get(project)
         if pages is not None:
-            page = pages.get(cacheKey)
-            if page is not None:
-                return page
+            hit = pages.get(cacheKey)
+            if hit is not None and (self._mirrors is None or all(
+                    self._mirrors.isFresh(stage, project) for stage in hit[1])):
+                return hit[0]
         serialBefore = self._storage.currentSerial()
         collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix, baseURL))
         files = list(collected.files)
@@ -154,7 +158,15 @@ class SimplePages:
         for stage in collected.mirrors:
             if self._mirrors is None:
                 continue
-            mirrored = await self._mirrors.projectFiles(stage, project, rootPrefix)
+            try:
+                mirrored = await self._mirrors.projectFiles(stage, project, rootPrefix)
+            except UpstreamError as e:
+                if not found:
+                    raise
+                # Private releases are there; serve them without the mirror's.
+                self.log.warn("leaving {mirror} out of {project}: {error}",
+                              mirror=stage.name, project=project, error=e.message)
+                continue
             if mirrored is None:
                 continue
             found = True
@@ -189,12 +201,12 @@ class SimplePages:
         else:
             body = renderProjectHTML(page, f"{user}/{index}: links for {project}")
         rendered = RenderedPage(body, _etag(body), mediaType.encode("ascii"), collected.serial)
-        # Keep it only if nothing changed while it was built, and never for
-        # pages that include mirrors (they have their own expiry).
-        if self._storage.currentSerial() == serialBefore and not collected.mirrors:
+        # Keep it only if nothing changed while it was built; a page with
+        # mirror content is used while the mirrors' data stays fresh.
+        if self._storage.currentSerial() == serialBefore:
             if self._cachedCount >= _MAX_CACHED:
                 self.invalidateAll()
-            self._projectPages.setdefault(project, {})[cacheKey] = rendered
+            self._projectPages.setdefault(project, {})[cacheKey] = (rendered, collected.mirrors)
             self._cachedCount += 1
         return rendered
 

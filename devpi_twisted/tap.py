@@ -11,6 +11,15 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.ssl import Certificate
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    ContentDecoderAgent,
+    GzipDecoder,
+    HTTPConnectionPool,
+    RedirectAgent,
+)
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
@@ -22,6 +31,8 @@ from .config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPa
 from .errors import ServerDirError, StorageError
 from .indexes import Indexes
 from .initstate import PYPI_URL, createServerDir
+from .mirror.service import Mirrors
+from .mirror.upstream import UpstreamClient
 from .model.acl import Policy
 from .serverdir import ServerDir
 from .storage.plugin import findBackend
@@ -56,9 +67,14 @@ class Options(usage.Options):
         ["mirror-cache-expiry", None, 1800, "Default seconds before a mirror page is revalidated.", int],
         ["max-upload-size", None, 1024 ** 3, "Largest request body (upload) in bytes; larger ones get 413.", int],
         ["root-passwd", None, None, "Password for root when the directory is initialised."],
+        ["request-timeout", None, 5.0,
+         "Seconds to wait for an upstream index to start answering (and between chunks, times 6).", float],
+        ["upstream-ca", None, None,
+         "PEM file of CA certificates trusted for upstream TLS, instead of the system's."],
     ]
     optFlags = [
         ["no-root-pypi", None, "When initialising, do not create the root/pypi mirror."],
+        ["offline-mode", None, "Never contact upstream indexes; mirrors list only cached files."],
     ]
 
     def __init__(self) -> None:
@@ -99,6 +115,10 @@ class Options(usage.Options):
             raise usage.UsageError("--mirror-cache-expiry must not be negative")
         if self["max-upload-size"] <= 0:
             raise usage.UsageError("--max-upload-size must be positive")
+        if self["request-timeout"] <= 0:
+            raise usage.UsageError("--request-timeout must be positive")
+        if self["upstream-ca"] is not None and not os.path.isfile(self["upstream-ca"]):
+            raise usage.UsageError(f"--upstream-ca: no such file {self['upstream-ca']!r}")
 
     def toConfig(self) -> ServerConfig:
         restrict = self["restrict-modify"]
@@ -115,6 +135,9 @@ class Options(usage.Options):
             ),
             mirrorCacheExpiry=self["mirror-cache-expiry"],
             maxUploadSize=self["max-upload-size"],
+            requestTimeout=self["request-timeout"],
+            upstreamCA=self["upstream-ca"],
+            offlineMode=bool(self["offline-mode"]),
             rootPassword=self["root-passwd"],
         )
 
@@ -173,6 +196,35 @@ def openServerDir(config: ServerConfig, noRootPypi: bool = False) -> ServerDir:
     return serverdir
 
 
+class _PoolService(Service):
+    """Closes the upstream connection pool when the server stops."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any) -> Mirrors:
+    """The mirror coordinator with its own connection pool and TLS policy."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    if config.upstreamCA:
+        with open(config.upstreamCA, "rb") as f:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
+    else:
+        policy = BrowserLikePolicyForHTTPS()
+    agent = RedirectAgent(Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=config.requestTimeout))
+    pageAgent = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
+    upstream = UpstreamClient(agent, pageAgent, reactor, timeout=config.requestTimeout,
+                              idleTimeout=config.requestTimeout * 6)
+    mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode)
+    _PoolService(pool).setServiceParent(mirrors)
+    return mirrors
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build the whole server from its options."""
     if reactor is None:
@@ -191,6 +243,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     StorageService(serverdir, storage, blobs).setServiceParent(top)
 
     auth = Authenticator(storage, runner.runFile, serverdir.secret(), reactor)
+    mirrors = makeMirrors(config, storage, blobs, reactor)
+    mirrors.setServiceParent(top)
     nodeinfo = serverdir.nodeinfo()
     resource = makeWebResource(
         config=config,
@@ -201,7 +255,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         users=Users(storage, auth, config.policy),
         indexes=Indexes(storage, config.policy, config.mirrorCacheExpiry),
         releases=Releases(storage, reactor.seconds),
-        pages=SimplePages(storage),
+        pages=SimplePages(storage, mirrors),
+        mirrors=mirrors,
         version=__version__,
     )
     site = Site(resource, reactor=reactor, parsePOSTFormSubmission=False)

@@ -26,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 __all__ = [
     "Dist",
+    "attestationFor",
     "UploadBody",
     "buildSdist",
     "buildWheel",
@@ -244,6 +245,28 @@ def buildSdist(
     )
 
 
+def attestationFor(dist: Dist, filename: str | None = None, sha256: str | None = None) -> dict[str, object]:
+    """
+    A PEP 740 attestation object about C{dist} (or about another file name
+    or digest), shaped as PyPI's publish attestations are.  The signature is
+    a placeholder: servers without Sigstore trust roots cannot check it.
+    """
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": filename or dist.filename, "digest": {"sha256": sha256 or dist.sha256}}],
+        "predicateType": "https://docs.pypi.org/attestations/publish/v1",
+        "predicate": None,
+    }
+    return {
+        "version": 1,
+        "verification_material": {"certificate": "MIIB", "transparency_entries": [{"logIndex": "1"}]},
+        "envelope": {
+            "statement": base64.b64encode(json.dumps(statement).encode("utf-8")).decode("ascii"),
+            "signature": base64.b64encode(b"not a real signature").decode("ascii"),
+        },
+    }
+
+
 def writeDist(dist: Dist, directory: str) -> str:
     """Write C{dist} into C{directory} under its file name; return the path."""
     os.makedirs(directory, exist_ok=True)
@@ -300,7 +323,8 @@ def uploadBody(
     @param content: the C{content} part's bytes instead of the dist's.
     @param partContentType: the part's C{Content-Type}; C{None} sends none,
         as uv publish does.
-    @param sha256: the C{sha256_digest} value; the real digest by default.
+    @param sha256: the C{sha256_digest} value; by default the digest of the
+        bytes sent (C{blake2_256} likewise).
     @param requiresPython: the C{requires_python} value; uv sends C{""}.
     @param attestations: sent as the JSON array field C{attestations}.
     @param withContent: C{False} sends no C{content} part at all.
@@ -320,14 +344,16 @@ def uploadBody(
             fields.append(("requires_python", rp))  # type: ignore[arg-type]
         fields += [("requires_dist", req) for req in dist.requiresDist]
         fields += [("pyversion", dist.pyversion), ("filetype", dist.filetype)]
-        digest = sha256 if sha256 is not _OMIT else dist.sha256
+        sent = content if content is not None else dist.data
+        digest = sha256 if sha256 is not _OMIT else hashlib.sha256(sent).hexdigest()
         if digest is not None:
             fields.append(("sha256_digest", digest))  # type: ignore[arg-type]
         if md5 is not None:
             fields.append(("md5_digest", md5))
         if attestations is not None:
             fields.append(("attestations", json.dumps(list(attestations))))
-        b2 = blake2_256 if blake2_256 is not _OMIT else dist.blake2_256
+        b2 = (blake2_256 if blake2_256 is not _OMIT
+              else hashlib.blake2b(sent, digest_size=32).hexdigest())
         if b2 is not None:
             fields.append(("blake2_256_digest", b2))  # type: ignore[arg-type]
     else:

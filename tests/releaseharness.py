@@ -21,11 +21,15 @@ from typing import Any
 from argon2 import PasswordHasher
 from treq.testing import StubTreq
 from twisted.internet import task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, Cooperator
 from twisted.python.failure import Failure
+from twisted.internet.testing import StringTransport
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from devpi_twisted.auth import Authenticator, PasswordHashing
 from devpi_twisted.config import ServerConfig
@@ -83,8 +87,15 @@ class Answer:
     headers: Any
     body: bytes
     url: str
+    length: int | None = None
 
     def header(self, name: str) -> str | None:
+        """
+        A response header.  The HTTP client keeps C{Content-Length} out of
+        the headers, so it is answered from the parsed length.
+        """
+        if name.lower() == "content-length" and self.length is not None:
+            return str(self.length)
         values = self.headers.getRawHeaders(name.encode("ascii"))
         return None if not values else values[0].decode("latin-1")
 
@@ -98,6 +109,48 @@ class Answer:
     @property
     def text(self) -> str:
         return self.body.decode("utf-8")
+
+
+class _TCPLikeTransport(StringTransport):
+    """
+    A L{StringTransport} that, like a TCP transport, ignores being asked to
+    resume producing after it was told to close.
+    """
+
+    def resumeProducing(self) -> None:
+        if not self.disconnecting:
+            super().resumeProducing()
+
+
+@dataclass
+class RawAnswer:
+    """A response as the server wrote it on the wire."""
+
+    code: int
+    phrase: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    closed: bool
+
+    def header(self, name: str) -> str | None:
+        values = self.headerValues(name)
+        return values[0] if values else None
+
+    def headerValues(self, name: str) -> list[str]:
+        wanted = name.lower().encode("ascii")
+        return [v.decode("latin-1") for k, v in self.headers if k.lower() == wanted]
+
+
+def parseRawResponse(data: bytes, closed: bool) -> RawAnswer:
+    """Split one HTTP/1.1 response (with a Content-Length or none) into its parts."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    _, code, phrase = (lines[0].split(b" ", 2) + [b""])[:3]
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip(), value.strip()))
+    return RawAnswer(int(code), phrase, headers, body, closed)
 
 
 class ServerHarness:
@@ -182,9 +235,41 @@ class ServerHarness:
         response = self.settle(self.treq.request(
             method, url, headers=sendHeaders, data=data, allow_redirects=False))
         content = self.settle(response.content())
-        answer = Answer(response.code, response.phrase, response.headers, content, url)
+        length = response.length if isinstance(response.length, int) else None
+        answer = Answer(response.code, response.phrase, response.headers, content, url,
+                        None if method == "HEAD" else length)
         self.testCase.assertNotEqual(answer.code, 500, answer.body)
         return answer
+
+    def makeSite(self) -> Site:
+        """A L{Site} over the resource, configured as C{makeService} does."""
+        site = Site(self.resource, reactor=self.clock, parsePOSTFormSubmission=False)
+        site.displayTracebacks = False
+        return site
+
+    def raw(self, data: bytes, site: Site | None = None) -> RawAnswer:
+        """
+        Send the raw request bytes C{data} (which should ask for
+        C{Connection: close}) over a fake TCP connection to C{site} and
+        return what the server wrote, byte for byte, with no client in
+        between that could add, drop or decode anything.
+        """
+        site = site or self.makeSite()
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = _TCPLikeTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 3141),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+        for _ in range(100_000):
+            if transport.disconnecting:
+                break
+            self.clock.advance(0)
+        closed = transport.disconnecting
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.rawWritten = transport.value()
+        return parseRawResponse(transport.value(), closed)
 
     def get(self, path: str, headers: Headers | None = None) -> Answer:
         return self.request("GET", path, headers)

@@ -81,7 +81,7 @@ def parseKey(key: str) -> tuple[str, str, str, str | None]:
     parts = rest.split("/")
     if kind == "index":
         return kind, parts[0], parts[1] if len(parts) > 1 else "", None
-    if kind in ("project", "version", "file", "coremeta") and len(parts) >= 3:
+    if kind in ("project", "version", "file", "coremeta", "simple") and len(parts) >= 3:
         return kind, parts[0], parts[1], parts[2]
     return kind, parts[0] if parts else "", parts[1] if len(parts) > 1 else "", None
 

@@ -36,7 +36,9 @@ class APIViews:
         indexes: Indexes,
         version: str,
         clock: Any = time,
+        mirrors: Any = None,
     ) -> None:
+        self._mirrors = mirrors
         self._config = config
         self._nodeinfo = nodeinfo
         self._storage = storage
@@ -103,6 +105,7 @@ class APIViews:
             "metrics": [],
             "role": "MASTER",
             "polling_replicas": {},
+            "mirrors": self._mirrors.statuses() if self._mirrors is not None else {},
             "started-at": self._startedAt,
         }
         return jsonBody(request, result=result, type="status")

@@ -37,6 +37,13 @@ class LimitedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # A refused body can still end (a chunked one does): the 413 is the
+        # answer, so the request must not reach the resource as well.
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
     def _refuse(self) -> None:
         if self._refused:
             return

@@ -14,7 +14,9 @@ from twisted.web.iweb import IRequest
 from ..auth import Authenticator
 from ..config import ServerConfig
 from ..errors import BadRequest, NotFound, UnsupportedMediaType
-from ..interfaces import IBlobStore, IStorage
+from ..interfaces import IBlobStore, IReadView, IStorage
+from ..model.indexconfig import MIRROR
+from ..model.inheritance import Stage
 from ..model.attestations import provenanceObject
 from ..model import keys
 from ..model.names import isValidProjectName, normalizeProject
@@ -28,6 +30,20 @@ from .pages import redirect
 from .responses import jsonBody, readJSON, withLength
 
 
+def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:
+    """The stored file entry, and the index as a stage when it is a mirror."""
+    config = view.get(keys.indexKey(user, index))
+    if config is None:
+        raise NotFound(f"The stage {user}/{index} could not be found.")
+    stage = Stage(user, index, config) if config.get("type") == MIRROR else None
+    try:
+        return lookupFile(view, user, index, relpath), stage
+    except NotFound:
+        if stage is None:
+            raise
+        return None, stage
+
+
 def _project(name: str) -> str:
     if not isValidProjectName(name):
         raise NotFound(f"no project {name!r}")
@@ -38,7 +54,8 @@ class ProjectViews:
     """Views below C{/user/index/}."""
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
-                 auth: Authenticator, releases: Releases) -> None:
+                 auth: Authenticator, releases: Releases, mirrors: Any = None) -> None:
+        self._mirrors = mirrors
         self._config = config
         self._storage = storage
         self._blobs = blobs
@@ -117,9 +134,15 @@ class ProjectViews:
         return await self._storage.read(lambda view: lookupFile(view, user, index, relpath))
 
     async def getFile(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
-        if relpath.endswith(".metadata"):
-            return await self._coreMetadata(request, user, index, relpath[: -len(".metadata")])
-        entry = await self._entry(user, index, relpath)
+        metadata = relpath.endswith(".metadata")
+        target = relpath[: -len(".metadata")] if metadata else relpath
+        entry, mirror = await self._storage.read(lambda view: _fileOrMirror(view, user, index, target))
+        if entry is None:
+            if self._mirrors is None:
+                raise NotFound("no such file")
+            return await self._mirrors.serveFile(request, mirror, relpath)
+        if metadata:
+            return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
             return jsonBody(request, result=fileMeta(entry), type="releasefilemeta")
         file = await self._blobs.open(entry["sha256"])
@@ -141,13 +164,15 @@ class ProjectViews:
         request.setHeader(b"Content-Type", b"application/vnd.pypi.integrity.v1+json")
         return withLength(request, body)
 
-    async def _coreMetadata(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
+    async def _coreMetadata(self, request: IRequest, user: str, index: str, entry: dict[str, Any],
+                            mirror: Stage | None) -> Any:
         import io
 
-        entry = await self._entry(user, index, relpath)
         stored = await self._storage.read(lambda view: view.get(
             keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
         if stored is None:
+            if mirror is not None and self._mirrors is not None:
+                return await self._mirrors.serveFile(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
             raise NotFound(f"no metadata found in {entry['filename']}")
         data = base64.b64decode(stored["data"])
         return FileResponse(

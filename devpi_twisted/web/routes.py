@@ -200,12 +200,13 @@ def makeWebResource(
     releases: Releases,
     pages: SimplePages,
     version: str,
+    mirrors: Any = None,
 ) -> Resource:
     """The root resource of the site, with devpi's headers on every response."""
     routes = Routes(
-        APIViews(config, nodeinfo, storage, auth, users, indexes, version),
+        APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors),
         PageViews(pages, config.outsideURL),
-        ProjectViews(config, storage, blobs, auth, releases),
+        ProjectViews(config, storage, blobs, auth, releases, mirrors),
         UploadViews(auth, releases, blobs),
     )
     return DevpiHeadersResource(

@@ -1,0 +1,292 @@
+"""
+Mirror files: fetched on first request, streamed to the client while they
+are written to the blob store, verified, and kept only when they match.
+
+One upstream transfer per file however many clients ask at once: clients
+that arrive before the first byte get the bytes live; later ones wait for the
+stored copy.  The last chunk is held back until the hash is checked, so a
+client never receives a complete body that failed verification (the
+connection is aborted instead).  A client that goes away does not stop the
+transfer for the others or for the cache.  Upstream is paused while the disk
+or a live client is behind, so memory stays flat for any file size.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from ..errors import UpstreamError
+from ..interfaces import IBlobStore, IBlobWriter
+from ..model.upstreampage import UpstreamLink
+from ..storage import BlobInfo
+from .upstream import UpstreamClient, UpstreamFailure, redacted
+
+log = Logger()
+
+
+class VerificationFailed(UpstreamError):
+    """Upstream's bytes do not match what its page advertised."""
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """A verified file, committed to the blob store."""
+
+    blob: BlobInfo
+    lastModified: str | None
+
+
+@implementer(IPushProducer)
+class _LiveClient:
+    """A request that receives the bytes as they arrive."""
+
+    def __init__(self, fetch: "FileFetch", request: IRequest) -> None:
+        self.fetch = fetch
+        self.request = request
+        self.gone = False
+        self.done: Deferred[None] = Deferred()
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, reason: Failure) -> None:
+        if not self.gone:
+            self.gone = True
+            self.fetch._resumeFor(self)
+            if not self.done.called:
+                self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.fetch._pauseFor(self)
+
+    def resumeProducing(self) -> None:
+        self.fetch._resumeFor(self)
+
+    def stopProducing(self) -> None:
+        self._lost(Failure(Exception("stopped")))
+
+    def write(self, data: bytes) -> None:
+        if not self.gone:
+            self.request.write(data)
+
+    def finish(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.request.unregisterProducer()
+            self.request.finish()
+            self.done.callback(None)
+
+    def abort(self) -> None:
+        """Break the connection: the client must not take the body as complete."""
+        if not self.gone:
+            self.gone = True
+            self.request.unregisterProducer()
+            transport = getattr(self.request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection() if hasattr(transport, "abortConnection") else transport.loseConnection()
+            self.done.callback(None)
+
+
+class FileFetch(Protocol):
+    """One upstream transfer into the blob store, fanned out to live clients."""
+
+    def __init__(self, link: UpstreamLink, writer: IBlobWriter, clock: IReactorTime, idleTimeout: float) -> None:
+        self.link = link
+        self._writer = writer
+        self._clock = clock
+        self._idleTimeout = idleTimeout
+        self.result: Deferred[FetchedFile] = Deferred()
+        self._waiters: list[Deferred[FetchedFile]] = []
+        self.live: list[_LiveClient] = []
+        self.started = False  # bytes have been sent to live clients
+        self._held: bytes | None = None
+        self._pausedBy: set[object] = set()
+        self._writing: Deferred[None] | None = None
+        self._pending: list[bytes] = []
+        self._ended: Failure | None = None
+        self._size = 0
+        self._verify = {
+            name: hashlib.new(name) for name in link.hashes if name in ("sha256", "md5", "sha384", "sha512")
+        }
+        self._timer: Any = None
+        self.lastModified: str | None = None
+        self.contentLength: int | None = None
+
+    response: Any = None
+
+    def begin(self) -> None:
+        """
+        Start receiving the body.  Called a reactor turn after the request
+        that started the transfer attached itself, so it gets every byte.
+        """
+        if self.response is not None:
+            response, self.response = self.response, None
+            response.deliverBody(self)
+
+    # waiting for the result without taking part in the stream
+
+    def waitForResult(self) -> Deferred[FetchedFile]:
+        waiter: Deferred[FetchedFile] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _settle(self, outcome: Any) -> None:
+        for waiter in self._waiters:
+            if not waiter.called:
+                waiter.errback(outcome) if isinstance(outcome, Failure) else waiter.callback(outcome)
+        self._waiters = []
+        if isinstance(outcome, Failure):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+    # flow control: upstream pauses while the disk or any live client is behind
+
+    def _pauseFor(self, reason: object) -> None:
+        if not self._pausedBy and self.transport is not None:
+            self.transport.pauseProducing()
+        self._pausedBy.add(reason)
+
+    def _resumeFor(self, reason: object) -> None:
+        self._pausedBy.discard(reason)
+        if not self._pausedBy and self.transport is not None and self._ended is None:
+            self.transport.resumeProducing()
+
+    # the upstream body
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idleTimeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.reset(self._idleTimeout)
+        self._size += len(data)
+        for h in self._verify.values():
+            h.update(data)
+        self._pending.append(data)
+        if self._writing is None:
+            self._writeNext()
+        else:
+            self._pauseFor("disk")
+        # Live clients get everything but the newest chunk, held back until
+        # the transfer is verified.
+        if self._held is not None:
+            for client in self.live:
+                client.write(self._held)
+        self._held = data
+        self.started = True
+
+    def _writeNext(self) -> None:
+        if not self._pending:
+            self._writing = None
+            self._resumeFor("disk")
+            if self._ended is not None:
+                self._complete()
+            return
+        data = b"".join(self._pending)
+        self._pending = []
+        self._writing = self._writer.write(data)
+        self._writing.addCallbacks(lambda _: self._writeNext(), self._writeFailed)
+
+    def _writeFailed(self, failure: Failure) -> None:
+        self._writing = None
+        log.failure("writing a mirror file failed", failure=failure)
+        self._ended = Failure(UpstreamError(f"cannot store {self.link.filename}: {failure.getErrorMessage()}"))
+        if self.transport is not None:
+            self.transport.stopProducing()
+        self._fail(self._ended)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.result.called or self._ended is not None:
+            return
+        if reason.check(ResponseDone):
+            self._ended = reason
+            if self._writing is None:
+                self._complete()
+        else:
+            self._ended = reason
+            self._fail(Failure(UpstreamFailure(
+                f"transfer of {self.link.filename} from {redacted(self.link.url)} broke off after "
+                f"{self._size} bytes: {reason.getErrorMessage()}"
+            )))
+
+    def _complete(self) -> None:
+        Deferred.fromCoroutine(self._verifyAndCommit()).addErrback(self._fail)
+
+    async def _verifyAndCommit(self) -> None:
+        expected = self.contentLength if self.contentLength is not None else self.link.size
+        if expected is not None and expected != self._size:
+            raise UpstreamFailure(
+                f"{self.link.filename}: upstream sent {self._size} bytes, expected {expected}"
+            )
+        for name, h in self._verify.items():
+            if h.hexdigest() != self.link.hashes[name].lower():
+                log.error(
+                    "hash mismatch for {filename} from {url}: {algorithm} {actual}, advertised {expected}",
+                    filename=self.link.filename, url=redacted(self.link.url), algorithm=name,
+                    actual=h.hexdigest(), expected=self.link.hashes[name],
+                )
+                raise VerificationFailed(
+                    f"{self.link.filename} from upstream does not match its advertised {name}; not stored"
+                )
+        info = await self._writer.commit()
+        if self._held is not None:
+            for client in self.live:
+                client.write(self._held)
+        for client in self.live:
+            client.finish()
+        self._settle(FetchedFile(info, self.lastModified))
+
+    def _fail(self, failure: Failure) -> None:
+        if self.result.called:
+            return
+        for client in self.live:
+            client.abort()
+        self._writer.abort().addErrback(lambda f: log.failure("dropping a failed download", failure=f))
+        self._settle(failure)
+
+
+async def startFetch(upstream: UpstreamClient, blobs: IBlobStore, clock: IReactorTime,
+                     link: UpstreamLink) -> FileFetch:
+    """
+    Ask upstream for C{link}; the body flows once L{FileFetch.begin} is called.
+
+    @raise UpstreamFailure: upstream could not be reached or refused.
+    """
+    response = await upstream.openFile(link.url)
+    if response.code != 200:
+        from .pages import _discardBody
+
+        _discardBody(response)
+        raise UpstreamFailure(f"{redacted(link.url)} answered {response.code}")
+    fetch = FileFetch(link, blobs.openWriter(), clock, upstream.idleTimeout)
+    lengths = response.headers.getRawHeaders(b"content-length")
+    if lengths and lengths[-1].isdigit():
+        fetch.contentLength = int(lengths[-1])
+    modified = response.headers.getRawHeaders(b"last-modified")
+    fetch.lastModified = modified[-1].decode("latin-1") if modified else None
+    fetch.response = response
+    return fetch
+
+
+def attachLiveClient(fetch: FileFetch, request: IRequest) -> Deferred[None]:
+    """Stream the rest of C{fetch} to C{request}; fires when the request is done."""
+    client = _LiveClient(fetch, request)
+    fetch.live.append(client)
+    return client.done

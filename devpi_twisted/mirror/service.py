@@ -1,0 +1,284 @@
+"""
+The mirror coordinator: what simple pages and file requests need of mirror
+indexes.  It holds the per-mirror status machines (through L{MirrorPages}),
+shares file transfers between requests, and records verified files in
+storage so later requests are served from disk like private files.
+"""
+
+import base64
+import hashlib
+import io
+from typing import Any
+from urllib.parse import unquote
+
+from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..errors import NotFound, UpstreamError
+from ..interfaces import IBlobStore, IStorage, IWriteTransaction
+from ..model import keys
+from ..model.inheritance import Stage
+from ..model.names import normalizeProject
+from ..model.simplepage import SimpleFile
+from ..model.upstreampage import UpstreamLink, toSimpleFile
+from ..releases import httpDate, logEntry
+from ..storage import BLOB_REF
+from ..web.files import IMMUTABLE, FileResponse, contentTypeFor
+from .files import FetchedFile, FileFetch, attachLiveClient, startFetch
+from .pages import CachedProject, MirrorPages, linkRelpath
+from .upstream import UpstreamClient, UpstreamFailure, _Collector
+
+log = Logger()
+
+
+def candidateProjects(filename: str) -> list[str]:
+    """Which projects a distribution file name may belong to, most likely first."""
+    names: list[str] = []
+    try:
+        if filename.endswith(".whl"):
+            names.append(str(parse_wheel_filename(filename)[0]))
+        else:
+            names.append(str(parse_sdist_filename(filename)[0]))
+    except (InvalidWheelFilename, InvalidSdistFilename):
+        pass
+    stem = filename.split(".tar.")[0].rsplit(".", 1)[0] if ".tar." in filename else filename.rsplit(".", 1)[0]
+    parts = stem.split("-")
+    for end in range(len(parts) - 1, 0, -1):
+        name = normalizeProject("-".join(parts[:end]))
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+class _LiveResponse(Resource):
+    """Starts streaming a running transfer to the request when rendered."""
+
+    isLeaf = True
+
+    def __init__(self, fetch: FileFetch, link: UpstreamLink) -> None:
+        super().__init__()
+        self._fetch = fetch
+        self._link = link
+
+    def render(self, request: IRequest) -> Any:
+        request.setHeader(b"Content-Type", contentTypeFor(self._link.filename))
+        length = self._fetch.contentLength if self._fetch.contentLength is not None else self._link.size
+        if length is not None:
+            request.setHeader(b"Content-Length", str(length).encode("ascii"))
+        if self._link.sha256:
+            request.setHeader(b"ETag", b'"' + self._link.sha256.encode("ascii") + b'"')
+            request.setHeader(b"Cache-Control", IMMUTABLE)
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        attachLiveClient(self._fetch, request)
+        return NOT_DONE_YET
+
+
+class Mirrors(MultiService):
+    """Mirror indexes for the simple pages and the file routes."""
+
+    def __init__(self, storage: IStorage, blobs: IBlobStore, upstream: UpstreamClient, clock: IReactorTime,
+                 offlineMode: bool = False) -> None:
+        super().__init__()
+        self._storage = storage
+        self._blobs = blobs
+        self._upstream = upstream
+        self._clock = clock
+        self.pages = MirrorPages(storage, upstream, clock, offlineMode)
+        self._fetches: dict[tuple[str, str], Deferred[FileFetch]] = {}
+        self._running: dict[tuple[str, str], FileFetch] = {}
+
+    @property
+    def offlineMode(self) -> bool:
+        return self.pages.offlineMode
+
+    def stopService(self) -> Any:
+        self.pages.stop()
+        return super().stopService()
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return self.pages.statuses()
+
+    # what simple pages need (devpi_twisted.simple.MirrorSource)
+
+    def isFresh(self, stage: Stage, project: str) -> bool:
+        return self.pages.isFresh(stage, project)
+
+    async def projectFiles(self, stage: Stage, project: str, rootPrefix: str) -> list[SimpleFile] | None:
+        cached = await self.pages.project(stage, project)
+        if cached is None:
+            return None
+        if cached.status == "quarantined":
+            return []
+        links = cached.links
+        if self.offlineMode:
+            prefix = keys.filesPrefix(stage.user, stage.index, project)
+            stored = await self._storage.read(lambda view: {e["filename"] for _, e in view.items(prefix)})
+            links = [link for link in links if link.filename in stored]
+        return [toSimpleFile(link, rootPrefix + linkRelpath(stage, link)) for link in links]
+
+    async def projectNames(self, stage: Stage) -> list[str]:
+        return await self.pages.knownNames(stage)
+
+    async def projectStatus(self, stage: Stage, project: str) -> CachedProject | None:
+        return await self.pages.cached(stage, project)
+
+    # files
+
+    async def _findLink(self, stage: Stage, relpath: str) -> tuple[str, UpstreamLink]:
+        filename = unquote(relpath.rsplit("/", 1)[-1])
+        candidates = candidateProjects(filename)
+        for project in candidates:
+            cached = await self.pages.cached(stage, project)
+            link = cached.find(filename) if cached else None
+            if link is not None and linkRelpath(stage, link).endswith("/+f/" + relpath):
+                return project, link
+        # Not seen yet (uv lock files name file URLs directly): ask upstream.
+        if candidates:
+            cached = await self.pages.project(stage, candidates[0])
+            link = cached.find(filename) if cached else None
+            if link is not None and linkRelpath(stage, link).endswith("/+f/" + relpath):
+                return candidates[0], link
+        raise NotFound("no such file")
+
+    async def serveFile(self, request: IRequest, stage: Stage, relpath: str) -> Any:
+        """Answer a file request for a mirror that does not have the file stored yet."""
+        metadata = relpath.endswith(".metadata")
+        project, link = await self._findLink(stage, relpath[: -len(".metadata")] if metadata else relpath)
+        if metadata:
+            return await self._coreMetadata(stage, project, link)
+        if request.method == b"HEAD":
+            request.setHeader(b"Content-Type", contentTypeFor(link.filename))
+            if link.size is not None:
+                request.setHeader(b"Content-Length", str(link.size).encode("ascii"))
+            return b""
+        if stage.config.get("mirror_use_external_urls"):
+            request.setResponseCode(302)
+            request.setHeader(b"Location", link.url.encode("utf-8"))
+            return b""
+        key = (stage.name, link.filename)
+        running = self._running.get(key)
+        if running is None:
+            if self.offlineMode or not self.pages.state(stage).status.mayAskUpstream():
+                raise UpstreamError(f"{link.filename} is not cached and the upstream of {stage.name} is unavailable")
+            running = await self._start(stage, project, link)
+        if not running.started and not running.result.called:
+            return _LiveResponse(running, link)
+        fetched = await running.waitForResult()
+        return await self._serveStored(fetched, link)
+
+    async def _start(self, stage: Stage, project: str, link: UpstreamLink) -> FileFetch:
+        key = (stage.name, link.filename)
+        starting = self._fetches.get(key)
+        if starting is not None:
+            waiter: Deferred[FileFetch] = Deferred()
+            starting.addBoth(lambda r: (waiter.errback(r) if isinstance(r, Failure) else waiter.callback(r)) or r)
+            return await waiter
+        starting = self._fetches[key] = Deferred()
+        status = self.pages.state(stage).status
+        try:
+            fetch = await startFetch(self._upstream, self._blobs, self._clock, link)
+        except UpstreamFailure as e:
+            status.failed(str(e))
+            del self._fetches[key]
+            starting.errback(UpstreamError(str(e)))
+            starting.addErrback(lambda f: None)
+            raise UpstreamError(f"cannot fetch {link.filename}: {e}")
+        status.succeeded()
+        self._clock.callLater(0, fetch.begin)
+        self._running[key] = fetch
+        del self._fetches[key]
+        starting.callback(fetch)
+        fetch.result.addCallback(self._record, stage, project, link)
+        fetch.result.addErrback(self._failed, stage, link)
+        fetch.result.addBoth(lambda r: self._running.pop(key, None) and None)
+        return fetch
+
+    def _failed(self, failure: Failure, stage: Stage, link: UpstreamLink) -> None:
+        self.pages.state(stage).status.failed(failure.getErrorMessage())
+        log.warn("mirror file {filename} was not stored: {error}", filename=link.filename,
+                 error=failure.getErrorMessage())
+
+    def _record(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> Deferred[Any]:
+        sha = fetched.blob.sha256
+        relpath = linkRelpath(stage, link)
+        h3, h13, name = relpath.split("/+f/", 1)[1].rsplit("/", 2) if "/+f/nohash/" not in relpath else ("", "", "")
+        now = self._clock.seconds()
+        entry = {
+            "rel": "releasefile",
+            "filename": link.filename,
+            "project": project,
+            "version": link.version or "",
+            "sha256": sha,
+            "hashes": {"sha256": sha},
+            "size": fetched.blob.size,
+            BLOB_REF: sha,
+            "relpath": relpath,
+            "upload_time": link.uploadTime,
+            "last_modified": fetched.lastModified or httpDate(now),
+            "requires_python": link.requiresPython,
+            "yanked": link.yanked,
+            "url": link.url,
+            "log": [logEntry("mirror", None, now, dst=stage.name)],
+        }
+
+        def _store(txn: IWriteTransaction) -> None:
+            fileKey = keys.fileKey(stage.user, stage.index, project, link.filename)
+            txn.set(fileKey, entry)
+            if h3:
+                txn.set(keys.pathKey(stage.user, stage.index, h3, h13, name), {"file": fileKey})
+
+        d = self._storage.write(_store)
+        d.addErrback(lambda f: log.failure("recording mirror file {filename}", failure=f, filename=link.filename))
+        return d
+
+    async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink) -> Any:
+        file = await self._blobs.open(fetched.blob.sha256)
+        if file is None:
+            raise NotFound(f"{link.filename} is missing on this server")
+        return FileResponse(
+            file=file, size=fetched.blob.size, filename=link.filename,
+            etag=b'"' + fetched.blob.sha256.encode("ascii") + b'"', lastModified=fetched.lastModified,
+        )
+
+    async def _coreMetadata(self, stage: Stage, project: str, link: UpstreamLink) -> Any:
+        if not link.coreMetadata:
+            raise NotFound(f"no metadata found in {link.filename}")
+        key = keys.coreMetadataKey(stage.user, stage.index, project, link.filename)
+        stored = await self._storage.read(lambda view: view.get(key))
+        if stored is not None:
+            data = base64.b64decode(stored["data"])
+        else:
+            if self.offlineMode or not self.pages.state(stage).status.mayAskUpstream():
+                raise UpstreamError(f"metadata of {link.filename} is not cached and upstream is unavailable")
+            data = await self._fetchMetadata(stage, link)
+            encoded = base64.b64encode(data).decode("ascii")
+            await self._storage.write(lambda txn: txn.set(key, {"data": encoded}))
+        return FileResponse(
+            file=io.BytesIO(data), size=len(data), filename=link.filename + ".metadata",
+            etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
+            lastModified=None, contentType=b"text/plain; charset=utf-8",
+        )
+
+    async def _fetchMetadata(self, stage: Stage, link: UpstreamLink) -> bytes:
+        status = self.pages.state(stage).status
+        try:
+            response = await self._upstream.openFile(link.url + ".metadata")
+            if response.code != 200:
+                raise UpstreamFailure(f"metadata of {link.filename}: upstream answered {response.code}")
+            collector = _Collector(self._clock, self._upstream.idleTimeout, 16 * 1024 * 1024)
+            response.deliverBody(collector)
+            data = await collector.done
+        except UpstreamFailure as e:
+            status.failed(str(e))
+            raise UpstreamError(str(e))
+        status.succeeded()
+        if isinstance(link.coreMetadata, str) and hashlib.sha256(data).hexdigest() != link.coreMetadata.lower():
+            raise UpstreamError(f"metadata of {link.filename} from upstream does not match its advertised hash")
+        return data
