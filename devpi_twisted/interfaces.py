@@ -96,6 +96,9 @@ class IStorage(Interface):
             refer to (see L{devpi_twisted.storage.BLOB_REF}).
         """
 
+    def isBlobReferenced(sha256):
+        """@return: a Deferred with whether any current value refers to the blob."""
+
     def subscribe(callback):
         """
         Call C{callback(record)} on the reactor thread after every commit.
@@ -168,6 +171,12 @@ class IBlobStore(Interface):
 
     def exists(sha256):
         """@return: a Deferred with whether the blob is stored."""
+
+    def delete(sha256):
+        """
+        Remove one blob the caller knows is no longer referenced (and is not
+        being written).  @return: a Deferred.
+        """
 
     def deleteUnreferenced(referenced):
         """

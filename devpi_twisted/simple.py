@@ -51,8 +51,17 @@ class MirrorSource(Protocol):
     async def projectNames(self, stage: Stage) -> list[str]:
         """The names the mirror can list without fetching upstream's whole list."""
 
+    async def refresh(self, stage: Stage, project: str) -> None:
+        """Forget the cached links of C{project}."""
+
+    async def projectNameFile(self, stage: Stage) -> Any:
+        """An open file of upstream's project names, one per line, or C{None}."""
+
     def isFresh(self, stage: Stage, project: str) -> bool:
         """Whether what the mirror has of C{project} may be served without asking upstream."""
+
+    async def projectStatus(self, stage: Stage, project: str) -> dict[str, Any] | None:
+        """Upstream's PEP 792 status of C{project}: C{{"status", "reason"?}} or C{None}."""
 
 
 def _etag(body: bytes) -> bytes:
@@ -170,6 +179,10 @@ class SimplePages:
             if mirrored is None:
                 continue
             found = True
+            if collected.status is None:
+                upstreamStatus = await self._mirrors.projectStatus(stage, project)
+                if upstreamStatus is not None and upstreamStatus.get("status"):
+                    collected.status = upstreamStatus
             for f in mirrored:
                 if f.filename not in seen:
                     seen.add(f.filename)
@@ -239,7 +252,20 @@ class SimplePages:
                 collected.versions.add(metadata["version"])
         return collected
 
-    async def indexPage(self, user: str, index: str, mediaType: str) -> RenderedPage:
+    async def refreshMirrors(self, user: str, index: str, project: str) -> None:
+        """Make every mirror in the index's resolution order ask upstream again for C{project}."""
+        order = await self._storage.read(lambda view: orderOf(view, user, index))
+        if self._mirrors is not None:
+            for stage in order:
+                if stage.isMirror:
+                    await self._mirrors.refresh(stage, project)
+        self.invalidateProject(project)
+
+    async def indexPage(self, user: str, index: str, mediaType: str) -> "RenderedPage | IndexListing":
+        """
+        The project list: rendered and cached when only private indexes
+        contribute; an L{IndexListing} to stream when mirrors do.
+        """
         cacheKey = (user, index, mediaType)
         page = self._indexPages.get(cacheKey)
         if page is not None:
@@ -256,22 +282,32 @@ class SimplePages:
                 prefix = keys.projectsPrefix(stage.user, stage.index)
                 for key, config in view.items(prefix):
                     names.setdefault(key[len(prefix):], config.get("name") or key[len(prefix):])
-            return list(names.values()), mirrors, view.serial
+            return sorted(names.values(), key=str.lower), mirrors, view.serial
 
         names, mirrors, serial = await self._storage.read(_names)
-        if self._mirrors is not None:
-            known = {n.lower() for n in names}
+        if mirrors and self._mirrors is not None:
+            sources: list[Any] = []
             for stage in mirrors:
-                for name in await self._mirrors.projectNames(stage):
-                    if name.lower() not in known:
-                        known.add(name.lower())
-                        names.append(name)
-        names.sort(key=str.lower)
+                nameFile = await self._mirrors.projectNameFile(stage)
+                sources.append(nameFile if nameFile is not None else await self._mirrors.projectNames(stage))
+            return IndexListing(names, sources, serial)
         if mediaType == JSON:
             body = renderIndexJSON(names, serial)
         else:
             body = renderIndexHTML(names, f"{user}/{index}: simple list (including inherited indices)")
         rendered = RenderedPage(body, _etag(body), mediaType.encode("ascii"), serial)
-        if self._storage.currentSerial() == serialBefore and not mirrors:
+        if self._storage.currentSerial() == serialBefore:
             self._indexPages[cacheKey] = rendered
         return rendered
+
+
+@dataclass(frozen=True)
+class IndexListing:
+    """
+    A project list with mirror names to stream: the private names, then for
+    each mirror either an open file of names (one per line) or a list.
+    """
+
+    privateNames: list[str]
+    mirrorSources: list[Any]
+    lastSerial: int

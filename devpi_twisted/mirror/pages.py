@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from ..coalesce import Coalescer
 from ..errors import UpstreamError
 from ..interfaces import IStorage, IWriteTransaction
 from ..model import keys
@@ -84,7 +83,7 @@ class _MirrorState:
     status: MirrorStatus
     projects: dict[str, CachedProject] = field(default_factory=dict)
     notFoundUntil: dict[str, float] = field(default_factory=dict)
-    inFlight: dict[str, list[Deferred[CachedProject | None]]] = field(default_factory=dict)
+    refreshes: Coalescer[CachedProject | None] = field(default_factory=Coalescer)
 
 
 class MirrorPages:
@@ -164,25 +163,7 @@ class MirrorPages:
         until = state.notFoundUntil.get(project)
         if until is not None and until > self._clock.seconds():
             return None
-        waiter: Deferred[CachedProject | None] = Deferred()
-        if project in state.inFlight:
-            state.inFlight[project].append(waiter)
-            return await waiter
-        state.inFlight[project] = [waiter]
-        Deferred.fromCoroutine(self._refresh(stage, project, cached)).addBoth(
-            self._deliver, state, project
-        )
-        return await waiter
-
-    @staticmethod
-    def _deliver(result: Any, state: _MirrorState, project: str) -> None:
-        for waiter in state.inFlight.pop(project, []):
-            if waiter.called:
-                continue  # its request went away (cancelled)
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        return await state.refreshes.run(project, lambda: self._refresh(stage, project, cached))
 
     async def _refresh(self, stage: Stage, project: str, cached: CachedProject | None) -> CachedProject | None:
         state = self.state(stage)

@@ -21,6 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..coalesce import Coalescer
 from ..errors import NotFound, UpstreamError
 from ..interfaces import IBlobStore, IStorage, IWriteTransaction
 from ..model import keys
@@ -32,6 +33,7 @@ from ..releases import httpDate, logEntry
 from ..storage import BLOB_REF
 from ..web.files import IMMUTABLE, FileResponse, contentTypeFor
 from .files import FetchedFile, FileFetch, attachLiveClient, startFetch
+from .names import MirrorNames
 from .pages import CachedProject, MirrorPages, linkRelpath
 from .upstream import UpstreamClient, UpstreamFailure, _Collector
 
@@ -91,7 +93,8 @@ class Mirrors(MultiService):
         self._upstream = upstream
         self._clock = clock
         self.pages = MirrorPages(storage, upstream, clock, offlineMode)
-        self._fetches: dict[tuple[str, str], Deferred[FileFetch]] = {}
+        self.names = MirrorNames(storage, blobs, upstream, clock, self.pages)
+        self._starting: Coalescer[FileFetch] = Coalescer()
         self._running: dict[tuple[str, str], FileFetch] = {}
 
     @property
@@ -126,8 +129,18 @@ class Mirrors(MultiService):
     async def projectNames(self, stage: Stage) -> list[str]:
         return await self.pages.knownNames(stage)
 
-    async def projectStatus(self, stage: Stage, project: str) -> CachedProject | None:
-        return await self.pages.cached(stage, project)
+    async def projectNameFile(self, stage: Stage) -> Any:
+        return await self.names.open(stage)
+
+    async def projectStatus(self, stage: Stage, project: str) -> dict[str, Any] | None:
+        cached = await self.pages.cached(stage, project)
+        if cached is None or not cached.status:
+            return None
+        return {"status": cached.status, **({"reason": cached.statusReason} if cached.statusReason else {})}
+
+    async def refresh(self, stage: Stage, project: str) -> None:
+        """Forget the cached links, so the next request asks upstream."""
+        await self.pages.forget(stage, project)
 
     # files
 
@@ -175,29 +188,22 @@ class Mirrors(MultiService):
 
     async def _start(self, stage: Stage, project: str, link: UpstreamLink) -> FileFetch:
         key = (stage.name, link.filename)
-        starting = self._fetches.get(key)
-        if starting is not None:
-            waiter: Deferred[FileFetch] = Deferred()
-            starting.addBoth(lambda r: (waiter.errback(r) if isinstance(r, Failure) else waiter.callback(r)) or r)
-            return await waiter
-        starting = self._fetches[key] = Deferred()
+        return await self._starting.run(key, lambda: self._startFetch(stage, project, link))
+
+    async def _startFetch(self, stage: Stage, project: str, link: UpstreamLink) -> FileFetch:
+        key = (stage.name, link.filename)
         status = self.pages.state(stage).status
         try:
             fetch = await startFetch(self._upstream, self._blobs, self._clock, link)
         except UpstreamFailure as e:
             status.failed(str(e))
-            del self._fetches[key]
-            starting.errback(UpstreamError(str(e)))
-            starting.addErrback(lambda f: None)
             raise UpstreamError(f"cannot fetch {link.filename}: {e}")
         status.succeeded()
         self._clock.callLater(0, fetch.begin)
         self._running[key] = fetch
-        del self._fetches[key]
-        starting.callback(fetch)
         fetch.result.addCallback(self._record, stage, project, link)
         fetch.result.addErrback(self._failed, stage, link)
-        fetch.result.addBoth(lambda r: self._running.pop(key, None) and None)
+        fetch.result.addBoth(lambda _: self._running.pop(key, None) and None)
         return fetch
 
     def _failed(self, failure: Failure, stage: Stage, link: UpstreamLink) -> None:

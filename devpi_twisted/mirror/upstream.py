@@ -179,6 +179,13 @@ class UpstreamClient:
             url=redacted(url),
         )
 
+    async def openPage(self, url: str, etag: str | None) -> IResponse:
+        """GET a (possibly huge) page whose body the caller streams."""
+        headers = {b"Accept": PAGE_ACCEPT}
+        if etag:
+            headers[b"If-None-Match"] = etag.encode("latin-1")
+        return await self._request(self._pageAgent, url, headers)
+
     async def openFile(self, url: str) -> IResponse:
         """GET a file; the caller reads the body (with L{idleTimeout}) from the response."""
         return await self._request(self._agent, url, {b"Accept": b"*/*", b"Accept-Encoding": b"identity"})

@@ -18,7 +18,9 @@ Project names in keys are normalised.
 
 USER = "user/"
 INDEX = "index/"
-INDEX_CONTENT_KINDS = ("project/", "version/", "file/", "coremeta/", "path/", "simple/", "deleted/")
+INDEX_CONTENT_KINDS = (
+    "project/", "version/", "file/", "coremeta/", "path/", "simple/", "deleted/", "mirrornames/",
+)
 
 
 def userKey(user: str) -> str:

@@ -166,9 +166,18 @@ def _fileJSON(f: SimpleFile) -> str:
     provenance = f',"provenance":{_jsonString(provenance)}' if provenance else ""
     return (
         f'{{"filename":{_jsonString(f.filename)},"url":{_jsonString(_requote(f.url))}'
-        f',"hashes":{hashes}{requiresPython},"size":{int(f.size)}{uploadTime}'
+        f',"hashes":{hashes}{requiresPython}{_jsonSize(f.size)}{uploadTime}'
         f',"yanked":{yanked},"core-metadata":{coreMetadata}{provenance}}}'
     )
+
+
+def _jsonSize(size: int) -> str:
+    """PEP 700's size; a mirrored link upstream gave no size for (-1) goes without."""
+    return f',"size":{int(size)}' if size >= 0 else ""
+
+
+def _htmlSize(size: int) -> str:
+    return f' data-size="{int(size)}"' if size >= 0 else ""
 
 
 def renderProjectJSON(page: ProjectPage) -> bytes:
@@ -238,7 +247,7 @@ def _fileLink(f: SimpleFile) -> str:
     )
     return (
         f'<a href="{escape(href, quote=True)}"{requiresPython}{yanked}{coreMetadata}'
-        f'{provenance} data-size="{int(f.size)}"{uploadTime}>'
+        f'{provenance}{_htmlSize(f.size)}{uploadTime}>'
         f"{escape(f.filename, quote=True)}</a><br>\n"
     )
 
@@ -262,15 +271,40 @@ def renderProjectHTML(page: ProjectPage, title: str) -> bytes:
 
 def renderIndexJSON(names: Iterable[str], lastSerial: int | None = None) -> bytes:
     """Render the project list as C{application/vnd.pypi.simple.v1+json}."""
-    projects = ",".join(f'{{"name":{_jsonString(name)}}}' for name in names)
-    return f'{{"meta":{_jsonMeta(lastSerial)},"projects":[{projects}]}}'.encode("ascii")
+    return indexHeadJSON(lastSerial) + indexEntriesJSON(names, first=True) + INDEX_TAIL_JSON
 
 
 def renderIndexHTML(names: Iterable[str], title: str) -> bytes:
     """Render the project list as HTML, linking each name to its normalised page."""
-    parts = [_head(title)]
+    return indexHeadHTML(title) + indexEntriesHTML(names) + _TAIL.encode("ascii")
+
+
+# The project list in pieces, for lists streamed without holding them whole
+# (a mirror of PyPI lists hundreds of thousands of names).
+
+INDEX_TAIL_JSON = b"]}"
+INDEX_TAIL_HTML = _TAIL.encode("ascii")
+
+
+def indexHeadJSON(lastSerial: int | None = None) -> bytes:
+    return f'{{"meta":{_jsonMeta(lastSerial)},"projects":['.encode("ascii")
+
+
+def indexEntriesJSON(names: Iterable[str], first: bool) -> bytes:
+    """Entries of the JSON list; C{first}: no entry precedes these."""
+    text = ",".join(f'{{"name":{_jsonString(name)}}}' for name in names)
+    if text and not first:
+        text = "," + text
+    return text.encode("ascii")
+
+
+def indexHeadHTML(title: str) -> bytes:
+    return _encodeHTML(_head(title))
+
+
+def indexEntriesHTML(names: Iterable[str]) -> bytes:
+    parts = []
     for name in names:
         href = escape(_requote(canonicalize_name(name)), quote=True)
         parts.append(f'<a href="{href}/">{escape(name, quote=True)}</a><br>\n')
-    parts.append(_TAIL)
     return _encodeHTML("".join(parts))

@@ -200,16 +200,20 @@ def _uploadTime(value: Any) -> str | None:
     return value
 
 
-def _size(value: Any) -> int | None:
-    """A non-negative byte count from JSON (an int) or HTML (digits)."""
-    if isinstance(value, bool):
+def _jsonSize(value: Any) -> int | None:
+    """A JSON C{size}: a non-negative integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _htmlSize(value: str | None) -> int | None:
+    """An HTML C{data-size}: decimal digits."""
+    if value is None:
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str):
-        value = value.strip()
-        if value.isascii() and value.isdigit() and len(value) <= 20:
-            return int(value)
+    value = value.strip()
+    if value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
     return None
 
 
@@ -552,7 +556,7 @@ def _jsonLink(entry: dict, pageURL: str, project: str) -> UpstreamLink | None:
         hashes=hashes,
         requiresPython=_requiresPython(entry.get("requires-python")),
         yanked=_jsonYanked(entry.get("yanked")),
-        size=_size(entry.get("size")),
+        size=_jsonSize(entry.get("size")),
         uploadTime=_uploadTime(entry.get("upload-time")),
         coreMetadata=_jsonCoreMetadata(entry),
         provenance=provenance[0] if provenance else None,
@@ -668,7 +672,7 @@ def _htmlLink(attributes: dict[str, str | None], base: str, project: str) -> Ups
         hashes=hashes,
         requiresPython=_requiresPython(attributes.get("data-requires-python")),
         yanked=_htmlYanked(attributes["data-yanked"]) if "data-yanked" in attributes else False,
-        size=_size(attributes.get("data-size")),
+        size=_htmlSize(attributes.get("data-size")),
         uploadTime=_uploadTime(attributes.get("data-upload-time")),
         coreMetadata=coreMetadata,
         provenance=provenance[0] if provenance else None,
@@ -751,6 +755,7 @@ _JSON_STRING_PREFIX = re.compile(
     rb'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*(?:\\(?:u[0-9a-fA-F]{0,3})?)?\Z'
 )
 _JSON_NUMBER = re.compile(_JNUMBER)
+_JSON_NUMBER_RUN = re.compile(rb"[0-9eE.+-]*")
 _JSON_LITERALS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
 # A whole project object with one "name" key and other plain keys (no
 # escapes) holding scalars: the common case, read in one regex match.
@@ -1070,15 +1075,17 @@ class ProjectListScanner:
                 pos += 1
                 continue
             if char == 0x2D or 0x30 <= char <= 0x39:  # "-" or a digit
-                match = _JSON_NUMBER.match(buf, pos, limit)
-                if match is None or (match.end() == size and not final):
-                    # The number may go on in the next chunk.
+                # The token is the whole run of number characters; if it
+                # reaches the end of the buffer it may go on in the next chunk.
+                run = _JSON_NUMBER_RUN.match(buf, pos, limit).end()
+                if run == size and not final:
                     if size - pos >= MAX_LIST_CONSTRUCT:
                         raise UpstreamPageError("a number in the list is too long")
-                    if not final:
-                        break
+                    break
+                match = _JSON_NUMBER.match(buf, pos, run)
+                if match is None or match.end() != run:
                     raise UpstreamPageError("invalid JSON number in the list")
-                pos = match.end()
+                pos = run
                 self._scalar(frame, match.group(), False)
                 continue
             literal = _JSON_LITERALS.get(char)

@@ -137,6 +137,14 @@ class FileBlobStore:
     def exists(self, sha256: str) -> Deferred[bool]:
         return self._runner.runFile(lambda: self._pathFor(sha256).exists())
 
+    def delete(self, sha256: str) -> Deferred[None]:
+        def _delete() -> None:
+            path = self._pathFor(sha256)
+            if path.exists():
+                path.remove()
+
+        return self._runner.runFile(_delete)
+
     def _deleteUnreferenced(self, referenced: set[str]) -> int:
         removed = 0
         if not self._root.exists():

@@ -258,6 +258,13 @@ class SqliteStorage:
 
         return self._runner.runRead(self._readSnapshot, _refs, None)
 
+    def isBlobReferenced(self, sha256: str) -> Deferred[bool]:
+        def _referenced(view: Any) -> bool:
+            row = self._conn().execute("SELECT 1 FROM kv WHERE blob = ? LIMIT 1", (sha256,)).fetchone()
+            return row is not None
+
+        return self._runner.runRead(self._readSnapshot, _referenced, None)
+
     def close(self) -> Deferred[None]:
         # Thread-local connections close with their threads; checkpoint the
         # WAL so the database file is complete on its own.

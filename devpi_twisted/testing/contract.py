@@ -128,6 +128,14 @@ class StorageContract:
         later = self.successResultOf(self.storage.changesSince(1, 100))
         self.assertEqual([r.serial for r in later], [2])
 
+    def test_isBlobReferenced(self) -> None:
+        """A blob is referenced while a current value names it."""
+        digest = "c" * 64
+        self.write(lambda txn: txn.set("f/1", {BLOB_REF: digest}))
+        self.assertTrue(self.successResultOf(self.storage.isBlobReferenced(digest)))
+        self.write(lambda txn: txn.delete("f/1"))
+        self.assertFalse(self.successResultOf(self.storage.isBlobReferenced(digest)))
+
     def test_subscribe(self) -> None:
         """Subscribers hear of each commit until they unsubscribe."""
         heard: list[Any] = []
@@ -227,6 +235,13 @@ class BlobStoreContract:
         self.successResultOf(writer.write(b"partial"))
         self.successResultOf(writer.abort())
         self.assertFalse(self.successResultOf(self.blobs.exists(hashlib.sha256(b"partial").hexdigest())))
+
+    def test_delete(self) -> None:
+        """A deleted blob is gone; deleting a missing one is harmless."""
+        info = self.store(b"gone soon")
+        self.successResultOf(self.blobs.delete(info.sha256))
+        self.assertIsNone(self.content(info.sha256))
+        self.successResultOf(self.blobs.delete(info.sha256))
 
     def test_deleteUnreferenced(self) -> None:
         """Garbage collection keeps referenced blobs and removes the rest."""

@@ -133,6 +133,9 @@ class MemoryStorage:
     def referencedBlobs(self) -> Deferred[set[str]]:
         return succeed({ref for ref in map(blobRef, self._state.values()) if ref})
 
+    def isBlobReferenced(self, sha256: str) -> Deferred[bool]:
+        return succeed(any(blobRef(v) == sha256 for v in self._state.values()))
+
     def close(self) -> Deferred[None]:
         self.closed = True
         return succeed(None)
@@ -194,6 +197,10 @@ class MemoryBlobStore:
 
     def exists(self, sha256: str) -> Deferred[bool]:
         return succeed(sha256 in self.blobs)
+
+    def delete(self, sha256: str) -> Deferred[None]:
+        self.blobs.pop(sha256, None)
+        return succeed(None)
 
     def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
         gone = [d for d in self.blobs if d not in referenced]

@@ -3,6 +3,7 @@ Simple API views (PEP 503 HTML and PEP 691 JSON) for every index.
 """
 
 import re
+from typing import Any
 from urllib.parse import quote
 
 from twisted.web.iweb import IRequest
@@ -10,7 +11,8 @@ from twisted.web.iweb import IRequest
 from ..errors import NotAcceptable, NotFound
 from ..model.names import isValidProjectName, normalizeProject
 from ..model.negotiation import chooseSimpleFormat
-from ..simple import RenderedPage, SimplePages
+from ..simple import IndexListing, RenderedPage, SimplePages
+from .listing import StreamedList
 from .context import outsideURL
 from .files import etagMatches
 from .responses import withLength
@@ -38,6 +40,12 @@ class PageViews:
         self._pages = pages
         self._outsideURL = outsideURL
 
+    async def refresh(self, request: IRequest, user: str, index: str, name: str) -> bytes:
+        """devpi's C{refresh}: drop the mirrors' cached links of a project, then show the page."""
+        project = normalizeProject(name)
+        await self._pages.refreshMirrors(user, index, project)
+        return redirect(request, request.path.decode("latin-1").rsplit("/refresh", 1)[0] + "/")
+
     def _mediaType(self, request: IRequest) -> str:
         mediaType = chooseSimpleFormat(request.getHeader(b"accept"))
         if mediaType is None:
@@ -58,11 +66,15 @@ class PageViews:
         request.setHeader(b"Content-Type", page.contentType)
         return withLength(request, page.body)
 
-    async def indexList(self, request: IRequest, user: str, index: str, slash: bool) -> bytes:
+    async def indexList(self, request: IRequest, user: str, index: str, slash: bool) -> Any:
         mediaType = self._mediaType(request)
         if not slash and not isInstaller(request) and "json" not in mediaType:
             return redirect(request, request.uri.decode("latin-1").split("?")[0] + "/", 301)
-        return self._send(request, await self._pages.indexPage(user, index, mediaType))
+        page = await self._pages.indexPage(user, index, mediaType)
+        if isinstance(page, IndexListing):
+            title = f"{user}/{index}: simple list (including inherited indices)"
+            return StreamedList(page, mediaType, title)
+        return self._send(request, page)
 
     async def project(self, request: IRequest, user: str, index: str, name: str, slash: bool) -> bytes:
         """

@@ -150,6 +150,10 @@ class Routes:
     def simpleProject(self, request: IRequest, user: str, index: str, project: str) -> Any:
         return self._pages.project(request, user, index, project, slash=True)
 
+    @app.route(f"/{USER}/{INDEX}/+simple/{PROJECT}/refresh", methods=["POST"])
+    def simpleRefresh(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        return self._pages.refresh(request, user, index, project)
+
     # files
 
     @app.route(f"/{USER}/{INDEX}/+f/<path:relpath>", methods=["GET", "DELETE", "PATCH"])

@@ -29,6 +29,7 @@ from .context import requesterOf
 from .responses import withLength
 
 READ_SIZE = 1024 * 1024
+PARSE_SIZE = 64 * 1024
 _DIGEST_FIELDS = {"md5_digest": "md5", "sha256_digest": "sha256", "blake2_256_digest": "blake2b_256"}
 
 
@@ -39,6 +40,42 @@ def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
         for h in hashers.values():
             h.update(chunk)
     return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+class _ContentSink:
+    """
+    Batches the file part into large writes and keeps one write in flight,
+    so parsing the next chunk here overlaps writing and hashing the last one
+    in the storage thread, while memory stays bounded by two batches.
+    """
+
+    def __init__(self, writer: IBlobWriter) -> None:
+        self._writer = writer
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._inFlight: Any = None
+
+    async def add(self, data: bytes) -> None:
+        self._batch.append(data)
+        self._size += len(data)
+        if self._size >= READ_SIZE:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data = b"".join(self._batch)
+        self._batch, self._size = [], 0
+        if self._inFlight is not None:
+            await self._inFlight
+        self._inFlight = self._writer.write(data)
+
+    async def drain(self, write: bool = True) -> None:
+        """Write what is left and wait for every write to finish."""
+        if write and self._batch:
+            await self._flush()
+        self._batch, self._size = [], 0
+        if self._inFlight is not None:
+            inFlight, self._inFlight = self._inFlight, None
+            await inFlight
 
 
 class _Form:
@@ -102,17 +139,16 @@ class UploadViews:
             form.fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             return form
         parser = MultipartParser(parseBoundary(contentType))
-        inContent = False
+        sink: _ContentSink | None = None
         try:
             while True:
-                chunk = request.content.read(READ_SIZE)
+                chunk = request.content.read(PARSE_SIZE)
                 events = parser.feed(chunk) if chunk else parser.close()
                 for event in events:
                     if isinstance(event, Field):
                         form.fields.setdefault(event.name, []).append(event.value)
                     elif isinstance(event, FileStart):
-                        inContent = event.name == "content"
-                        if inContent:
+                        if event.name == "content":
                             if form.writer is not None:
                                 raise BadRequest("more than one 'content' file in the form")
                             # Hash on the way in only what the client sent
@@ -122,15 +158,19 @@ class UploadViews:
                                 if hashName != "sha256" and form.first(field)
                             ))
                             form.filename = event.filename
+                            sink = _ContentSink(form.writer)
                     elif isinstance(event, FileData):
-                        if inContent:
-                            assert form.writer is not None
-                            await form.writer.write(event.data)
+                        if sink is not None:
+                            await sink.add(event.data)
                     elif isinstance(event, FileEnd):
-                        inContent = False
+                        if sink is not None:
+                            await sink.drain()
+                            sink = None
                 if not chunk:
                     return form
         except BaseException:
+            if sink is not None:
+                await sink.drain(write=False)
             if form.writer is not None:
                 await form.writer.abort()
             raise

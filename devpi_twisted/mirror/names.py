@@ -1,0 +1,167 @@
+"""
+A mirror's project list, without holding upstream's whole list in memory.
+
+Upstream's root page (hundreds of thousands of names for PyPI) is scanned as
+it arrives and written to the blob store as one name per line; the list page
+is then streamed from that file.  It is refreshed after the index's
+C{mirror_cache_expiry}; when upstream fails the last list is used, and
+without any the locally cached project names stand in.
+"""
+
+from typing import Any, BinaryIO
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from ..coalesce import Coalescer
+from ..interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
+from ..model.inheritance import Stage
+from ..model.upstreampage import ProjectListScanner
+from ..storage import BLOB_REF
+from .pages import MirrorPages
+from .upstream import UpstreamClient, UpstreamFailure, redacted
+
+log = Logger()
+
+
+def namesKey(stage: Stage) -> str:
+    return f"mirrornames/{stage.user}/{stage.index}"
+
+
+class _NamesReceiver(Protocol):
+    """Scans the list as it arrives and writes the names, pausing upstream while the disk is behind."""
+
+    def __init__(self, scanner: ProjectListScanner, writer: IBlobWriter) -> None:
+        self._scanner = scanner
+        self._writer = writer
+        self.done: Deferred[int] = Deferred()
+        self.count = 0
+        self._writing: Deferred[None] | None = None
+        self._pending: list[str] = []
+        self._ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._queue(self._scanner.feed(data))
+        except Exception as e:
+            self.transport.stopProducing()
+            self._finish(Failure(UpstreamFailure(f"cannot read upstream's project list: {e}")))
+
+    def _queue(self, names: list[str]) -> None:
+        self._pending.extend(names)
+        self.count += len(names)
+        if self._writing is None:
+            self._writeNext()
+        elif self.transport is not None:
+            self.transport.pauseProducing()
+
+    def _writeNext(self) -> None:
+        if not self._pending:
+            self._writing = None
+            if self._ended:
+                self._finish(self.count)
+            elif self.transport is not None:
+                self.transport.resumeProducing()
+            return
+        text = "".join(name + "\n" for name in self._pending)
+        self._pending = []
+        self._writing = self._writer.write(text.encode("utf-8"))
+        self._writing.addCallbacks(lambda _: self._writeNext(), self._finish)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.done.called:
+            return
+        if not reason.check(ResponseDone):
+            self._finish(Failure(UpstreamFailure(f"project list broke off: {reason.getErrorMessage()}")))
+            return
+        try:
+            self._pending.extend(self._scanner.close())
+        except Exception as e:
+            self._finish(Failure(UpstreamFailure(f"cannot read upstream's project list: {e}")))
+            return
+        self._ended = True
+        if self._writing is None:
+            self._writeNext()
+
+    def _finish(self, result: Any) -> None:
+        if not self.done.called:
+            self.done.callback(result) if not isinstance(result, Failure) else self.done.errback(result)
+
+
+class MirrorNames:
+    """Upstream project lists kept as files of names."""
+
+    def __init__(self, storage: IStorage, blobs: IBlobStore, upstream: UpstreamClient, clock: IReactorTime,
+                 pages: MirrorPages) -> None:
+        self._storage = storage
+        self._blobs = blobs
+        self._upstream = upstream
+        self._clock = clock
+        self._pages = pages
+        self._fetchedAt: dict[str, float] = {}
+        self._refreshes: Coalescer[dict[str, Any] | None] = Coalescer()
+
+    async def open(self, stage: Stage) -> BinaryIO | None:
+        """A file of the mirror's project names, one per line, or C{None}."""
+        key = namesKey(stage)
+        stored = await self._storage.read(lambda view: view.get(key))
+        expiry = float(stage.config.get("mirror_cache_expiry", 1800))
+        fetchedAt = self._fetchedAt.get(stage.name)
+        fresh = stored is not None and fetchedAt is not None and self._clock.seconds() - fetchedAt < expiry
+        status = self._pages.state(stage).status
+        if (not fresh and not self._pages.offlineMode and status.mayAskUpstream()
+                and not stage.config.get("mirror_no_project_list")):
+            current = stored
+            stored = await self._refreshes.run(stage.name, lambda: self._refresh(stage, current))
+        if stored is None:
+            return None
+        return await self._blobs.open(stored[BLOB_REF])
+
+    async def _refresh(self, stage: Stage, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        status = self._pages.state(stage).status
+        url = stage.config["mirror_url"]
+        writer = self._blobs.openWriter()
+        try:
+            response = await self._upstream.openPage(url, stored.get("etag") if stored else None)
+            if response.code == 304 and stored is not None:
+                from .pages import _discardBody
+
+                _discardBody(response)
+                status.succeeded()
+                self._fetchedAt[stage.name] = self._clock.seconds()
+                await writer.abort()
+                return stored
+            if response.code != 200:
+                from .pages import _discardBody
+
+                _discardBody(response)
+                raise UpstreamFailure(f"{redacted(url)} answered {response.code}")
+            contentType = response.headers.getRawHeaders(b"content-type", [b""])[-1].decode("latin-1")
+            receiver = _NamesReceiver(ProjectListScanner(contentType or None), writer)
+            response.deliverBody(receiver)
+            count = await receiver.done
+        except UpstreamFailure as e:
+            await writer.abort()
+            status.failed(str(e))
+            log.warn("fetching the project list of {mirror} failed: {error}", mirror=stage.name, error=str(e))
+            return stored
+        status.succeeded()
+        info = await writer.commit()
+        etags = response.headers.getRawHeaders(b"etag")
+        value = {BLOB_REF: info.sha256, "count": count, "etag": etags[-1].decode("latin-1") if etags else None}
+        key = namesKey(stage)
+
+        def _store(txn: IWriteTransaction) -> None:
+            txn.set(key, value)
+
+        await self._storage.write(_store)
+        self._fetchedAt[stage.name] = self._clock.seconds()
+        old = stored.get(BLOB_REF) if stored else None
+        if old and old != info.sha256 and not await self._storage.isBlobReferenced(old):
+            await self._blobs.delete(old)
+        log.info("project list of {mirror}: {count} names", mirror=stage.name, count=count)
+        return value
