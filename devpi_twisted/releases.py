@@ -85,6 +85,10 @@ class Releases:
         self._storage = storage
         self._clock = clock
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     async def checkCanUpload(self, requester: str | None, user: str, index: str) -> dict[str, Any]:
         return await self._storage.read(lambda view: checkUploadRights(view, requester, user, index))
 
@@ -305,11 +309,13 @@ def existingFile(view: IReadView, config: dict[str, Any], user: str, index: str,
 
 
 def _removeFile(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
-    sha, filename, project = entry["sha256"], entry["filename"], entry["project"]
+    filename, project = entry["filename"], entry["project"]
+    # The stable path names the directory (a tox result sits in its release's).
+    h3, h13, name = entry["relpath"].split("/+f/", 1)[1].split("/", 2)
     txn.delete(keys.fileKey(user, index, project, filename))
     txn.delete(keys.coreMetadataKey(user, index, project, filename))
-    txn.delete(keys.pathKey(user, index, sha[:3], sha[3:16], filename))
-    txn.set(keys.tombstoneKey(user, index, sha[:3], sha[3:16], filename), {"project": project})
+    txn.delete(keys.pathKey(user, index, h3, h13, name))
+    txn.set(keys.tombstoneKey(user, index, h3, h13, name), {"project": project})
 
 
 def _dropEmptyProject(txn: IWriteTransaction, user: str, index: str, project: str) -> None:
@@ -333,3 +339,157 @@ def lookupFile(view: IReadView, user: str, index: str, relpath: str) -> dict[str
         if view.get(keys.tombstoneKey(user, index, *parts)) is not None:
             raise Gone("file existed, deleted in later serial")
     raise NotFound("no such file")
+
+
+def latestVersion(view: IReadView, user: str, index: str, project: str) -> str | None:
+    """The highest version registered for C{project} on this index itself."""
+    from packaging.version import InvalidVersion, Version
+
+    versions = [m["version"] for _, m in view.items(keys.versionsPrefix(user, index, project))]
+    if not versions:
+        return None
+
+    def order(v: str) -> tuple[int, Any]:
+        try:
+            return (1, Version(v))
+        except InvalidVersion:
+            return (0, v)
+
+    return max(versions, key=order)
+
+
+def docFilename(project: str, version: str) -> str:
+    return f"{project}-{version}.doc.zip"
+
+
+def addFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
+    """Write a file entry and its stable-path pointer."""
+    sha = entry["sha256"]
+    fileKey = keys.fileKey(user, index, entry["project"], entry["filename"])
+    txn.set(fileKey, entry)
+    txn.set(keys.pathKey(user, index, sha[:3], sha[3:16], entry["filename"]), {"file": fileKey})
+
+
+def newEntry(user: str, index: str, rel: str, filename: str, project: str, version: str,
+             blob: BlobInfo, now: float, log: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "rel": rel,
+        "filename": filename,
+        "project": project,
+        "version": version,
+        "sha256": blob.sha256,
+        "hashes": dict(blob.hashes) or {"sha256": blob.sha256},
+        "size": blob.size,
+        BLOB_REF: blob.sha256,
+        "relpath": keys.fileRelpath(user, index, blob.sha256, filename),
+        "upload_time": uploadTime(now),
+        "last_modified": httpDate(now),
+        "yanked": False,
+        "log": log,
+    }
+    entry.update(extra)
+    return entry
+
+
+class Documentation:
+    """Documentation zips and tox results, stored as file entries of a release."""
+
+    def __init__(self, storage: IStorage, clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._clock = clock
+
+    async def docVersion(self, user: str, index: str, project: str, version: str | None) -> str:
+        if version:
+            return version
+
+        def _latest(view: IReadView) -> str | None:
+            return latestVersion(view, user, index, project)
+
+        latest = await self._storage.read(_latest)
+        if latest is None:
+            raise BadRequest(f"doczip has no version and {project!r} has no releases to derive one from")
+        return latest
+
+    async def checkNoConflict(self, user: str, index: str, project: str, version: str, sha256: str) -> None:
+        def _check(view: IReadView) -> None:
+            existingFile(view, indexConfig(view, user, index), user, index, project,
+                         docFilename(project, version), sha256)
+
+        await self._storage.read(_check)
+
+    async def storeDoc(self, requester: str | None, user: str, index: str, project: str, displayName: str,
+                       version: str, blob: BlobInfo, log: list[dict[str, Any]] | None = None) -> bool:
+        """Record a documentation zip for a release (registering the release if needed)."""
+        now = self._clock()
+        filename = docFilename(project, version)
+
+        def _store(txn: IWriteTransaction) -> bool:
+            config = checkUploadRights(txn, requester, user, index)
+            existing = existingFile(txn, config, user, index, project, filename, blob.sha256)
+            if existing is not None:
+                if existing["sha256"] == blob.sha256:
+                    return False
+                _removeFile(txn, user, index, existing)
+            projectKey = keys.projectKey(user, index, project)
+            txn.set(projectKey, txn.get(projectKey) or {"name": displayName})
+            versionKey = keys.versionKey(user, index, project, version)
+            if txn.get(versionKey) is None:
+                txn.set(versionKey, {"name": displayName, "version": version})
+            addFileEntry(txn, user, index, newEntry(
+                user, index, "doczip", filename, project, version, blob, now,
+                [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(log or []),
+            ))
+            return True
+
+        _, stored = await self._storage.write(_store)
+        return stored
+
+    async def checkToxresultRights(self, requester: str | None, user: str, index: str, relpath: str) -> dict[str, Any]:
+        from .model.acl import matchesPrincipals
+
+        def _check(view: IReadView) -> dict[str, Any]:
+            config = indexConfig(view, user, index)
+            if not (requester in (user, "root") or matchesPrincipals(requester, config.get("acl_toxresult_upload", ()))):
+                raise Forbidden(
+                    "No permission to upload tox results. You can use the devpi test --no-upload option to skip the upload."
+                )
+            try:
+                release = lookupFile(view, user, index, relpath)
+            except (NotFound, Gone):
+                release = None
+            if release is None or release.get("rel", "releasefile") != "releasefile":
+                raise NotFound(f"no release file found at {relpath}")
+            return release
+
+        return await self._storage.read(_check)
+
+    async def storeToxresult(self, requester: str | None, user: str, index: str, release: dict[str, Any],
+                             blob: BlobInfo, log: list[dict[str, Any]] | None = None,
+                             filename: str | None = None) -> str:
+        """Attach a tox result to a release file.  @return: its relpath."""
+        now = self._clock()
+
+        def _store(txn: IWriteTransaction) -> str:
+            existing = {e["filename"] for _, e in txn.items(keys.filesPrefix(user, index, release["project"]))}
+            name = filename
+            if name is None or name in existing:
+                stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+                n = 0
+                while f"{release['filename']}.toxresult-{stamp}-{n}" in existing:
+                    n += 1
+                name = f"{release['filename']}.toxresult-{stamp}-{n}"
+            entry = newEntry(
+                user, index, "toxresult", name, release["project"], release["version"], blob, now,
+                [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(log or []),
+                for_relpath=release["relpath"],
+            )
+            # Tox results live in their release file's directory, as with devpi.
+            entry["relpath"] = release["relpath"].rsplit("/", 1)[0] + "/" + name
+            fileKey = keys.fileKey(user, index, release["project"], name)
+            txn.set(fileKey, entry)
+            h3, h13 = release["relpath"].split("/+f/", 1)[1].split("/")[:2]
+            txn.set(keys.pathKey(user, index, h3, h13, name), {"file": fileKey})
+            return entry["relpath"]
+
+        _, relpath = await self._storage.write(_store)
+        return relpath

@@ -257,6 +257,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         releases=Releases(storage, reactor.seconds),
         pages=SimplePages(storage, mirrors),
         mirrors=mirrors,
+        pushAgent=RedirectAgent(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS())),
         version=__version__,
     )
     site = Site(resource, reactor=reactor, parsePOSTFormSubmission=False)

@@ -211,12 +211,11 @@ class Mirrors(MultiService):
         log.warn("mirror file {filename} was not stored: {error}", filename=link.filename,
                  error=failure.getErrorMessage())
 
-    def _record(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> Deferred[Any]:
+    def mirrorEntry(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> dict[str, Any]:
+        """The file entry of a verified upstream file, as stored for later requests."""
         sha = fetched.blob.sha256
-        relpath = linkRelpath(stage, link)
-        h3, h13, name = relpath.split("/+f/", 1)[1].rsplit("/", 2) if "/+f/nohash/" not in relpath else ("", "", "")
         now = self._clock.seconds()
-        entry = {
+        return {
             "rel": "releasefile",
             "filename": link.filename,
             "project": project,
@@ -225,7 +224,7 @@ class Mirrors(MultiService):
             "hashes": {"sha256": sha},
             "size": fetched.blob.size,
             BLOB_REF: sha,
-            "relpath": relpath,
+            "relpath": linkRelpath(stage, link),
             "upload_time": link.uploadTime,
             "last_modified": fetched.lastModified or httpDate(now),
             "requires_python": link.requiresPython,
@@ -234,11 +233,15 @@ class Mirrors(MultiService):
             "log": [logEntry("mirror", None, now, dst=stage.name)],
         }
 
+    def _record(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> Deferred[Any]:
+        entry = self.mirrorEntry(fetched, stage, project, link)
+        # Unhashed links live under +f/nohash/<url hash>/: a path key all the same.
+        h3, h13, name = entry["relpath"].split("/+f/", 1)[1].split("/", 2)
+
         def _store(txn: IWriteTransaction) -> None:
             fileKey = keys.fileKey(stage.user, stage.index, project, link.filename)
             txn.set(fileKey, entry)
-            if h3:
-                txn.set(keys.pathKey(stage.user, stage.index, h3, h13, name), {"file": fileKey})
+            txn.set(keys.pathKey(stage.user, stage.index, h3, h13, name), {"file": fileKey})
 
         d = self._storage.write(_store)
         d.addErrback(lambda f: log.failure("recording mirror file {filename}", failure=f, filename=link.filename))
@@ -288,3 +291,25 @@ class Mirrors(MultiService):
         if isinstance(link.coreMetadata, str) and hashlib.sha256(data).hexdigest() != link.coreMetadata.lower():
             raise UpstreamError(f"metadata of {link.filename} from upstream does not match its advertised hash")
         return data
+
+    async def releaseEntries(self, stage: Stage, project: str, version: str) -> list[dict[str, Any]]:
+        """
+        The file entries of one release of an upstream project, fetching and
+        storing files that are not cached yet (C{devpi push} from a mirror).
+        """
+        cached = await self.pages.project(stage, project)
+        links = [link for link in (cached.links if cached else []) if link.version == version]
+        entries = []
+        for link in links:
+            key = keys.fileKey(stage.user, stage.index, project, link.filename)
+            entry = await self._storage.read(lambda view, key=key: view.get(key))
+            if entry is None:
+                running = self._running.get((stage.name, link.filename))
+                if running is None:
+                    if self.offlineMode or not self.pages.state(stage).status.mayAskUpstream():
+                        raise UpstreamError(f"{link.filename} is not cached and upstream is unavailable")
+                    running = await self._start(stage, project, link)
+                fetched = await running.waitForResult()
+                entry = self.mirrorEntry(fetched, stage, project, link)
+            entries.append(entry)
+        return entries

@@ -11,7 +11,7 @@ import os
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
@@ -44,17 +44,29 @@ class _FileBlobWriter:
         self._size = 0
         self._info: BlobInfo | None = None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, hashes: Any = None) -> None:
         if self._file is None:
             self._tmp.parent().makedirs(ignoreExistingDirectory=True)
             self._file = open(self._tmp.path, "wb")
         self._file.write(data)
-        for h in self._hashes.values():
+        for h in self._hashes.values() if hashes is None else hashes:
             h.update(data)
         self._size += len(data)
 
     def write(self, data: bytes) -> Deferred[None]:
-        return self._store._runner.runFile(self._write, data)
+        """
+        Write and hash C{data}.  Each extra hash runs in its own file thread
+        (hashlib lets go of the GIL), so md5 and blake2b cost no more time
+        than the write and sha256; the caller waits before writing again,
+        which keeps every hash's updates in order.
+        """
+        runFile = self._store._runner.runFile
+        extra = [h for name, h in self._hashes.items() if name != "sha256"]
+        if len(data) < 65536 or not extra:
+            return runFile(self._write, data)
+        calls = [runFile(self._write, data, [self._hashes["sha256"]])]
+        calls += [runFile(h.update, data) for h in extra]
+        return gatherResults(calls, consumeErrors=True).addCallback(lambda _: None)
 
     def _close(self) -> BlobInfo:
         if self._info is None:

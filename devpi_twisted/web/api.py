@@ -20,7 +20,7 @@ from .context import hasQueryFlag, outsideURL, requesterOf
 from .headers import setSerial
 from .responses import jsonBody, readJSON
 
-FEATURES = ["server-keyvalue-parsing"]
+FEATURES = ["push-no-docs", "push-only-docs", "push-register-project", "server-keyvalue-parsing"]
 
 
 class APIViews:
@@ -37,8 +37,10 @@ class APIViews:
         version: str,
         clock: Any = time,
         mirrors: Any = None,
+        pusher: Any = None,
     ) -> None:
         self._mirrors = mirrors
+        self._pusher = pusher
         self._config = config
         self._nodeinfo = nodeinfo
         self._storage = storage
@@ -169,3 +171,12 @@ class APIViews:
         await self._indexes.delete(requester, user, index)
         self._written(request)
         return jsonBody(request, 201, message=f"index {user}/{index} deleted")
+
+    async def push(self, request: IRequest, user: str, index: str) -> bytes:
+        """devpi-client's C{push}: a release to another index here, or to an upload URL elsewhere."""
+        if self._pusher is None:
+            raise BadRequest("push is not enabled")
+        requester = await requesterOf(request, self._auth)
+        status, actions = await self._pusher.push(requester, user, index, readJSON(request))
+        self._written(request)
+        return jsonBody(request, status, result=actions, type="actionlog")

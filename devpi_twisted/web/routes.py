@@ -21,7 +21,8 @@ from ..errors import BadRequest
 from ..indexes import Indexes
 from ..interfaces import IBlobStore, IStorage
 from ..model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
-from ..releases import Releases
+from ..push import Pusher
+from ..releases import Documentation, Releases
 from ..simple import SimplePages
 from ..users import Users
 from .api import APIViews
@@ -29,6 +30,7 @@ from .errors import HANDLERS
 from .headers import DevpiHeadersResource
 from .pages import PageViews, isInstaller
 from .projects import ProjectViews
+from .docs import DocViews
 from .upload import UploadViews
 
 USER = "<user>"
@@ -63,7 +65,9 @@ class Routes:
 
     app = Klein()
 
-    def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews) -> None:
+    def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
+                 docs: DocViews) -> None:
+        self._docs = docs
         self._api = api
         self._pages = pages
         self._projects = projects
@@ -130,7 +134,7 @@ class Routes:
         contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if contentType in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
             return self._uploads.submit(request, user, index)
-        raise BadRequest("pushing releases between indexes is not supported yet")
+        return self._api.push(request, user, index)
 
     # simple pages
 
@@ -156,13 +160,29 @@ class Routes:
 
     # files
 
-    @app.route(f"/{USER}/{INDEX}/+f/<path:relpath>", methods=["GET", "DELETE", "PATCH"])
+    @app.route(f"/{USER}/{INDEX}/+f/<path:relpath>", methods=["GET", "DELETE", "PATCH", "POST"])
     def file(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
         return _byMethod(request, {
             b"GET": self._projects.getFile,
             b"DELETE": self._projects.deleteFile,
             b"PATCH": self._projects.patchFile,
+            b"POST": self._docs.postToxresult,
         }, user, index, relpath)
+
+    # documentation
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+doc", methods=["GET"])
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+doc/", methods=["GET"])
+    def docRoot(self, request: IRequest, user: str, index: str, project: str, version: str) -> Any:
+        return self._docs.doc(request, user, index, project, version, "")
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+doc/<path:path>", methods=["GET"])
+    def doc(self, request: IRequest, user: str, index: str, project: str, version: str, path: str) -> Any:
+        return self._docs.doc(request, user, index, project, version, path)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+doczip", methods=["GET"])
+    def doczip(self, request: IRequest, user: str, index: str, project: str, version: str) -> Any:
+        return self._docs.doczip(request, user, index, project, version)
 
     @app.route(f"/{USER}/{INDEX}/+provenance/<path:relpath>", methods=["GET"])
     def provenance(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
@@ -205,13 +225,17 @@ def makeWebResource(
     pages: SimplePages,
     version: str,
     mirrors: Any = None,
+    pushAgent: Any = None,
 ) -> Resource:
     """The root resource of the site, with devpi's headers on every response."""
+    documentation = Documentation(storage, releases.clock)
     routes = Routes(
-        APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors),
+        APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
+                 pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock)),
         PageViews(pages, config.outsideURL),
         ProjectViews(config, storage, blobs, auth, releases, mirrors),
-        UploadViews(auth, releases, blobs),
+        UploadViews(auth, releases, blobs, documentation),
+        DocViews(storage, blobs, auth, documentation),
     )
     return DevpiHeadersResource(
         routes.app.resource(), storage, nodeinfo["uuid"], nodeinfo["uuid"], version

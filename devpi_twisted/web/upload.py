@@ -21,9 +21,11 @@ from ..errors import BadRequest, DevpiError
 from ..interfaces import IBlobStore, IBlobWriter
 from ..model import distfile
 from ..model.attestations import checkAttestations
+from ..model.doczip import DocLimits, checkDocZip
+from ..model.names import isValidProjectName
 from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
 from ..model.names import normalizeProject
-from ..releases import Releases, UploadedFile
+from ..releases import Documentation, Releases, UploadedFile
 from ..storage import newHashes
 from .context import requesterOf
 from .responses import withLength
@@ -31,6 +33,14 @@ from .responses import withLength
 READ_SIZE = 1024 * 1024
 PARSE_SIZE = 64 * 1024
 _DIGEST_FIELDS = {"md5_digest": "md5", "sha256_digest": "sha256", "blake2_256_digest": "blake2b_256"}
+
+
+def _extraHashes(form: "_Form") -> tuple[str, ...]:
+    """Hashes to compute while the file streams in: those the client sent digests for."""
+    return tuple(
+        hashName for field, hashName in _DIGEST_FIELDS.items()
+        if hashName != "sha256" and form.first(field)
+    )
 
 
 def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
@@ -96,10 +106,13 @@ class UploadViews:
 
     log = Logger()
 
-    def __init__(self, auth: Authenticator, releases: Releases, blobs: IBlobStore) -> None:
+    def __init__(self, auth: Authenticator, releases: Releases, blobs: IBlobStore,
+                 docs: Documentation | None = None, docLimits: DocLimits = DocLimits()) -> None:
         self._auth = auth
         self._releases = releases
         self._blobs = blobs
+        self._docs = docs
+        self._docLimits = docLimits
 
     async def submit(self, request: IRequest, user: str, index: str) -> bytes:
         try:
@@ -118,6 +131,8 @@ class UploadViews:
                 await self._fileUpload(request, requester, user, index, config, form)
             elif action == "submit":
                 await self._register(requester, user, index, form)
+            elif action == "doc_upload":
+                await self._docUpload(requester, user, index, form)
             elif action:
                 raise BadRequest(f"action {action!r} not supported")
             else:
@@ -153,10 +168,7 @@ class UploadViews:
                                 raise BadRequest("more than one 'content' file in the form")
                             # Hash on the way in only what the client sent
                             # digests for (fields usually precede the file).
-                            form.writer = self._blobs.openWriter(tuple(
-                                hashName for field, hashName in _DIGEST_FIELDS.items()
-                                if hashName != "sha256" and form.first(field)
-                            ))
+                            form.writer = self._blobs.openWriter(_extraHashes(form))
                             form.filename = event.filename
                             sink = _ContentSink(form.writer)
                     elif isinstance(event, FileData):
@@ -226,6 +238,29 @@ class UploadViews:
             what="stored" if stored else "identical re-upload of",
             filename=filename, size=info.size, sha256=info.sha256,
             index=f"{user}/{index}", who=requester,
+        )
+
+    async def _docUpload(self, requester: str | None, user: str, index: str, form: _Form) -> None:
+        """A documentation zip for a release (devpi-client's C{upload --with-docs})."""
+        if self._docs is None:
+            raise BadRequest("documentation uploads are not enabled")
+        if form.writer is None:
+            raise BadRequest("content file field not found")
+        name = form.first("name")
+        if not name or not isValidProjectName(name):
+            raise BadRequest("doc_upload needs a valid 'name'")
+        project = normalizeProject(name)
+        version = await self._docs.docVersion(user, index, project, form.first("version") or None)
+        info = await form.writer.close()
+        files = await form.writer.read(lambda f: checkDocZip(f, self._docLimits))
+        await self._docs.checkNoConflict(user, index, project, version, info.sha256)
+        await form.writer.commit()
+        form.writer = None
+        stored = await self._docs.storeDoc(requester, user, index, project, name, version, info)
+        self.log.info(
+            "{what} documentation of {project} {version} ({files} files) to {index} by {who}",
+            what="stored" if stored else "identical re-upload of", project=project, version=version,
+            files=files, index=f"{user}/{index}", who=requester,
         )
 
     @staticmethod

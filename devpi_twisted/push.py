@@ -1,0 +1,276 @@
+"""
+Pushing a release from one index to another (devpi-client's C{push}).
+
+An internal push copies the release's metadata, files, tox results and
+documentation into the target index in one transaction: the blobs are
+content-addressed, so nothing is copied on disk.  A push from a mirror
+fetches the files that are not cached yet first.  The target's rules hold:
+upload rights, 409 for other bytes under a name on a non-volatile index (the
+same bytes are fine, unlike devpi), and volatile replacement.
+
+An external push uploads the files to another index's legacy upload URL
+(e.g. PyPI) with the credentials given, streaming each file from disk.
+"""
+
+import base64
+import io
+import json
+import time
+import uuid
+from typing import Any, BinaryIO, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, UpstreamError
+from .interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
+from .model import keys
+from .model.acl import mayUpload
+from .model.indexconfig import MIRROR
+from .model.inheritance import Stage
+from .model.names import isValidProjectName, normalizeProject, splitIndexName
+from .releases import addFileEntry, existingFile, indexConfig, logEntry, _removeFile
+
+log = Logger()
+
+_KEYS = {"name", "version", "targetindex", "no_docs", "only_docs", "posturl", "username", "password",
+         "register_project"}
+_RELS = ("releasefile", "doczip", "toxresult")
+
+
+def _selected(entry: dict[str, Any], noDocs: bool, onlyDocs: bool) -> bool:
+    rel = entry.get("rel", "releasefile")
+    if onlyDocs:
+        return rel == "doczip"
+    if noDocs:
+        return rel != "doczip"
+    return True
+
+
+class _Chain:
+    """A file-like reader over several byte sources, for streaming multipart bodies."""
+
+    def __init__(self, parts: list[BinaryIO], length: int) -> None:
+        self._parts = parts
+        self.length = length
+
+    def read(self, size: int = -1) -> bytes:
+        while self._parts:
+            data = self._parts[0].read(size if size > 0 else 1 << 20)
+            if data:
+                return data
+            self._parts.pop(0).close()
+        return b""
+
+    def seek(self, *args: Any) -> None:  # FileBodyProducer probes it
+        raise OSError("not seekable")
+
+    def tell(self) -> int:
+        raise OSError("not seekable")
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+
+class Pusher:
+    def __init__(self, storage: IStorage, blobs: IBlobStore, mirrors: Any, agent: IAgent | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._blobs = blobs
+        self._mirrors = mirrors
+        self._agent = agent
+        self._clock = clock
+
+    async def push(self, requester: str | None, user: str, index: str, body: Any) -> tuple[int, list[Any]]:
+        """@return: C{(http status, actionlog)}."""
+        if not isinstance(body, dict):
+            raise BadRequest("push needs a JSON object with 'name', 'version' and 'targetindex' or 'posturl'")
+        unknown = sorted(set(body) - _KEYS)
+        if unknown:
+            raise BadRequest(f"unknown additional options: {', '.join(unknown)}")
+        name, version = body.get("name"), body.get("version")
+        if not isinstance(name, str) or not isValidProjectName(name) or not isinstance(version, str) or not version:
+            raise BadRequest("push needs a valid 'name' and 'version'")
+        noDocs, onlyDocs = bool(body.get("no_docs")), bool(body.get("only_docs"))
+        if noDocs and onlyDocs:
+            raise BadRequest("'no_docs' and 'only_docs' cannot both be set")
+        project = normalizeProject(name)
+        source = await self._storage.read(lambda view: Stage(user, index, indexConfig(view, user, index)))
+        metadata, entries = await self._release(source, project, version)
+        entries = [e for e in entries if _selected(e, noDocs, onlyDocs)]
+        if not entries:
+            raise NotFound(f"no release/files found for {name} {version}")
+        if "targetindex" in body:
+            return 200, await self._pushInternal(requester, source, body["targetindex"], project, version,
+                                                 metadata, entries)
+        return await self._pushExternal(body, metadata, entries)
+
+    async def _release(self, source: Stage, project: str, version: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if source.isMirror:
+            if self._mirrors is None:
+                raise NotFound(f"there are no files for {project} {version} on stage {source.name}")
+            entries = await self._mirrors.releaseEntries(source, project, version)
+            if not entries:
+                raise BadRequest(f"there are no files for {project} {version} on stage {source.name}")
+            requires = next((e.get("requires_python") for e in entries if e.get("requires_python")), None)
+            metadata = {"name": project, "version": version}
+            if requires:
+                metadata["requires_python"] = requires
+            return metadata, entries
+
+        def _read(view: IReadView) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            metadata = view.get(keys.versionKey(source.user, source.index, project, version))
+            if metadata is None:
+                raise BadRequest(f"there are no files for {project} {version} on stage {source.name}")
+            entries = [e for _, e in view.items(keys.filesPrefix(source.user, source.index, project))
+                       if e["version"] == version and e.get("rel", "releasefile") in _RELS]
+            return metadata, entries
+
+        return await self._storage.read(_read)
+
+    async def _pushInternal(self, requester: str | None, source: Stage, target: Any, project: str, version: str,
+                            metadata: dict[str, Any], entries: list[dict[str, Any]]) -> list[Any]:
+        if not isinstance(target, str):
+            raise BadRequest("targetindex not in format user/index")
+        try:
+            tuser, tindex = splitIndexName(target)
+        except BadRequest:
+            raise BadRequest("targetindex not in format user/index")
+        now = self._clock()
+
+        def _copy(txn: IWriteTransaction) -> list[Any]:
+            config = txn.get(keys.indexKey(tuser, tindex))
+            if config is None:
+                raise NotFound(f"target index {target} does not exist")
+            if config.get("type") == MIRROR:
+                raise BadRequest(f"cannot push to mirror index {target}")
+            if not mayUpload(requester, tuser, config):
+                raise Unauthorized(f"user {requester!r} cannot upload to {target!r}")
+            actions: list[Any] = []
+            projectKey = keys.projectKey(tuser, tindex, project)
+            projectConfig = txn.get(projectKey) or {"name": metadata.get("name") or project}
+            status = (projectConfig.get("status") or {}).get("status")
+            if status in ("archived", "quarantined"):
+                raise BadRequest(f"project {project!r} is {status} on {target} and takes no uploads")
+            txn.set(projectKey, projectConfig)
+            txn.set(keys.versionKey(tuser, tindex, project, version),
+                    {k: v for k, v in metadata.items() if not k.startswith("+")})
+            actions.append([200, "register", project, version, "->", target])
+            renamed: dict[str, str] = {}
+            pushLog = logEntry("push", requester, now, src=source.name, dst=target)
+            ordered = sorted(entries, key=lambda e: e.get("rel") == "toxresult")
+            for entry in ordered:
+                rel = entry.get("rel", "releasefile")
+                existing = existingFile(txn, config, tuser, tindex, project, entry["filename"], entry["sha256"])
+                if existing is not None:
+                    if existing["sha256"] == entry["sha256"]:
+                        renamed[entry["relpath"]] = existing["relpath"]
+                        actions.append([200, f"store_{rel}", f"{existing['relpath']} (already there)"])
+                        continue
+                    _removeFile(txn, tuser, tindex, existing)
+                copy = dict(entry)
+                copy.pop("url", None)
+                copy["log"] = [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
+                sha = entry["sha256"]
+                if rel == "toxresult":
+                    release = renamed.get(entry.get("for_relpath", ""))
+                    if release is None:
+                        continue
+                    copy["for_relpath"] = release
+                    copy["relpath"] = release.rsplit("/", 1)[0] + "/" + entry["filename"]
+                    fileKey = keys.fileKey(tuser, tindex, project, entry["filename"])
+                    txn.set(fileKey, copy)
+                    h3, h13 = release.split("/+f/", 1)[1].split("/")[:2]
+                    txn.set(keys.pathKey(tuser, tindex, h3, h13, entry["filename"]), {"file": fileKey})
+                else:
+                    copy["relpath"] = keys.fileRelpath(tuser, tindex, sha, entry["filename"])
+                    addFileEntry(txn, tuser, tindex, copy)
+                    coremeta = txn.get(keys.coreMetadataKey(source.user, source.index, project, entry["filename"]))
+                    if coremeta is not None:
+                        txn.set(keys.coreMetadataKey(tuser, tindex, project, entry["filename"]), coremeta)
+                renamed[entry["relpath"]] = copy["relpath"]
+                if rel == "doczip":
+                    actions.append([200, "store_doczip", project, version, "->", target])
+                else:
+                    actions.append([200, f"store_{rel}", copy["relpath"]])
+            return actions
+
+        _, actions = await self._storage.write(_copy)
+        log.info("pushed {project} {version} from {source} to {target} by {who}",
+                 project=project, version=version, source=source.name, target=target, who=requester)
+        return actions
+
+    async def _pushExternal(self, body: dict[str, Any], metadata: dict[str, Any],
+                            entries: list[dict[str, Any]]) -> tuple[int, list[Any]]:
+        posturl, username, password = body.get("posturl"), body.get("username"), body.get("password")
+        if not isinstance(posturl, str) or not posturl.startswith(("http://", "https://")):
+            raise BadRequest("push needs 'targetindex' or an http(s) 'posturl'")
+        if self._agent is None:
+            raise BadRequest("pushing to external indexes is not enabled")
+        auth = b"Basic " + base64.b64encode(f"{username or ''}:{password or ''}".encode("utf-8"))
+        actions: list[Any] = []
+        fields = [(k, v) for k, v in metadata.items() if not k.startswith("+") and v not in ("", [], None)]
+        if body.get("register_project"):
+            status, _ = await self._post(posturl, auth, fields + [(":action", "submit")], None)
+            actions.append([status, "register", metadata.get("name"), metadata.get("version")])
+        for entry in entries:
+            rel = entry.get("rel", "releasefile")
+            if rel == "toxresult":
+                continue
+            extra = [(":action", "doc_upload")] if rel == "doczip" else [
+                (":action", "file_upload"), ("protocol_version", "1"), ("sha256_digest", entry["sha256"]),
+                ("filetype", "bdist_wheel" if entry["filename"].endswith(".whl") else "sdist"),
+                ("pyversion", "source" if not entry["filename"].endswith(".whl") else entry["filename"].split("-")[-3]),
+            ]
+            filename = f"{metadata.get('name')}.zip" if rel == "doczip" else entry["filename"]
+            status, text = await self._post(posturl, auth, fields + extra, (filename, entry))
+            if rel == "doczip":
+                actions.append([status, "docfile", metadata.get("name")])
+            else:
+                actions.append([status, "upload", entry["relpath"], "" if status in (200, 201) else text])
+        ok = actions and actions[-1][0] in (200, 201)
+        return (200 if ok else 502), actions
+
+    async def _post(self, url: str, auth: bytes, fields: list[tuple[str, Any]],
+                    file: tuple[str, dict[str, Any]] | None) -> tuple[int, str]:
+        boundary = uuid.uuid4().hex
+        head = io.BytesIO()
+        for key, value in fields:
+            for item in value if isinstance(value, list) else [value]:
+                head.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'.encode())
+                head.write(str(item).encode("utf-8") + b"\r\n")
+        parts: list[BinaryIO] = []
+        length = len(head.getvalue())
+        head.seek(0)
+        parts.append(head)
+        if file is not None:
+            filename, entry = file
+            blob = await self._blobs.open(entry["sha256"])
+            if blob is None:
+                raise NotFound(f"content of {entry['filename']} is missing on this server")
+            start = (f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="{filename}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
+            parts += [io.BytesIO(start), blob, io.BytesIO(b"\r\n")]
+            length += len(start) + entry["size"] + 2
+        tail = f"--{boundary}--\r\n".encode()
+        parts.append(io.BytesIO(tail))
+        length += len(tail)
+        chain = _Chain(parts, length)
+        producer = FileBodyProducer(chain)
+        producer.length = length
+        headers = Headers({
+            b"Authorization": [auth],
+            b"Content-Type": [f"multipart/form-data; boundary={boundary}".encode()],
+            b"User-Agent": [b"devpi-twisted push"],
+        })
+        try:
+            response = await self._agent.request(b"POST", url.encode("utf-8"), headers, producer)
+            text = (await readBody(response))[:2000].decode("utf-8", "replace")
+        except Exception as e:
+            chain.close()
+            return -1, f"exception on {url}: {e}"
+        return response.code, text
