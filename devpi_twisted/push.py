@@ -65,12 +65,6 @@ class _Chain:
             self._parts.pop(0).close()
         return b""
 
-    def seek(self, *args: Any) -> None:  # FileBodyProducer probes it
-        raise OSError("not seekable")
-
-    def tell(self) -> int:
-        raise OSError("not seekable")
-
     def close(self) -> None:
         for part in self._parts:
             part.close()

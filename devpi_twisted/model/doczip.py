@@ -52,8 +52,8 @@ def checkDocZip(fileobj: BinaryIO, limits: DocLimits) -> int:
     for info in infos:
         if _unsafe(info.filename):
             raise BadRequest(f"documentation zip entry {info.filename!r} points outside the documentation")
-        mode = info.external_attr >> 16
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = stat.S_IFMT(info.external_attr >> 16)
+        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise BadRequest(f"documentation zip entry {info.filename!r} is a link or special file")
         if info.is_dir():
             continue
