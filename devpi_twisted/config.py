@@ -27,6 +27,8 @@ class ServerConfig:
     requestTimeout: float = 5.0
     upstreamCA: str | None = None
     offlineMode: bool = False
+    docMaxEntries: int = 20000
+    docMaxSize: int = 1024 ** 3
     rootPassword: str | None = None
 
 

@@ -21,6 +21,7 @@ from ..errors import BadRequest
 from ..indexes import Indexes
 from ..interfaces import IBlobStore, IStorage
 from ..model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
+from ..model.doczip import DocLimits
 from ..push import Pusher
 from ..releases import Documentation, Releases
 from ..simple import SimplePages
@@ -234,7 +235,8 @@ def makeWebResource(
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock)),
         PageViews(pages, config.outsideURL),
         ProjectViews(config, storage, blobs, auth, releases, mirrors),
-        UploadViews(auth, releases, blobs, documentation),
+        UploadViews(auth, releases, blobs, documentation,
+                    DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation),
     )
     return DevpiHeadersResource(
