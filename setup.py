@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["devpi_twisted", "devpi_twisted.*"]) + ["twisted.plugins"],
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=25.5",
+        "twisted[tls]>=26.4",
         "klein>=24.8",
         "treq>=24.9",
         "automat>=24.8.1",
@@ -20,6 +20,7 @@ setup(
         "zope.interface>=6.0",
         "packaging>=24.0",
         "argon2-cffi>=23.1",
+        "prometheus-client>=0.20",
     ],
     entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.cli:main"]},
     classifiers=[

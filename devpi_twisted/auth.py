@@ -37,6 +37,54 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def passwordFingerprint(secret: bytes, pwhash: str | None) -> str:
+    """
+    What a login token carries of the password hash: a keyed digest, so a
+    token dies with the password, and neither the token nor a replica that
+    only knows this value can check or crack the password.
+    """
+    digest = hmac.new(secret, (pwhash or "").encode("utf-8"), hashlib.sha256)
+    return digest.hexdigest()[:16]
+
+
+def replicaUserConfig(secret: bytes, config: dict[str, Any]) -> dict[str, Any]:
+    """
+    A user config as the replication feed sends it: the password hash
+    replaced by its L{passwordFingerprint}, which is all a replica needs to
+    accept the primary's login tokens.
+    """
+    if "pwhash" not in config:
+        return config
+    shown = dict(config)
+    shown["pwfingerprint"] = passwordFingerprint(secret, shown.pop("pwhash"))
+    return shown
+
+
+REPLICATION_TOKEN_WINDOW = 60.0
+"""Seconds a replication credential stays valid, either way (clock skew)."""
+
+
+def replicationKey(secret: bytes) -> bytes:
+    """The key of replication credentials, derived from the server secret."""
+    return hmac.new(secret, b"devpi-twisted replication v1", hashlib.sha256).digest()
+
+
+def makeReplicationToken(key: bytes, now: float) -> str:
+    """A short-lived credential for the changelog feed: a timestamp and its HMAC."""
+    stamp = str(int(now))
+    return f"{stamp}.{hmac.new(key, stamp.encode('ascii'), hashlib.sha256).hexdigest()}"
+
+
+def checkReplicationToken(key: bytes, token: str, now: float,
+                          window: float = REPLICATION_TOKEN_WINDOW) -> bool:
+    """Whether C{token} was made with C{key} less than C{window} seconds from C{now}."""
+    stamp, _, mac = token.strip().partition(".")
+    if not stamp.isdigit() or len(stamp) > 15:
+        return False
+    expected = hmac.new(key, stamp.encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, mac) and abs(now - int(stamp)) <= window
+
+
 class PasswordHashing:
     """argon2id hashing and checking (blocking; call from a thread)."""
 
@@ -94,7 +142,9 @@ class Authenticator:
         secret: bytes,
         clock: IReactorTime,
         hashing: PasswordHashing | None = None,
+        throttle: Any = None,
     ) -> None:
+        self._throttle = throttle  # a devpi_twisted.throttle.LoginThrottle, or None
         self._storage = storage
         self._runInThread = runInThread
         self._secret = secret
@@ -149,8 +199,16 @@ class Authenticator:
     # tokens
 
     def _fingerprint(self, pwhash: str | None) -> str:
-        digest = hmac.new(self._secret, (pwhash or "").encode("utf-8"), hashlib.sha256)
-        return digest.hexdigest()[:16]
+        return passwordFingerprint(self._secret, pwhash)
+
+    def fingerprintOf(self, config: dict[str, Any]) -> str:
+        """
+        The fingerprint tokens of this user must carry: from the password
+        hash, or on a replica (which never receives hashes) as stored.
+        """
+        if "pwhash" not in config and isinstance(config.get("pwfingerprint"), str):
+            return config["pwfingerprint"]
+        return self._fingerprint(config.get("pwhash"))
 
     def makeToken(self, user: str, pwhash: str | None) -> str:
         """A login token for C{user}, valid for L{TOKEN_LIFETIME} seconds."""
@@ -159,7 +217,7 @@ class Authenticator:
         signature = _b64(hmac.new(self._secret, payload.encode("ascii"), hashlib.sha256).digest())
         return f"{TOKEN_PREFIX}{payload}.{signature}"
 
-    def _tokenUser(self, token: str, user: str, pwhash: str | None) -> bool:
+    def _tokenUser(self, token: str, user: str, fingerprint: str) -> bool:
         if not token.startswith(TOKEN_PREFIX):
             return False
         payload, _, signature = token[len(TOKEN_PREFIX):].partition(".")
@@ -167,31 +225,39 @@ class Authenticator:
         if not hmac.compare_digest(expected, signature):
             return False
         try:
-            name, expires, fingerprint = json.loads(_unb64(payload))
+            name, expires, tokenFingerprint = json.loads(_unb64(payload))
         except (ValueError, TypeError, binascii.Error):
             return False
         return (
             name == user
             and isinstance(expires, int)
             and expires > self._clock.seconds()
-            and hmac.compare_digest(str(fingerprint), self._fingerprint(pwhash))
+            and hmac.compare_digest(str(tokenFingerprint), fingerprint)
         )
 
     # the entry point
 
-    async def authenticate(self, user: str, secret: str) -> str | None:
+    async def authenticate(self, user: str, secret: str, address: str | None = None) -> str | None:
         """
         The user name when C{secret} is C{user}'s password or a valid token
         of theirs, else C{None}.
+
+        @param address: the client's address, for login throttling.
+        @raise devpi_twisted.errors.TooManyRequests: a password attempt for a
+            user, or from an address, that failed too often recently.
         """
         config = await self._storage.read(lambda view: view.get(userKey(user)))
-        if config is None:
-            return None
-        pwhash = config.get("pwhash")
-        if self._tokenUser(secret, user, pwhash):
+        pwhash = config.get("pwhash") if config is not None else None
+        if config is not None and self._tokenUser(secret, user, self.fingerprintOf(config)):
             return user
-        if not pwhash:
-            return None
-        if await self._checkPassword(user, secret, pwhash):
+        if config is not None and "pwhash" not in config and "pwfingerprint" in config:
+            return None  # a replica: only the primary can check passwords (logins are forwarded)
+        if self._throttle is not None and not secret.startswith(TOKEN_PREFIX):
+            self._throttle.check(user, address)
+        if pwhash and await self._checkPassword(user, secret, pwhash):
+            if self._throttle is not None:
+                self._throttle.success(user, address)
             return user
+        if self._throttle is not None and not secret.startswith(TOKEN_PREFIX):
+            self._throttle.failure(user if config is not None else None, address)
         return None

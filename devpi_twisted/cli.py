@@ -3,18 +3,24 @@ The C{devpi-twisted} console script: maintenance on a server directory.
 
 Subcommands work on a stopped server (they take the directory's lock):
   - C{init}: create a server directory;
-  - C{passwd USER}: set a user's password.
+  - C{passwd USER}: set a user's password;
+  - C{export DIR}: write the whole state in devpi's export layout;
+  - C{import DIR}: create a server directory from an export (ours or devpi's);
+and C{gen-config} writes systemd units for this installation.
 """
 
 import getpass
+import os
 import sys
 from typing import Any, TextIO
 
 from twisted.python import usage
+from twisted.python.filepath import FilePath
 
 from .auth import PasswordHashing
 from .config import DEFAULT_SERVERDIR, serverdirPath
 from .errors import DevpiError, ServerDirError, StorageError
+from .genconfig import GenConfigOptions, genConfig
 from .initstate import PYPI_URL, createServerDir
 from .model import indexconfig, keys
 from .serverdir import ServerDir
@@ -50,11 +56,44 @@ class PasswdOptions(usage.Options):
         self["user"] = user
 
 
+class ExportOptions(usage.Options):
+    synopsis = "[--serverdir DIR] [--include-mirrored-files] EXPORTDIR"
+    optParameters = [["serverdir", None, DEFAULT_SERVERDIR, "The server directory (server stopped)."]]
+    optFlags = [["include-mirrored-files", None, "Export the files mirror indexes have cached, too."]]
+
+    def parseArgs(self, directory: str) -> None:
+        self["directory"] = directory
+
+
+class ImportOptions(usage.Options):
+    synopsis = "--serverdir DIR [--root-passwd PW] [--no-root-pypi] [--skip-import-type TYPE] EXPORTDIR"
+    optParameters = [
+        ["serverdir", None, DEFAULT_SERVERDIR, "The server directory to create (missing or empty)."],
+        ["root-passwd", None, None, "Give root this password (default: root's password from the export)."],
+        ["storage", None, "sqlite", "The storage backend plugin."],
+    ]
+    optFlags = [["no-root-pypi", None, "Do not create (or import) the root/pypi mirror index."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["skip-import-type"] = []
+
+    def opt_skip_import_type(self, indexType: str) -> None:
+        """Leave out indexes of this type (made by a devpi plugin), repeatable."""
+        self["skip-import-type"].append(indexType)
+
+    def parseArgs(self, directory: str) -> None:
+        self["directory"] = directory
+
+
 class Options(usage.Options):
     synopsis = "COMMAND [options]"
     subCommands = [
         ["init", None, InitOptions, "Create a new server directory."],
         ["passwd", None, PasswdOptions, "Set a user's password (server stopped)."],
+        ["export", None, ExportOptions, "Export the whole state in devpi's export layout (server stopped)."],
+        ["import", None, ImportOptions, "Create a server directory from an export (ours or devpi-server's)."],
+        ["gen-config", None, GenConfigOptions, "Write systemd units for this installation."],
     ]
 
     def postOptions(self) -> None:
@@ -77,7 +116,7 @@ def _init(options: InitOptions, out: TextIO) -> None:
 def _passwd(options: PasswdOptions, out: TextIO, readPassword: Any) -> None:
     serverdir = ServerDir(serverdirPath(options["serverdir"]))
     serverdir.checkFormat()
-    serverdir.lock()
+    serverdir.lockForMaintenance()
     try:
         backend = findBackend(serverdir.nodeinfo().get("storage", "sqlite"))
         storage, _ = backend.open(serverdir.path, SynchronousRunner(), None)
@@ -103,6 +142,31 @@ def _passwd(options: PasswdOptions, out: TextIO, readPassword: Any) -> None:
         serverdir.unlock()
 
 
+def _export(options: ExportOptions, out: TextIO) -> None:
+    from .exporter import exportServerDir
+
+    exportServerDir(
+        serverdirPath(options["serverdir"]),
+        FilePath(os.path.abspath(os.path.expanduser(options["directory"]))),
+        includeMirrored=bool(options["include-mirrored-files"]),
+        out=out,
+    )
+
+
+def _import(options: ImportOptions, out: TextIO) -> None:
+    from .importer import importServerDir
+
+    importServerDir(
+        serverdirPath(options["serverdir"]),
+        FilePath(os.path.abspath(os.path.expanduser(options["directory"]))),
+        storageName=options["storage"],
+        rootPassword=options["root-passwd"],
+        rootPypi=not options["no-root-pypi"],
+        skipTypes=tuple(options["skip-import-type"]),
+        out=out,
+    )
+
+
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
          readPassword: Any = getpass.getpass) -> int:
     """Run a subcommand; return the exit status."""
@@ -117,7 +181,13 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
             _init(options.subOptions, err)
         elif options.subCommand == "passwd":
             _passwd(options.subOptions, out, readPassword)
-    except (ServerDirError, StorageError) as e:
+        elif options.subCommand == "export":
+            _export(options.subOptions, out)
+        elif options.subCommand == "import":
+            _import(options.subOptions, out)
+        elif options.subCommand == "gen-config":
+            genConfig(options.subOptions, out)
+    except (ServerDirError, StorageError, OSError) as e:
         err.write(f"devpi-twisted: {e}\n")
         return 1
     return 0

@@ -30,6 +30,23 @@ class ServerConfig:
     docMaxEntries: int = 20000
     docMaxSize: int = 1024 ** 3
     rootPassword: str | None = None
+    # replication (README "Replication")
+    primaryURL: str | None = None  # set: this server is a replica of that primary
+    secretFile: str | None = None  # the secret shared with replicas / the primary
+    replicaPollTimeout: float = 25.0
+    requestsOnly: bool = False  # a --requests-only worker (README "Workers")
+    # operations: limits, shutdown, logs (README "Deployment")
+    shutdownGrace: float = 30.0
+    idleTimeout: float = 60.0
+    headerTimeout: float = 30.0
+    maxHeaderSize: int = 16384
+    maxConnections: int = 500
+    maxUpstreamFetches: int = 32
+    loginMaxFailures: int = 5
+    loginWindow: float = 60.0
+    trustedProxies: tuple[str, ...] = ()
+    accessLog: bool = True
+    jsonLog: str | None = None
 
 
 def serverdirPath(value: str | None) -> FilePath:

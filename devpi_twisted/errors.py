@@ -71,6 +71,16 @@ class TooLarge(DevpiError):
     status = 413
 
 
+class TooManyRequests(DevpiError):
+    """Too many attempts (failed logins); C{retryAfter} says when to try again."""
+
+    status = 429
+
+    def __init__(self, message: str, retryAfter: int = 1) -> None:
+        super().__init__(message)
+        self.retryAfter = retryAfter
+
+
 class UpstreamError(DevpiError):
     """An upstream index failed and nothing cached can stand in."""
 

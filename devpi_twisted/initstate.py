@@ -73,3 +73,21 @@ def createServerDir(
             failures[0].raiseException()
 
     return initialise(path, storageName, populate)
+
+
+def createReplicaDir(path: FilePath, storageName: str, primaryURL: str) -> ServerDir:
+    """
+    Initialise C{path} for a replica of C{primaryURL}: an empty state (no
+    root user, no mirror), since every change comes from the primary.
+    """
+    checkCanInitialise(path)
+    backend = findBackend(storageName)
+
+    def populate(directory: FilePath) -> None:
+        storage, _ = backend.open(directory, SynchronousRunner(), None)
+        failures: list[Any] = []
+        storage.close().addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    return initialise(path, storageName, populate, {"role": "replica", "primary-url": primaryURL})

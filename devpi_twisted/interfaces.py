@@ -83,6 +83,19 @@ class IStorage(Interface):
         @return: a Deferred that fires with C{(serial, result)}.
         """
 
+    def applyChange(record):
+        """
+        Commit a L{devpi_twisted.storage.ChangeRecord} made elsewhere (a
+        replica applying its primary's changelog) as one transaction at
+        I{its} serial and time, and tell subscribers as L{write} does.
+
+        The record must be the next one: C{record.serial} must equal
+        L{currentSerial}C{() + 1}, else the Deferred fails with
+        L{devpi_twisted.storage.SerialMismatch} and nothing changes.
+
+        @return: a Deferred that fires with the serial.
+        """
+
     def changesSince(serial, limit):
         """
         The changelog records after C{serial}, oldest first, at most C{limit}.

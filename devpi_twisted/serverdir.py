@@ -6,13 +6,15 @@ Layout (besides what the storage backend keeps):
     directory without it was never completely initialised;
   - C{.nodeinfo}: JSON C{{"uuid", "role", "storage"}};
   - C{.secret}: the token signing secret, mode 0600;
-  - C{.lock}: held (flock) by the one server process using the directory.
+  - C{.lock}: held (flock) by the one server process using the directory;
+  - C{.workers.lock}: shared by C{--requests-only} workers (see L{ServerDir.lockAsWorker}).
 """
 
 import fcntl
 import json
 import os
 import secrets
+import time
 import uuid
 from typing import Any, Callable
 
@@ -30,6 +32,7 @@ class ServerDir:
     def __init__(self, path: FilePath) -> None:
         self.path = path
         self._lockFile: Any = None
+        self._workersFile: Any = None
 
     def isInitialised(self) -> bool:
         return self.path.child(".serverversion").exists()
@@ -67,12 +70,118 @@ class ServerDir:
         if self._lockFile is not None:
             self._lockFile.close()
             self._lockFile = None
+        self.releaseWorkers()
+
+    # --requests-only workers share the directory: each holds a shared lock
+    # on .workers.lock; maintenance commands and the main process's startup
+    # cleanup need it exclusively.
+
+    def _tryWorkersLock(self, exclusive: bool) -> Any:
+        handle = open(self.path.child(".workers.lock").path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+    def lockForMaintenance(self) -> None:
+        """L{lock}, and refuse as well while C{--requests-only} workers use the directory."""
+        self.lock()
+        if not self.holdOutWorkers():
+            self.unlock()
+            raise ServerDirError(
+                f"devpi-twisted --requests-only workers are using {self.path.path}; stop them first"
+            )
+
+    def lockAsWorker(self, timeout: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        """
+        Share the directory as a C{--requests-only} worker, waiting up to
+        C{timeout} seconds while a maintenance command or the main process's
+        startup cleanup holds it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            handle = self._tryWorkersLock(exclusive=False)
+            if handle is not None:
+                self._workersFile = handle
+                return
+            if time.monotonic() > deadline:
+                raise ServerDirError(
+                    f"{self.path.path} is busy (a maintenance command, or the main server's "
+                    "startup cleanup); try again"
+                )
+            sleep(0.1)
+
+    def holdOutWorkers(self) -> bool:
+        """
+        Keep workers from starting, if none is running.  @return: whether
+        they are held out (until L{releaseWorkers}).
+        """
+        handle = self._tryWorkersLock(exclusive=True)
+        if handle is None:
+            return False
+        self.releaseWorkers()
+        self._workersFile = handle
+        return True
+
+    def releaseWorkers(self) -> None:
+        handle = self._workersFile
+        if handle is not None:
+            handle.close()
+            self._workersFile = None
+
+    def workersRunning(self) -> bool:
+        """Whether any C{--requests-only} worker uses the directory now."""
+        handle = self._tryWorkersLock(exclusive=True)
+        if handle is None:
+            return True
+        handle.close()
+        return False
 
     def nodeinfo(self) -> dict[str, Any]:
         return json.loads(self.path.child(".nodeinfo").getContent())
 
+    def updateNodeinfo(self, changes: dict[str, Any]) -> None:
+        """Change entries of C{.nodeinfo}, atomically (blocking: call from a thread)."""
+        info = self.nodeinfo()
+        info.update(changes)
+        target = self.path.child(".nodeinfo")
+        temporary = self.path.child(f".nodeinfo.{secrets.token_hex(4)}")
+        _writeFile(temporary, json.dumps(info).encode())
+        os.rename(temporary.path, target.path)
+
     def secret(self) -> bytes:
         return self.path.child(".secret").getContent().strip()
+
+
+MIN_SECRET_SIZE = 32
+
+
+def loadSecretFile(path: str) -> bytes:
+    """
+    The secret in C{path} (C{--secretfile}), refusing a file other users
+    may read or one too short to be a secret.
+
+    @raise ServerDirError: saying what is wrong and how to fix it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ServerDirError(f"--secretfile {path!r} cannot be read: {e.strerror or e}")
+    if mode & 0o077:
+        raise ServerDirError(
+            f"--secretfile {path!r} may be read by other users (mode {mode & 0o777:04o}); "
+            f"run 'chmod 600 {path}'"
+        )
+    if len(secret) < MIN_SECRET_SIZE:
+        raise ServerDirError(
+            f"--secretfile {path!r} holds {len(secret)} bytes; a secret needs at least {MIN_SECRET_SIZE} "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
+    return secret
 
 
 def _writeFile(path: FilePath, content: bytes, mode: int = 0o644) -> None:
@@ -99,6 +208,7 @@ def initialise(
     path: FilePath,
     storageName: str,
     populate: Callable[[FilePath], None],
+    nodeinfo: dict[str, Any] | None = None,
 ) -> ServerDir:
     """
     Create a server directory at C{path}, which must be missing or empty.
@@ -109,6 +219,8 @@ def initialise(
 
     @param populate: writes the initial state (root user, root/pypi) into
         the storage of the directory it is given.
+    @param nodeinfo: entries of C{.nodeinfo} besides the defaults (a
+        replica's role and primary URL).
     """
     checkCanInitialise(path)
     path.parent().makedirs(ignoreExistingDirectory=True)
@@ -118,7 +230,8 @@ def initialise(
         os.chmod(building.path, 0o700)
         _writeFile(
             building.child(".nodeinfo"),
-            json.dumps({"uuid": uuid.uuid4().hex, "role": "standalone", "storage": storageName}).encode(),
+            json.dumps({"uuid": uuid.uuid4().hex, "role": "standalone", "storage": storageName,
+                        **(nodeinfo or {})}).encode(),
         )
         _writeFile(building.child(".secret"), secrets.token_urlsafe(48).encode("ascii"), 0o600)
         populate(building)

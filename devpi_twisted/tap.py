@@ -7,11 +7,11 @@ reactor; everything below it receives its collaborators.
 
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.ssl import Certificate
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -20,28 +20,42 @@ from twisted.web.client import (
     HTTPConnectionPool,
     RedirectAgent,
 )
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
+from treq.client import HTTPClient
 
 from . import __version__
 from .auth import Authenticator
 from .config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
 from .errors import ServerDirError, StorageError
 from .indexes import Indexes
-from .initstate import PYPI_URL, createServerDir
+from .initstate import PYPI_URL, createReplicaDir, createServerDir
 from .mirror.service import Mirrors
-from .mirror.upstream import UpstreamClient
+from .mirror.upstream import UpstreamClient, upstreamTLSPolicy
 from .model.acl import Policy
-from .serverdir import ServerDir
+from .serverdir import ServerDir, loadSecretFile
 from .storage.plugin import findBackend
 from .storage.threads import ThreadRunner
 from .releases import Releases
 from .simple import SimplePages
 from .users import Users
+from .logs import JSONLogService
+from .shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
+from .throttle import LoginThrottle
+from .tlsdir import tlsDirectoryEndpoint
+from .upstreamagent import LimitedAgent
+from .web.accesslog import AccessLog
 from .web.limits import limitedRequestFactory
-from .web.routes import makeWebResource
+from .web.metrics import CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry
+from .web.changelog import ChangelogFeed, FeedStopper
+from .web.routes import Routes, makeWebResource
+from .replica.client import PrimaryClient
+from .replica.metrics import ReplicationCollector
+from .replica.proxy import ReplicaProxyResource
+from .replica.readonly import ReadOnlyStorage
+from .replica.service import ReplicaService
+from .web.server import DevpiRequest, DevpiSite, SiteLimits
 
 ENV_PREFIX = "DEVPI_TWISTED_"
 
@@ -73,10 +87,38 @@ class Options(usage.Options):
          "Seconds to wait for an upstream index to start answering (and between chunks, times 6).", float],
         ["upstream-ca", None, None,
          "PEM file of CA certificates trusted for upstream TLS, instead of the system's."],
+        # operations (README "Deployment")
+        ["shutdown-grace", None, 30.0,
+         "Seconds requests in flight may take to finish after SIGTERM before they are cut off.", float],
+        ["idle-timeout", None, 60.0, "Seconds a connection may stay silent between requests.", float],
+        ["header-timeout", None, 30.0, "Seconds a client may take to send a request's line and headers.", float],
+        ["max-header-size", None, 16384, "Largest request line plus headers, in bytes.", int],
+        ["max-connections", None, 500, "Most client connections open at once; more are answered 503.", int],
+        ["max-upstream-fetches", None, 32, "Most requests to upstream indexes running at once.", int],
+        ["login-max-failures", None, 5,
+         "Failed logins per user and per address within --login-window before 429 (0: no throttling).", int],
+        ["login-window", None, 60.0, "Seconds a failed login counts for throttling.", float],
+        ["trusted-proxies", None, None,
+         "Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client."],
+        ["json-log", None, None, "Also log JSON lines to this file ('-': standard output)."],
+        # replication (README "Replication")
+        ["primary-url", None, None,
+         "Run as a replica of the devpi-twisted primary at this URL (an empty --serverdir is "
+         "filled from it); writes sent here are forwarded to it."],
+        ["secretfile", None, None,
+         "File with the secret shared by a primary and its replicas (mode 0600, at least 32 bytes); "
+         "signs login tokens and replication credentials. Default: the server directory's .secret "
+         "(a replica needs it: give it a copy of the primary's)."],
+        ["replica-poll-timeout", None, 25.0,
+         "Seconds a replica's request for changes may wait on the primary (long poll).", float],
     ]
     optFlags = [
         ["no-root-pypi", None, "When initialising, do not create the root/pypi mirror."],
         ["offline-mode", None, "Never contact upstream indexes; mirrors list only cached files."],
+        ["requests-only", None,
+         "Run as an extra worker next to the main process on the same --serverdir: serve requests, "
+         "run no background jobs (README \"Workers\")."],
+        ["no-access-log", None, "Do not log a line per request."],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +163,45 @@ class Options(usage.Options):
             raise usage.UsageError("--request-timeout must be positive")
         if self["upstream-ca"] is not None and not os.path.isfile(self["upstream-ca"]):
             raise usage.UsageError(f"--upstream-ca: no such file {self['upstream-ca']!r}")
+        for name in ("shutdown-grace", "idle-timeout", "header-timeout", "login-window"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        for name in ("max-header-size", "max-connections", "max-upstream-fetches"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        if self["login-max-failures"] < 0:
+            raise usage.UsageError("--login-max-failures must not be negative")
+        self._checkReplication()
+        for description in self["listen"]:
+            if description.startswith("ssl:") and "sslmethod=" in description:
+                raise usage.UsageError(
+                    f"--listen {description!r}: sslmethod is not supported; TLS 1.2 and 1.3 with "
+                    "modern ciphers (Twisted's defaults) are always used"
+                )
+
+    def _checkReplication(self) -> None:
+        from .replica.client import checkPrimaryURL
+        from .serverdir import loadSecretFile
+
+        if self["primary-url"] is not None:
+            try:
+                self["primary-url"] = checkPrimaryURL(self["primary-url"])
+            except ValueError as e:
+                raise usage.UsageError(f"--primary-url: {e}")
+            if self["secretfile"] is None:
+                raise usage.UsageError(
+                    "a replica (--primary-url) needs --secretfile: a copy of the primary's secret "
+                    "(its --secretfile, or the .secret in its server directory)"
+                )
+            if self["requests-only"]:
+                raise usage.UsageError("--requests-only workers of a replica are not supported")
+        if self["secretfile"] is not None:
+            try:
+                loadSecretFile(self["secretfile"])
+            except ServerDirError as e:
+                raise usage.UsageError(str(e))
+        if not 0 < self["replica-poll-timeout"] <= 30:
+            raise usage.UsageError("--replica-poll-timeout must be more than 0 and at most 30 seconds")
 
     def toConfig(self) -> ServerConfig:
         restrict = self["restrict-modify"]
@@ -143,18 +224,62 @@ class Options(usage.Options):
             upstreamCA=self["upstream-ca"],
             offlineMode=bool(self["offline-mode"]),
             rootPassword=self["root-passwd"],
+            requestsOnly=bool(self["requests-only"]),
+            shutdownGrace=self["shutdown-grace"],
+            idleTimeout=self["idle-timeout"],
+            headerTimeout=self["header-timeout"],
+            maxHeaderSize=self["max-header-size"],
+            maxConnections=self["max-connections"],
+            maxUpstreamFetches=self["max-upstream-fetches"],
+            loginMaxFailures=self["login-max-failures"],
+            loginWindow=self["login-window"],
+            trustedProxies=tuple(p.strip() for p in (self["trusted-proxies"] or "").split(",") if p.strip()),
+            accessLog=not self["no-access-log"],
+            jsonLog=self["json-log"],
+            primaryURL=self["primary-url"],
+            secretFile=os.path.abspath(self["secretfile"]) if self["secretfile"] else None,
+            replicaPollTimeout=self["replica-poll-timeout"],
         )
 
 
 class StorageService(Service):
-    """Cleans up after an interrupted run on start; closes the store on stop."""
+    """
+    Cleans up after an interrupted run on start; closes the store on stop.
+
+    With a C{clock}, it also shares the directory with C{--requests-only}
+    workers: the cleanup runs only while no worker does (and keeps them
+    from starting meanwhile), and once workers are seen the storage follows
+    their commits.  A worker (C{requestsOnly}) runs no cleanup and follows
+    the other processes' commits from the start.
+    """
 
     log = Logger()
 
-    def __init__(self, serverdir: ServerDir, storage: Any, blobs: Any) -> None:
+    def __init__(self, serverdir: ServerDir, storage: Any, blobs: Any, clock: Any = None,
+                 requestsOnly: bool = False) -> None:
         self._serverdir = serverdir
         self._storage = storage
         self._blobs = blobs
+        self._clock = clock
+        self._requestsOnly = requestsOnly
+        self._workersCheck: Any = None
+        self._ready = False
+        self._readyWaiters: list[Deferred[None]] = []
+
+    def whenReady(self) -> "Deferred[None]":
+        """Fires once the startup cleanup is over (at once without one): storage may be written."""
+        waiter: Deferred[None] = Deferred()
+        if self._ready:
+            waiter.callback(None)
+        else:
+            self._readyWaiters.append(waiter)
+        return waiter
+
+    def _setReady(self) -> None:
+        self._ready = True
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     async def _recover(self) -> None:
         referenced = await self._storage.referencedBlobs()
@@ -171,30 +296,118 @@ class StorageService(Service):
 
     def startService(self) -> None:
         super().startService()
-        Deferred.fromCoroutine(self._recover()).addErrback(
-            lambda f: self.log.failure("startup cleanup failed", failure=f)
-        )
+        if self._requestsOnly:
+            self._setReady()
+            self._followOthers()
+            self.log.info("requests-only worker on {path} at serial {serial}: serving requests, no background jobs",
+                          path=self._serverdir.path.path, serial=self._storage.currentSerial())
+            return
+        if self._clock is not None and not self._serverdir.holdOutWorkers():
+            self.log.info("requests-only workers are running on {path}: no startup cleanup this time",
+                          path=self._serverdir.path.path)
+            self._setReady()
+            self._followOthers()
+            return
+        d = Deferred.fromCoroutine(self._recover())
+        d.addErrback(lambda f: self.log.failure("startup cleanup failed", failure=f))
+        d.addCallback(lambda _: self._setReady())
+        if self._clock is not None:
+            d.addCallback(lambda _: self._watchForWorkers())
+
+    def _watchForWorkers(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._serverdir.releaseWorkers()
+        if not self.running:
+            return
+        self._workersCheck = LoopingCall(self._checkWorkers)
+        self._workersCheck.clock = self._clock
+        self._workersCheck.start(0.2, now=True)  # one flock(2) call: cheap
+
+    def _checkWorkers(self) -> None:
+        if self._serverdir.workersRunning():
+            self.log.info("requests-only workers joined: following their commits")
+            self._stopWorkersCheck()
+            self._followOthers()
+
+    def _stopWorkersCheck(self) -> None:
+        check, self._workersCheck = self._workersCheck, None
+        if check is not None and check.running:
+            check.stop()
+
+    def _followOthers(self) -> None:
+        startWatching = getattr(self._storage, "startWatching", None)
+        if startWatching is None:
+            self.log.warn("this storage backend cannot follow other processes' commits; caches may be stale")
+        else:
+            startWatching(self._clock)
 
     def stopService(self) -> Any:
         super().stopService()
+        self._stopWorkersCheck()
         d = self._storage.close()
         d.addBoth(lambda result: self._serverdir.unlock() or result)
         return d
 
 
 def openServerDir(config: ServerConfig, noRootPypi: bool = False) -> ServerDir:
-    """Open (initialising when empty), check and lock the server directory."""
+    """
+    Open (initialising when empty), check and lock the server directory; a
+    C{--requests-only} worker waits for the main process to initialise it,
+    and shares it.
+    """
     serverdir = ServerDir(config.serverdir)
+    if config.requestsOnly:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not serverdir.isInitialised():
+            if time.monotonic() > deadline:
+                raise ServerDirError(
+                    f"{config.serverdir.path} is not initialised; a --requests-only worker needs the "
+                    "main server (or 'devpi-twisted init') to create it first"
+                )
+            time.sleep(0.2)
+    if config.primaryURL is not None:
+        return _openReplicaDir(config, serverdir)
     if not serverdir.isInitialised():
         serverdir = createServerDir(
             config.serverdir, config.storage, config.rootPassword,
             rootPypi=not noRootPypi, mirrorURL=PYPI_URL, cacheExpiry=config.mirrorCacheExpiry,
         )
     serverdir.checkFormat()
+    if serverdir.nodeinfo().get("role") == "replica":
+        raise ServerDirError(
+            f"{config.serverdir.path} is the server directory of a replica of "
+            f"{serverdir.nodeinfo().get('primary-url')}; start it with --primary-url and --secretfile"
+        )
     stored = serverdir.nodeinfo().get("storage", "sqlite")
     if stored != config.storage:
         raise ServerDirError(
             f"{config.serverdir.path} uses the storage backend {stored!r}, not {config.storage!r}"
+        )
+    if config.requestsOnly:
+        serverdir.lockAsWorker()
+    else:
+        serverdir.lock()
+    return serverdir
+
+
+def _openReplicaDir(config: ServerConfig, serverdir: ServerDir) -> ServerDir:
+    """A replica's directory: created empty (its state comes from the primary), or one of a replica."""
+    assert config.primaryURL is not None
+    if not serverdir.isInitialised():
+        serverdir = createReplicaDir(config.serverdir, config.storage, config.primaryURL)
+    serverdir.checkFormat()
+    info = serverdir.nodeinfo()
+    if info.get("role") != "replica":
+        raise ServerDirError(
+            f"{config.serverdir.path} is the server directory of a {info.get('role', 'standalone')} server; "
+            "a replica (--primary-url) starts from an empty directory"
+        )
+    if info.get("storage", "sqlite") != config.storage:
+        raise ServerDirError(
+            f"{config.serverdir.path} uses the storage backend {info.get('storage')!r}, not {config.storage!r}"
         )
     serverdir.lock()
     return serverdir
@@ -211,22 +424,61 @@ class _PoolService(Service):
         return self._pool.closeCachedConnections()
 
 
-def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any) -> Mirrors:
-    """The mirror coordinator with its own connection pool and TLS policy."""
+def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
+                stats: UpstreamStats | None = None) -> Mirrors:
+    """
+    The mirror coordinator with its own connection pool and TLS policy; at
+    most C{--max-upstream-fetches} upstream requests at once, counted in
+    C{stats}.
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
-    if config.upstreamCA:
-        with open(config.upstreamCA, "rb") as f:
-            policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
-    else:
-        policy = BrowserLikePolicyForHTTPS()
+    policy = upstreamTLSPolicy(config.upstreamCA)
     agent = RedirectAgent(Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=config.requestTimeout))
-    pageAgent = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
-    upstream = UpstreamClient(agent, pageAgent, reactor, timeout=config.requestTimeout,
+    stats = stats if stats is not None else UpstreamStats(config.maxUpstreamFetches)
+    slots = DeferredSemaphore(config.maxUpstreamFetches)
+    idle = config.requestTimeout * 6
+    fileAgent = LimitedAgent(agent, slots, reactor, "file", stats, releaseAfter=idle)
+    pageAgent = LimitedAgent(ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)]), slots, reactor, "page", stats,
+                             releaseAfter=idle)
+    upstream = UpstreamClient(fileAgent, pageAgent, reactor, timeout=config.requestTimeout,
                               idleTimeout=config.requestTimeout * 6)
     mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode)
     _PoolService(pool).setServiceParent(mirrors)
     return mirrors
+
+
+def makeReplica(config: ServerConfig, serverdir: ServerDir, storageService: StorageService, storage: Any,
+                blobs: Any, secret: bytes, reactor: Any, runner: ThreadRunner) -> tuple[ReplicaService, Agent]:
+    """
+    The follower of C{--primary-url}, in a service with its connection pool,
+    and the agent the forwarding proxy shares with it.
+    """
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False  # no "Starting factory" lines for every connection to the primary
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool._factory = QuietFactory
+    from .mirror.upstream import upstreamTLSPolicy
+
+    # --upstream-ca, when given, is trusted for an https primary as well
+    agent = Agent(reactor, contextFactory=upstreamTLSPolicy(config.upstreamCA), pool=pool, connectTimeout=10)
+    nodeinfo = serverdir.nodeinfo()
+    assert config.primaryURL is not None
+    client = PrimaryClient(HTTPClient(agent), config.primaryURL, secret, reactor, nodeinfo["uuid"])
+    replica = ReplicaService(
+        storage, blobs, client, reactor, pollTimeout=config.replicaPollTimeout,
+        primaryUUID=nodeinfo.get("primary-uuid"),
+        rememberPrimaryUUID=lambda uuid: runner.runFile(serverdir.updateNodeinfo, {"primary-uuid": uuid}),
+        ready=storageService.whenReady,
+    )
+    container = MultiService()
+    _PoolService(pool).setServiceParent(container)
+    replica.setServiceParent(container)
+    return replica, agent
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -234,22 +486,65 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     config = options.toConfig()
+    # Endpoints are parsed (key and certificate files read) before anything
+    # is opened; the site is given to them below.
+    listeners = []
+    for description in config.listen:
+        try:
+            listener = strports.service(description, None, reactor=reactor)
+            if description.startswith("tls:"):
+                # Twisted's parser checked the string; ours re-reads renewed certificates.
+                listener.endpoint = tlsDirectoryEndpoint(reactor, description)
+            listeners.append(listener)
+        except Exception as e:
+            sys.stderr.write(f"devpi-twisted: --listen {description!r}: {e.__class__.__name__}: {e}\n")
+            raise SystemExit(1)
     try:
         serverdir = openServerDir(config, noRootPypi=bool(options["no-root-pypi"]))
         backend = findBackend(config.storage)
     except (ServerDirError, StorageError) as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
-    top = MultiService()
+    # Stopped one child at a time, last first: listeners and requests in
+    # flight, then mirrors, storage, threads (devpi_twisted.shutdown).
+    top = SequentialStopService()
+    if config.jsonLog:
+        JSONLogService(config.jsonLog).setServiceParent(top)
     runner = ThreadRunner(reactor)
     runner.setServiceParent(top)
     storage, blobs = backend.open(serverdir.path, runner, Logger())
-    StorageService(serverdir, storage, blobs).setServiceParent(top)
+    storageService = StorageService(serverdir, storage, blobs, reactor, config.requestsOnly)
+    storageService.setServiceParent(top)
+    followerStorage = storage
+    if config.primaryURL is not None:
+        storage = ReadOnlyStorage(storage)  # on a replica only the follower writes
 
-    auth = Authenticator(storage, runner.runFile, serverdir.secret(), reactor)
-    mirrors = makeMirrors(config, storage, blobs, reactor)
-    mirrors.setServiceParent(top)
+    try:
+        secret = loadSecretFile(config.secretFile) if config.secretFile else serverdir.secret()
+    except ServerDirError as e:
+        sys.stderr.write(f"devpi-twisted: {e}\n")
+        raise SystemExit(1)
+    throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow)
+    auth = Authenticator(storage, runner.runFile, secret, reactor, throttle=throttle)
+    upstreamStats = UpstreamStats(config.maxUpstreamFetches)
+    # A replica never asks upstream: its primary does, and the files replicate.
+    mirrorConfig = replace(config, offlineMode=True) if config.primaryURL else config
+    realMirrors = makeMirrors(mirrorConfig, storage, blobs, reactor, upstreamStats)
+    realMirrors.setServiceParent(top)
+    feed = ChangelogFeed(storage, blobs, secret, reactor)
+    replica = None
+    if config.primaryURL is not None:
+        replica, primaryAgent = makeReplica(config, serverdir, storageService, followerStorage, blobs, secret, reactor,
+                                            runner)
+        replica.feed = feed
+        replica.parent.setServiceParent(top)
+    metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
+                      throttle=throttle, upstream=upstreamStats, version=__version__)
+    mirrors = CountingMirrors(realMirrors, metrics)
     nodeinfo = serverdir.nodeinfo()
+    registry = makeRegistry(metrics)
+    if replica is not None:
+        registry.register(ReplicationCollector(replica))  # type: ignore[arg-type]
     resource = makeWebResource(
         config=config,
         nodeinfo=nodeinfo,
@@ -263,12 +558,33 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         mirrors=mirrors,
         pushAgent=RedirectAgent(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS())),
         version=__version__,
+        metrics=MetricsView(metrics, registry),
+        changelog=feed,
+        replication=replica,
     )
-    site = Site(resource, reactor=reactor, parsePOSTFormSubmission=False)
-    site.displayTracebacks = False
-    site.requestFactory = limitedRequestFactory(
-        config.maxUploadSize, [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode())]
+    if replica is not None:
+        resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
+                                        replica, config.outsideURL)
+    requestClass = limitedRequestFactory(
+        config.maxUploadSize,
+        [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode()),
+         (b"X-Content-Type-Options", b"nosniff")],
+        base=DevpiRequest,
     )
-    for description in config.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    limits = SiteLimits(
+        idleTimeout=config.idleTimeout, headerTimeout=config.headerTimeout, maxHeaderSize=config.maxHeaderSize,
+        maxConnections=config.maxConnections, trustedProxies=frozenset(config.trustedProxies),
+    )
+    observers: list[Any] = [metrics]
+    if config.accessLog:
+        observers.append(AccessLog())
+    site = DevpiSite(resource, reactor, limits, requestClass, observers)  # type: ignore[arg-type]
+    metrics.site = site
+    web = WebService(DrainService(site, config.shutdownGrace))
+    for listener in listeners:
+        listener.factory = site
+        web.addListener(listener)
+    FeedStopper(feed).setServiceParent(web)  # stopped first: long polls must not hold up the drain
+    web.setServiceParent(top)
+    ExitZeroOnSIGTERM(reactor).setServiceParent(top)
     return top

@@ -22,7 +22,7 @@ _CREATE_KEYS = {"password", "pwhash", *_PROFILE_KEYS}
 
 def publicUserConfig(name: str, config: dict[str, Any], indexes: dict[str, Any]) -> dict[str, Any]:
     """What C{GET /user} shows: never the password hash."""
-    shown = {k: v for k, v in config.items() if k != "pwhash"}
+    shown = {k: v for k, v in config.items() if k not in ("pwhash", "pwfingerprint")}
     shown["username"] = name
     shown["indexes"] = indexes
     return shown

@@ -21,6 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -28,7 +29,7 @@ from ..errors import UpstreamError
 from ..interfaces import IBlobStore, IBlobWriter
 from ..model.upstreampage import UpstreamLink
 from ..storage import BlobInfo
-from .upstream import UpstreamClient, UpstreamFailure, redacted
+from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
 
 log = Logger()
 
@@ -113,10 +114,12 @@ class FileFetch(Protocol):
         self._pending: list[bytes] = []
         self._ended: Failure | None = None
         self._size = 0
-        self._verify = {
-            name: hashlib.new(name) for name in link.hashes if name in ("sha256", "md5", "sha384", "sha512")
-        }
+        # The blob writer computes the sha256 off the reactor thread; other
+        # advertised hashes (rare) are computed here as the bytes pass.
+        self._checkSha256 = "sha256" in link.hashes
+        self._verify = {name: hashlib.new(name) for name in link.hashes if name in ("md5", "sha384", "sha512")}
         self._timer: Any = None
+        self._outcome: Any = None  # a FetchedFile or a Failure, once settled
         self.lastModified: str | None = None
         self.contentLength: int | None = None
 
@@ -134,11 +137,21 @@ class FileFetch(Protocol):
     # waiting for the result without taking part in the stream
 
     def waitForResult(self) -> Deferred[FetchedFile]:
+        """
+        A Deferred of its own for the outcome; also when the transfer has
+        already ended (a request may find it finished but not yet recorded).
+        """
         waiter: Deferred[FetchedFile] = Deferred()
-        self._waiters.append(waiter)
+        if self._outcome is None:
+            self._waiters.append(waiter)
+        elif isinstance(self._outcome, Failure):
+            waiter.errback(self._outcome)
+        else:
+            waiter.callback(self._outcome)
         return waiter
 
     def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
         for waiter in self._waiters:
             if not waiter.called:
                 waiter.errback(outcome) if isinstance(outcome, Failure) else waiter.callback(outcome)
@@ -167,10 +180,24 @@ class FileFetch(Protocol):
 
     def _idle(self) -> None:
         self._timer = None
+        stalled = [client for client in self.live if client in self._pausedBy and not client.gone]
+        if stalled:
+            # Upstream is quiet because live clients paused it: they are the
+            # ones that stalled.  Drop them and carry on for the others and
+            # for the cache.
+            for client in stalled:
+                log.warn("dropping a client that took no data of {filename} for {seconds} seconds",
+                         filename=self.link.filename, seconds=self._idleTimeout)
+                client.abort()
+                self._resumeFor(client)
+            self._timer = self._clock.callLater(self._idleTimeout, self._idle)
+            return
         if self.transport is not None:
             self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._ended is not None:
+            return
         if self._timer is not None:
             self._timer.reset(self._idleTimeout)
         self._size += len(data)
@@ -215,7 +242,9 @@ class FileFetch(Protocol):
         self._timer = None
         if self.result.called or self._ended is not None:
             return
-        if reason.check(ResponseDone):
+        if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._verifiable()):
+            # PotentialDataLoss: upstream gave no length and closed the
+            # connection; fine when the size or a hash can tell.
             self._ended = reason
             if self._writing is None:
                 self._complete()
@@ -226,6 +255,10 @@ class FileFetch(Protocol):
                 f"{self._size} bytes: {reason.getErrorMessage()}"
             )))
 
+    def _verifiable(self) -> bool:
+        return (self._checkSha256 or bool(self._verify) or self.contentLength is not None
+                or self.link.size is not None)
+
     def _complete(self) -> None:
         Deferred.fromCoroutine(self._verifyAndCommit()).addErrback(self._fail)
 
@@ -235,12 +268,16 @@ class FileFetch(Protocol):
             raise UpstreamFailure(
                 f"{self.link.filename}: upstream sent {self._size} bytes, expected {expected}"
             )
-        for name, h in self._verify.items():
-            if h.hexdigest() != self.link.hashes[name].lower():
+        closed = await self._writer.close()
+        actual = {name: h.hexdigest() for name, h in self._verify.items()}
+        if self._checkSha256:
+            actual["sha256"] = closed.sha256
+        for name, digest in sorted(actual.items()):
+            if digest != self.link.hashes[name].lower():
                 log.error(
                     "hash mismatch for {filename} from {url}: {algorithm} {actual}, advertised {expected}",
                     filename=self.link.filename, url=redacted(self.link.url), algorithm=name,
-                    actual=h.hexdigest(), expected=self.link.hashes[name],
+                    actual=digest, expected=self.link.hashes[name],
                 )
                 raise VerificationFailed(
                     f"{self.link.filename} from upstream does not match its advertised {name}; not stored"
@@ -263,18 +300,21 @@ class FileFetch(Protocol):
 
 
 async def startFetch(upstream: UpstreamClient, blobs: IBlobStore, clock: IReactorTime,
-                     link: UpstreamLink) -> FileFetch:
+                     link: UpstreamLink, mirrorURL: str | None = None) -> FileFetch:
     """
     Ask upstream for C{link}; the body flows once L{FileFetch.begin} is called.
 
+    @param mirrorURL: the mirror's URL, for its credentials (same origin only).
+    @raise UpstreamMissing: upstream does not have the file.
     @raise UpstreamFailure: upstream could not be reached or refused.
     """
-    response = await upstream.openFile(link.url)
+    response = await upstream.openFile(link.url, mirrorURL)
     if response.code != 200:
         from .pages import _discardBody
 
         _discardBody(response)
-        raise UpstreamFailure(f"{redacted(link.url)} answered {response.code}")
+        error = UpstreamMissing if response.code in (404, 410) else UpstreamFailure
+        raise error(f"{redacted(link.url)} answered {response.code}")
     fetch = FileFetch(link, blobs.openWriter(), clock, upstream.idleTimeout)
     lengths = response.headers.getRawHeaders(b"content-length")
     if lengths and lengths[-1].isdigit():

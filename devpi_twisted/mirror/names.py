@@ -11,11 +11,12 @@ without any the locally cached project names stand in.
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from ..coalesce import Coalescer
 from ..interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
@@ -35,7 +36,8 @@ def namesKey(stage: Stage) -> str:
 class _NamesReceiver(Protocol):
     """Scans the list as it arrives and writes the names, pausing upstream while the disk is behind."""
 
-    def __init__(self, scanner: ProjectListScanner, writer: IBlobWriter) -> None:
+    def __init__(self, scanner: ProjectListScanner, writer: IBlobWriter, clock: IReactorTime,
+                 idleTimeout: float) -> None:
         self._scanner = scanner
         self._writer = writer
         self.done: Deferred[int] = Deferred()
@@ -43,8 +45,20 @@ class _NamesReceiver(Protocol):
         self._writing: Deferred[None] | None = None
         self._pending: list[str] = []
         self._ended = False
+        self._idleTimeout = idleTimeout
+        self._timer: IDelayedCall | None = clock.callLater(idleTimeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+        self._finish(Failure(UpstreamFailure(f"no data from upstream for {self._idleTimeout} seconds")))
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._idleTimeout)
         try:
             self._queue(self._scanner.feed(data))
         except Exception as e:
@@ -73,9 +87,10 @@ class _NamesReceiver(Protocol):
         self._writing.addCallbacks(lambda _: self._writeNext(), self._finish)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancelTimer()
         if self.done.called:
             return
-        if not reason.check(ResponseDone):
+        if not reason.check(ResponseDone, PotentialDataLoss):
             self._finish(Failure(UpstreamFailure(f"project list broke off: {reason.getErrorMessage()}")))
             return
         try:
@@ -87,7 +102,13 @@ class _NamesReceiver(Protocol):
         if self._writing is None:
             self._writeNext()
 
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def _finish(self, result: Any) -> None:
+        self._cancelTimer()
         if not self.done.called:
             self.done.callback(result) if not isinstance(result, Failure) else self.done.errback(result)
 
@@ -107,14 +128,16 @@ class MirrorNames:
 
     async def open(self, stage: Stage) -> BinaryIO | None:
         """A file of the mirror's project names, one per line, or C{None}."""
+        if stage.config.get("mirror_no_project_list") or self._pages.offlineMode:
+            # Only the names with cached pages are listed (by the caller).
+            return None
         key = namesKey(stage)
         stored = await self._storage.read(lambda view: view.get(key))
         expiry = float(stage.config.get("mirror_cache_expiry", 1800))
         fetchedAt = self._fetchedAt.get(stage.name)
         fresh = stored is not None and fetchedAt is not None and self._clock.seconds() - fetchedAt < expiry
         status = self._pages.state(stage).status
-        if (not fresh and not self._pages.offlineMode and status.mayAskUpstream()
-                and not stage.config.get("mirror_no_project_list")):
+        if not fresh and status.mayAskUpstream():
             current = stored
             stored = await self._refreshes.run(stage.name, lambda: self._refresh(stage, current))
         if stored is None:
@@ -141,7 +164,8 @@ class MirrorNames:
                 _discardBody(response)
                 raise UpstreamFailure(f"{redacted(url)} answered {response.code}")
             contentType = response.headers.getRawHeaders(b"content-type", [b""])[-1].decode("latin-1")
-            receiver = _NamesReceiver(ProjectListScanner(contentType or None), writer)
+            receiver = _NamesReceiver(ProjectListScanner(contentType or None), writer, self._clock,
+                                      self._upstream.idleTimeout)
             response.deliverBody(receiver)
             count = await receiver.done
         except UpstreamFailure as e:

@@ -34,8 +34,8 @@ from ..storage import BLOB_REF
 from ..web.files import IMMUTABLE, FileResponse, contentTypeFor
 from .files import FetchedFile, FileFetch, attachLiveClient, startFetch
 from .names import MirrorNames
-from .pages import CachedProject, MirrorPages, linkRelpath
-from .upstream import UpstreamClient, UpstreamFailure, _Collector
+from .pages import CachedProject, MirrorPages, _discardBody, linkRelpath
+from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, _Collector
 
 log = Logger()
 
@@ -194,7 +194,11 @@ class Mirrors(MultiService):
         key = (stage.name, link.filename)
         status = self.pages.state(stage).status
         try:
-            fetch = await startFetch(self._upstream, self._blobs, self._clock, link)
+            fetch = await startFetch(self._upstream, self._blobs, self._clock, link, stage.config.get("mirror_url"))
+        except UpstreamMissing as e:
+            # Upstream answered: it is up, it just no longer has the file.
+            status.succeeded()
+            raise NotFound(f"{link.filename} is not available upstream: {e}")
         except UpstreamFailure as e:
             status.failed(str(e))
             raise UpstreamError(f"cannot fetch {link.filename}: {e}")
@@ -278,12 +282,17 @@ class Mirrors(MultiService):
     async def _fetchMetadata(self, stage: Stage, link: UpstreamLink) -> bytes:
         status = self.pages.state(stage).status
         try:
-            response = await self._upstream.openFile(link.url + ".metadata")
+            response = await self._upstream.openFile(link.url + ".metadata", stage.config.get("mirror_url"))
             if response.code != 200:
-                raise UpstreamFailure(f"metadata of {link.filename}: upstream answered {response.code}")
+                _discardBody(response)
+                error = UpstreamMissing if response.code in (404, 410) else UpstreamFailure
+                raise error(f"metadata of {link.filename}: upstream answered {response.code}")
             collector = _Collector(self._clock, self._upstream.idleTimeout, 16 * 1024 * 1024)
             response.deliverBody(collector)
             data = await collector.done
+        except UpstreamMissing as e:
+            status.succeeded()
+            raise UpstreamError(str(e))
         except UpstreamFailure as e:
             status.failed(str(e))
             raise UpstreamError(str(e))

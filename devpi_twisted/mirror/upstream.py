@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -33,6 +34,10 @@ USER_AGENT = f"devpi-twisted/{__version__}".encode("ascii")
 
 class UpstreamFailure(Exception):
     """Upstream could not be asked, or answered with an error or garbage."""
+
+
+class UpstreamMissing(UpstreamFailure):
+    """Upstream answered, and does not have what was asked for (404, 410)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,47 @@ def splitCredentials(url: str) -> tuple[str, bytes | None]:
 def redacted(url: str) -> str:
     """C{url} without credentials, for logs and messages."""
     return splitCredentials(url)[0]
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def credentialsFor(url: str, mirrorURL: str | None) -> bytes | None:
+    """
+    The C{Authorization} value of C{mirrorURL}'s embedded credentials, for
+    a C{url} on the same origin (files of a private index that needs them);
+    never for another host, so they cannot leak to a CDN.
+    """
+    if not mirrorURL:
+        return None
+    _, auth = splitCredentials(mirrorURL)
+    if auth is None or _origin(url) != _origin(mirrorURL):
+        return None
+    return auth
+
+
+def upstreamTLSPolicy(caBundle: str | None = None) -> Any:
+    """
+    The TLS policy for upstream connections: certificates and host names
+    verified, against the system's CAs or against every certificate in the
+    PEM file C{caBundle} (C{--upstream-ca}; a bundle may hold several).
+    """
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    if not caBundle:
+        return BrowserLikePolicyForHTTPS()
+    with open(caBundle, "rb") as f:
+        text = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in text.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ValueError(f"{caBundle}: no PEM certificate found")
+    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(
+        [Certificate.loadPEM(block) for block in blocks]))
 
 
 class _Collector(Protocol):
@@ -106,7 +152,8 @@ class _Collector(Protocol):
         self._cancelTimer()
         if self.done.called:
             return
-        if reason.check(ResponseDone):
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: no length given, the connection closed at the end (as treq takes it).
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(UpstreamFailure(f"upstream body incomplete: {reason.getErrorMessage()}"))
@@ -129,23 +176,33 @@ class UpstreamClient:
         self.timeout = timeout
         self.idleTimeout = idleTimeout
 
-    async def _request(self, agent: IAgent, url: str, headers: dict[bytes, bytes]) -> IResponse:
-        clean, auth = splitCredentials(url)
+    async def _request(self, agent: IAgent, url: str, headers: dict[bytes, bytes],
+                       auth: bytes | None = None) -> IResponse:
+        clean, embedded = splitCredentials(url)
+        auth = embedded or auth
         allHeaders = Headers({b"User-Agent": [USER_AGENT]})
         for name, value in headers.items():
             allHeaders.setRawHeaders(name, [value])
         if auth is not None:
             allHeaders.setRawHeaders(b"Authorization", [auth])
         d = agent.request(b"GET", clean.encode("utf-8"), allHeaders)
-        timer = self._clock.callLater(self.timeout, d.cancel)
+        timedOut = []
+
+        def timeout() -> None:
+            timedOut.append(True)
+            d.cancel()
+
+        timer = self._clock.callLater(self.timeout, timeout)
         try:
             return await d
-        except CancelledError:
-            raise UpstreamFailure(f"no answer from {redacted(url)} within {self.timeout} seconds")
-        except UpstreamFailure:
-            raise
         except Exception as e:
-            raise UpstreamFailure(f"cannot reach {redacted(url)}: {e.__class__.__name__}: {e}")
+            if timedOut:
+                # Depending on how far the request got, cancelling it gives a
+                # CancelledError or one wrapped in ResponseNeverReceived.
+                raise UpstreamFailure(f"no answer from {redacted(url)} within {self.timeout} seconds")
+            if isinstance(e, UpstreamFailure):
+                raise
+            raise UpstreamFailure(f"cannot reach {redacted(url)}: {_describe(e)}")
         finally:
             if timer.active():
                 timer.cancel()
@@ -176,7 +233,7 @@ class UpstreamClient:
         return PageResponse(
             status=response.code, body=body, contentType=header(b"content-type"),
             etag=header(b"etag"), serial=serial,
-            url=redacted(url),
+            url=_finalURL(response, url),
         )
 
     async def openPage(self, url: str, etag: str | None) -> IResponse:
@@ -186,9 +243,39 @@ class UpstreamClient:
             headers[b"If-None-Match"] = etag.encode("latin-1")
         return await self._request(self._pageAgent, url, headers)
 
-    async def openFile(self, url: str) -> IResponse:
-        """GET a file; the caller reads the body (with L{idleTimeout}) from the response."""
-        return await self._request(self._agent, url, {b"Accept": b"*/*", b"Accept-Encoding": b"identity"})
+    async def openFile(self, url: str, mirrorURL: str | None = None) -> IResponse:
+        """
+        GET a file; the caller reads the body (with L{idleTimeout}) from the response.
+
+        @param mirrorURL: the mirror's URL, whose credentials are sent when
+            C{url} is on the same origin.
+        """
+        return await self._request(self._agent, url, {b"Accept": b"*/*", b"Accept-Encoding": b"identity"},
+                                   credentialsFor(url, mirrorURL))
+
+
+def _finalURL(response: IResponse, url: str) -> str:
+    """
+    The URL the page was finally served from (after redirects), which its
+    relative links are resolved against; without credentials.
+    """
+    request = getattr(response, "request", None)
+    absolute = getattr(request, "absoluteURI", None)
+    if isinstance(absolute, bytes):
+        try:
+            return redacted(absolute.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return redacted(url)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line account of a connection error, unwrapping Twisted's lists of reasons."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(reason.value) for reason in reasons)
+    text = str(error)
+    return f"{error.__class__.__name__}: {text}" if text else error.__class__.__name__
 
 
 class _Discard(Protocol):

@@ -15,6 +15,10 @@ class ChangeRecord:
     changes: dict[str, Any] = field(default_factory=dict)
 
 
+class SerialMismatch(Exception):
+    """A change record is not the next one for the store it is applied to."""
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     """A written blob: its content address, size and any extra digests."""

@@ -11,6 +11,11 @@ Tables:
 One connection per thread.  Writes run in the runner's single writer thread,
 so there is one writer at a time; reads run in parallel reader threads, each
 inside its own read transaction, so a view is a consistent snapshot.
+
+Several processes may share the database (C{--requests-only} workers next to
+the main process): SQLite serialises their writes (C{BEGIN IMMEDIATE} takes
+the database's write lock, and the serial is read inside it), and
+L{SqliteStorage.startWatching} makes a process notice the others' commits.
 """
 
 import json
@@ -19,15 +24,19 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from ..interfaces import IReadView, IStorage, IWriteTransaction
-from . import ChangeRecord, blobRef, prefixUpperBound
+from . import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
 from .threads import Runner
 
 T = TypeVar("T")
+log = Logger()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS changelog (serial INTEGER PRIMARY KEY, at REAL NOT NULL);
@@ -43,6 +52,22 @@ CREATE INDEX IF NOT EXISTS kv_blob ON kv (blob) WHERE blob IS NOT NULL;
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _storeChanges(conn: sqlite3.Connection, serial: int, at: float, changes: dict[str, Any]) -> None:
+    """Record one change (inside the caller's transaction)."""
+    conn.execute("INSERT INTO changelog (serial, at) VALUES (?, ?)", (serial, at))
+    for key, value in changes.items():
+        if value is None:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            conn.execute("INSERT INTO history VALUES (?, ?, NULL)", (key, serial))
+        else:
+            text = _dumps(value)
+            conn.execute(
+                "INSERT OR REPLACE INTO kv (key, serial, value, blob) VALUES (?, ?, ?, ?)",
+                (key, serial, text, blobRef(value)),
+            )
+            conn.execute("INSERT INTO history VALUES (?, ?, ?)", (key, serial, text))
 
 
 @implementer(IReadView)
@@ -137,6 +162,12 @@ class SqliteStorage:
         self._serial, self._lastTime = (row[0], row[1]) if row else (-1, None)
         conn.close()
         self._local = threading.local()
+        # Subscribers have been told of every serial up to _told, and of
+        # those in _toldAhead (commits that overtook another process's).
+        self._told = self._serial
+        self._toldAhead: set[int] = set()
+        self._watcher: LoopingCall | None = None
+        self._catchUpLock = DeferredLock()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path.path, isolation_level=None, timeout=30)
@@ -188,24 +219,35 @@ class SqliteStorage:
                 return None, result
             serial = last + 1
             now = time.time()
-            conn.execute("INSERT INTO changelog (serial, at) VALUES (?, ?)", (serial, now))
-            for key, value in txn.changes.items():
-                if value is None:
-                    conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-                    conn.execute("INSERT INTO history VALUES (?, ?, NULL)", (key, serial))
-                else:
-                    text = _dumps(value)
-                    conn.execute(
-                        "INSERT OR REPLACE INTO kv (key, serial, value, blob) VALUES (?, ?, ?, ?)",
-                        (key, serial, text, blobRef(value)),
-                    )
-                    conn.execute("INSERT INTO history VALUES (?, ?, ?)", (key, serial, text))
+            _storeChanges(conn, serial, now, txn.changes)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return ChangeRecord(serial, now, dict(txn.changes)), result
+
+    def _applyRecord(self, record: ChangeRecord) -> tuple[ChangeRecord, int]:
+        # Values go through JSON as in a write, so reads return the same shapes.
+        changes = {k: None if v is None else json.loads(_dumps(v)) for k, v in record.changes.items()}
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
+            last = -1 if row[0] is None else row[0]
+            if record.serial != last + 1:
+                raise SerialMismatch(f"change {record.serial} cannot follow serial {last}")
+            _storeChanges(conn, record.serial, record.time, changes)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return ChangeRecord(record.serial, record.time, changes), record.serial
+
+    def applyChange(self, record: ChangeRecord) -> Deferred[int]:
+        d = self._runner.runWrite(self._applyRecord, record)
+        return d.addCallback(self._committed).addCallback(lambda outcome: outcome[0])
 
     def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
         d = self._runner.runWrite(self._write, function)
@@ -215,11 +257,85 @@ class SqliteStorage:
         record, result = outcome
         if record is None:
             return self._serial, result
-        self._serial = max(self._serial, record.serial)
-        self._lastTime = record.time
+        self._tell(record)
+        if self._watcher is not None and record.serial > self._told:
+            # Another process committed just before us: tell its change too.
+            self._catchUp().addErrback(lambda f: log.failure("following other processes' commits", f))
+        return record.serial, result
+
+    def _tell(self, record: ChangeRecord) -> None:
+        """Tell subscribers of C{record}, once, whoever committed it."""
+        if record.serial <= self._told or record.serial in self._toldAhead:
+            return
+        if record.serial >= self._serial:
+            self._serial, self._lastTime = record.serial, record.time
+        if record.serial == self._told + 1:
+            self._told = record.serial
+            while self._told + 1 in self._toldAhead:
+                self._told += 1
+                self._toldAhead.discard(self._told)
+        else:
+            self._toldAhead.add(record.serial)
+            if len(self._toldAhead) > 100000:  # nobody is filling the gaps
+                self._told = max(self._toldAhead)
+                self._toldAhead.clear()
         for callback in list(self._subscribers):
             callback(record)
-        return record.serial, result
+
+    # other processes on the same database
+
+    def startWatching(self, clock: IReactorTime, interval: float = 0.2) -> None:
+        """
+        Notice commits of other processes sharing the database: every
+        C{interval} seconds, when the last serial moved, tell subscribers of
+        the new changes as if they were this process's own, so caches
+        invalidate and L{currentSerial} is right.  Each change is told once;
+        with several writers, changes may be told out of serial order.
+
+        Off unless called: a single process already sees all its commits.
+        """
+        if self._watcher is not None:
+            return
+        self._watcher = LoopingCall(self._poll)
+        self._watcher.clock = clock
+        self._watcher.start(interval, now=True).addErrback(
+            lambda f: log.failure("watching the database for other processes' commits", f)
+        )
+
+    def isWatching(self) -> bool:
+        return self._watcher is not None
+
+    def stopWatching(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher.running:
+            watcher.stop()
+
+    def _lastSerial(self) -> int:
+        row = self._conn().execute("SELECT MAX(serial) FROM changelog").fetchone()
+        return -1 if row[0] is None else row[0]
+
+    def _poll(self) -> Deferred[None]:
+        def check(last: int) -> Deferred[None] | None:
+            if last > self._told and not self._catchUpLock.locked:
+                return self._catchUp()
+            return None
+
+        d = self._runner.runRead(self._lastSerial).addCallback(check)
+        # A failed check is logged; the next one runs on schedule.
+        return d.addErrback(lambda f: log.failure("checking for other processes' commits", f))
+
+    def _catchUp(self) -> Deferred[None]:
+        """Tell subscribers of every committed change they have not been told of, in order."""
+
+        def fetch() -> Deferred[None]:
+            def got(records: list[ChangeRecord]) -> Deferred[None] | None:
+                for record in records:
+                    self._tell(record)
+                return fetch() if len(records) == 500 else None
+
+            return self.changesSince(self._told, 500).addCallback(got)
+
+        return self._catchUpLock.run(fetch)
 
     def _changesSince(self, serial: int, limit: int) -> list[ChangeRecord]:
         conn = self._conn()
@@ -267,10 +383,14 @@ class SqliteStorage:
 
     def close(self) -> Deferred[None]:
         # Thread-local connections close with their threads; checkpoint the
-        # WAL so the database file is complete on its own.
+        # WAL so the database file is complete on its own.  With other
+        # processes on the database, do not wait for their readers.
+        shared = self._watcher is not None
+        self.stopWatching()
+
         def _checkpointAndClose() -> None:
             conn = self._conn()
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)" if shared else "PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()
             self._local.conn = None
 

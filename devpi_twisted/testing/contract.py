@@ -12,7 +12,7 @@ from typing import Any
 from zope.interface.verify import verifyObject
 
 from ..interfaces import IBlobStore, IStorage
-from ..storage import BLOB_REF, ChangeRecord
+from ..storage import BLOB_REF, ChangeRecord, SerialMismatch
 
 
 class StorageContract:
@@ -145,6 +145,40 @@ class StorageContract:
         unsubscribe()
         self.write(lambda txn: txn.set("b", 1))
         self.assertEqual([(r.serial, r.changes) for r in heard], [(0, {"a": 1})])
+
+    def test_applyChange(self) -> None:
+        """A record from elsewhere commits at its own serial and time, readable and in the changelog."""
+        self.assertEqual(self.successResultOf(self.storage.applyChange(
+            ChangeRecord(0, 1000.5, {"a": {"x": [1]}, "b": 2}))), 0)
+        self.assertEqual(self.successResultOf(self.storage.applyChange(
+            ChangeRecord(1, 1001.0, {"a": None, "c": {BLOB_REF: "d" * 64}}))), 1)
+        self.assertEqual(self.storage.currentSerial(), 1)
+        self.assertEqual(self.storage.lastCommitTime(), 1001.0)
+        self.assertEqual(self.read(lambda v: (v.items(""), v.serial)), ([("b", 2), ("c", {BLOB_REF: "d" * 64})], 1))
+        records = self.successResultOf(self.storage.changesSince(-1, 10))
+        self.assertEqual([(r.serial, r.time, r.changes) for r in records], [
+            (0, 1000.5, {"a": {"x": [1]}, "b": 2}),
+            (1, 1001.0, {"a": None, "c": {BLOB_REF: "d" * 64}}),
+        ])
+        self.assertEqual(self.successResultOf(self.storage.readAsOf(0, lambda v: v.get("a"))), {"x": [1]})
+        self.assertTrue(self.successResultOf(self.storage.isBlobReferenced("d" * 64)))
+        serial, _ = self.write(lambda txn: txn.set("local", 1))
+        self.assertEqual(serial, 2)
+
+    def test_applyChangeOutOfOrder(self) -> None:
+        """A record that is not the next serial is refused and changes nothing."""
+        self.write(lambda txn: txn.set("a", 1))
+        for serial in (0, 2, 5):
+            self.failureResultOf(self.storage.applyChange(ChangeRecord(serial, 1.0, {"a": 9})), SerialMismatch)
+        self.assertEqual(self.storage.currentSerial(), 0)
+        self.assertEqual(self.read(lambda v: v.get("a")), 1)
+
+    def test_applyChangeNotifies(self) -> None:
+        """Subscribers hear of applied records as of written ones."""
+        heard: list[Any] = []
+        self.storage.subscribe(heard.append)
+        self.successResultOf(self.storage.applyChange(ChangeRecord(0, 5.0, {"k": "v"})))
+        self.assertEqual([(r.serial, r.time, r.changes) for r in heard], [(0, 5.0, {"k": "v"})])
 
     def test_referencedBlobs(self) -> None:
         """Values carrying a blob reference report it; deleted ones don't."""

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from ..interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
-from ..storage import BlobInfo, ChangeRecord, blobRef, newHashes
+from ..storage import BlobInfo, ChangeRecord, SerialMismatch, blobRef, newHashes
 
 T = TypeVar("T")
 
@@ -113,15 +113,25 @@ class MemoryStorage:
         if not txn.changes:
             return succeed((self.currentSerial(), result))
         record = ChangeRecord(len(self._log), self._clock(), copy.deepcopy(txn.changes))
+        self._commit(record)
+        return succeed((record.serial, result))
+
+    def _commit(self, record: ChangeRecord) -> None:
         self._log.append(record)
-        for key, value in txn.changes.items():
+        for key, value in record.changes.items():
             if value is None:
                 self._state.pop(key, None)
             else:
-                self._state[key] = value
+                self._state[key] = copy.deepcopy(value)
         for callback in list(self._subscribers):
             callback(record)
-        return succeed((record.serial, result))
+
+    def applyChange(self, record: ChangeRecord) -> Deferred[int]:
+        if record.serial != self.currentSerial() + 1:
+            return fail(SerialMismatch(f"change {record.serial} cannot follow serial {self.currentSerial()}"))
+        changes = {k: None if v is None else _copy(v) for k, v in record.changes.items()}
+        self._commit(ChangeRecord(record.serial, record.time, changes))
+        return succeed(record.serial)
 
     def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
         return succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]])

@@ -15,12 +15,19 @@ from ..config import ServerConfig
 from ..errors import BadRequest, Unauthorized
 from ..indexes import Indexes
 from ..interfaces import IStorage
+from ..redact import scrubText, scrubURL
 from ..users import Users
-from .context import hasQueryFlag, outsideURL, requesterOf
+from .context import clientAddress, hasQueryFlag, outsideURL, requesterOf
 from .headers import setSerial
 from .responses import jsonBody, readJSON
 
 FEATURES = ["push-no-docs", "push-only-docs", "push-register-project", "server-keyvalue-parsing"]
+
+
+def _scrubbed(statuses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mirror states with no credentials in their error texts."""
+    return {name: {k: scrubText(v) if isinstance(v, str) else v for k, v in status.items()}
+            for name, status in statuses.items()}
 
 
 class APIViews:
@@ -38,7 +45,11 @@ class APIViews:
         clock: Any = time,
         mirrors: Any = None,
         pusher: Any = None,
+        replication: Any = None,
+        metrics: Any = None,
     ) -> None:
+        self._metrics = metrics  # statusList(): devpi's [name, type, value] list
+        self._replication = replication  # statusFields(): the feed's, or a replica's
         self._mirrors = mirrors
         self._pusher = pusher
         self._config = config
@@ -76,7 +87,7 @@ class APIViews:
                 or not isinstance(body.get("password"), str):
             raise BadRequest("Bad request: no user/password specified")
         user = body["user"]
-        if await self._auth.authenticate(user, body["password"]) is None:
+        if await self._auth.authenticate(user, body["password"], address=clientAddress(request)) is None:
             raise Unauthorized(f"user {user!r} could not be authenticated")
         config = await self._storage.read(lambda view: view.get(f"user/{user}"))
         token = self._auth.makeToken(user, (config or {}).get("pwhash"))
@@ -98,18 +109,23 @@ class APIViews:
             "server-code": __import__("devpi_twisted").__path__[0],
             "host": getattr(host, "host", None),
             "port": getattr(host, "port", None),
-            "outside-url": self._config.outsideURL,
+            "outside-url": scrubURL(self._config.outsideURL),
             "serial": serial,
             "last-commit-timestamp": lastCommit,
             "event-serial": serial,
             "event-serial-timestamp": lastCommit,
             "event-serial-in-sync-at": lastCommit,
-            "metrics": [],
+            "metrics": self._metrics.statusList() if self._metrics is not None else [],
             "role": "MASTER",
             "polling_replicas": {},
-            "mirrors": self._mirrors.statuses() if self._mirrors is not None else {},
+            "mirrors": _scrubbed(self._mirrors.statuses()) if self._mirrors is not None else {},
             "started-at": self._startedAt,
         }
+        if self._replication is not None:
+            # role, replication (the sync machine), polling_replicas, and metrics to add
+            extra = dict(self._replication.statusFields())
+            result["metrics"] = list(result["metrics"]) + list(extra.pop("metrics", []))
+            result.update(extra)
         return jsonBody(request, result=result, type="status")
 
     # users

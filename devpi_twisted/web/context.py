@@ -31,9 +31,15 @@ async def requesterOf(request: IRequest, auth: Authenticator) -> str | None:
         credentials = parseBasic(request.getHeader(b"authorization"))
     user = None
     if credentials is not None:
-        user = await auth.authenticate(*credentials)
+        user = await auth.authenticate(*credentials, address=clientAddress(request))
     setattr(request, _REQUESTER, user)
     return user
+
+
+def clientAddress(request: IRequest) -> str | None:
+    """The client's IP address (the peer of the connection), for throttling and logs."""
+    address: Any = request.getClientAddress()
+    return getattr(address, "host", None)
 
 
 def hasQueryFlag(request: IRequest, name: bytes) -> bool:

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from ..errors import DevpiError, Unauthorized
+from ..errors import DevpiError, TooManyRequests, Unauthorized
 from .responses import jsonBody
 
 log = Logger()
@@ -34,6 +34,9 @@ def renderDevpiError(request: IRequest, failure: Failure) -> bytes:
         request.setResponseCode(error.status, _reason(error.message))
     if isinstance(error, Unauthorized) and getattr(error, "challenge", False):
         request.setHeader(b"WWW-Authenticate", b'Basic realm="pypi"')
+    if isinstance(error, TooManyRequests):
+        request.setResponseCode(429, b"Too Many Requests")
+        request.setHeader(b"Retry-After", str(error.retryAfter).encode("ascii"))
     return body
 
 

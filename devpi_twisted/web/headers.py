@@ -35,7 +35,26 @@ class DevpiHeadersResource(Resource):
         for name, value in self._static:
             request.setHeader(name, value)
         setSerial(request, self._storage.currentSerial())
+        if request.method not in (b"GET", b"HEAD"):
+            _serialWhenAnswered(request, self._storage)
         return self._wrapped.render(request)
+
+
+def _serialWhenAnswered(request: IRequest, storage: Any) -> None:
+    """
+    Make a request that may write report the serial as it is when the
+    headers go out, so the answer names a serial that includes its own
+    change, whichever view handled it (a replica waits for that serial
+    after forwarding a write).
+    """
+    write = request.write
+
+    def writeWithSerial(data: bytes) -> None:
+        if not request.startedWriting:
+            setSerial(request, storage.currentSerial())
+        write(data)
+
+    request.write = writeWithSerial  # type: ignore[method-assign]
 
 
 def setSerial(request: IRequest, serial: int) -> None:

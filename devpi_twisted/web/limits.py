@@ -58,8 +58,9 @@ class LimitedRequest(Request):
         self.channel.loseConnection()
 
 
-def limitedRequestFactory(maxBodySize: int, extraHeaders: list[tuple[bytes, bytes]]) -> type[LimitedRequest]:
-    """A request class with the configured limit, for C{Site.requestFactory}."""
-    return type("ConfiguredRequest", (LimitedRequest,), {
+def limitedRequestFactory(maxBodySize: int, extraHeaders: list[tuple[bytes, bytes]],
+                          base: type[LimitedRequest] = LimitedRequest) -> type[LimitedRequest]:
+    """A request class (a subclass of C{base}) with the configured limit, for C{Site.requestFactory}."""
+    return type("ConfiguredRequest", (base,), {
         "maxBodySize": maxBodySize, "extraHeaders": list(extraHeaders),
     })

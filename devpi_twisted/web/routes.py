@@ -27,6 +27,7 @@ from ..releases import Documentation, Releases
 from ..simple import SimplePages
 from ..users import Users
 from .api import APIViews
+from .changelog import ChangelogFeed
 from .errors import HANDLERS
 from .headers import DevpiHeadersResource
 from .pages import PageViews, isInstaller
@@ -39,7 +40,7 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+simple", "+f", "+provenance"}
+_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -67,7 +68,9 @@ class Routes:
     app = Klein()
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
-                 docs: DocViews) -> None:
+                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None) -> None:
+        self._changelog = changelog
+        self._metrics = metrics
         self._docs = docs
         self._api = api
         self._pages = pages
@@ -94,6 +97,26 @@ class Routes:
     @app.route("/+status", methods=["GET", "POST"])
     def status(self, request: IRequest) -> Any:
         return self._api.status(request)
+
+    @app.route("/+metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> Any:
+        if self._metrics is None:
+            raise NotFound()
+        return self._metrics.render(request)
+
+    # replication (see .changelog)
+
+    @app.route("/+changelog/<int:serial>-", methods=["GET"])
+    def changelog(self, request: IRequest, serial: int) -> Any:
+        if self._changelog is None:
+            raise NotFound()
+        return self._changelog.changes(request, serial)
+
+    @app.route("/+blob/<sha256>", methods=["GET"])
+    def blob(self, request: IRequest, sha256: str) -> Any:
+        if self._changelog is None:
+            raise NotFound()
+        return self._changelog.blob(request, sha256)
 
     # users
 
@@ -227,18 +250,30 @@ def makeWebResource(
     version: str,
     mirrors: Any = None,
     pushAgent: Any = None,
+    changelog: ChangelogFeed | None = None,
+    replication: Any = None,
+    metrics: Any = None,
 ) -> Resource:
-    """The root resource of the site, with devpi's headers on every response."""
+    """
+    The root resource of the site, with devpi's headers on every response.
+
+    @param changelog: the replication feed, when this server may be followed.
+    @param replication: what C{/+status} shows of replication (an object with
+        C{statusFields()}); by default the feed's.
+    """
     documentation = Documentation(storage, releases.clock)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
-                 pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock)),
+                 pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
+                 replication=replication if replication is not None else changelog, metrics=metrics),
         PageViews(pages, config.outsideURL),
         ProjectViews(config, storage, blobs, auth, releases, mirrors),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation),
+        changelog,
+        metrics,
     )
     return DevpiHeadersResource(
-        routes.app.resource(), storage, nodeinfo["uuid"], nodeinfo["uuid"], version
+        routes.app.resource(), storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version
     )

@@ -1,0 +1,315 @@
+"""
+C{devpi-twisted export DIR}: the whole state of a stopped server in
+devpi-server's export layout (dumpversion 2), which C{devpi-import} and
+C{devpi-twisted import} both read.
+
+C{DIR/dataindex.json} holds users (with their password hashes), indexes with
+their configuration, every release's metadata and a description of every
+file; the files are laid out as devpi lays them out:
+
+  - release files: C{USER/INDEX/PROJECT/VERSION/FILENAME};
+  - documentation zips: C{USER/INDEX/PROJECT-VERSION.doc.zip};
+  - tox results: C{USER/INDEX/PROJECT/sha256=<release sha256>/FILENAME}.
+
+What devpi has no place for (PEP 592 yanking, PEP 792 project status, PEP 740
+attestations, upload times with microseconds, hashes other than sha256 and
+md5) goes under C{"devpi_twisted"} keys, which devpi's import ignores, so a
+round trip through devpi-twisted keeps them and devpi can still read the
+export.
+
+L{planExport} is pure (a read view in, the JSON and a list of files to copy
+out); L{exportServerDir} runs it on a locked, stopped server directory.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from . import __version__
+from .errors import ServerDirError
+from .interfaces import IReadView
+from .model import keys
+from .model.distfile import splitArchiveName
+from .model.indexconfig import MIRROR
+from .serverdir import ServerDir
+from .storage.plugin import findBackend
+from .storage.threads import SynchronousRunner
+
+DUMPVERSION = "2"
+EXTRA = "devpi_twisted"
+"""The key of what devpi-twisted keeps beyond devpi's export format."""
+
+DEVPI_HASHES = ("sha256", "md5")
+"""Hash names devpi-server's import can check (it looks them up in hashlib by name)."""
+
+_REL_ORDER = {"releasefile": 0, "toxresult": 1, "doczip": 2}
+
+
+class ExportError(ServerDirError):
+    """The state cannot be exported as it is; the message says why."""
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote."""
+
+    users: list[str] = field(default_factory=list)
+    indexes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (projects, files)
+    files: dict[str, int] = field(default_factory=dict)  # type: count
+    configOnly: list[str] = field(default_factory=list)  # mirrors without their files
+    size: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"  users: {len(self.users)} ({', '.join(self.users)})",
+                 f"  indexes: {len(self.indexes) + len(self.configOnly)}"]
+        for name, (projects, files) in self.indexes.items():
+            lines.append(f"    {name}: {projects} projects, {files} files")
+        for name in self.configOnly:
+            lines.append(f"    {name}: mirror, configuration only (see --include-mirrored-files)")
+        total = sum(self.files.values())
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.files.items()))
+        lines.append(f"  projects: {sum(p for p, _ in self.indexes.values())}")
+        lines.append(f"  files: {total}{f' ({kinds})' if kinds else ''}, {self.size} bytes")
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """One file of the export: where it goes below DIR and which blob it is."""
+
+    relpath: str
+    sha256: str
+    size: int
+
+
+def versionFromFilename(filename: str) -> str | None:
+    """The version a distribution (or C{.doc.zip}) file name carries, as devpi derives it."""
+    if ".toxresult-" in filename:  # a tox result is named after its release file
+        filename = filename.split(".toxresult-", 1)[0]
+    if filename.endswith(".doc.zip"):
+        stem = filename[: -len(".doc.zip")]
+    elif filename.endswith(".whl"):
+        parts = filename[: -len(".whl")].split("-")
+        return parts[1] if len(parts) >= 5 else None
+    else:
+        split = splitArchiveName(filename)
+        if split is None:
+            return None
+        stem = split[0]
+    if "-" not in stem:
+        return None
+    return stem.rsplit("-", 1)[1] or None
+
+
+def safeSegment(value: Any) -> bool:
+    """Whether C{value} can be one path segment of the export."""
+    return (
+        isinstance(value, str) and value not in ("", ".", "..")
+        and "/" not in value and "\\" not in value and "\0" not in value
+    )
+
+
+def _fileOrder(entry: dict[str, Any]) -> tuple[str, str, int, str]:
+    return (entry["project"], entry.get("version") or "", _REL_ORDER.get(entry.get("rel", "releasefile"), 3),
+            entry["filename"])
+
+
+def _fileExtras(entry: dict[str, Any]) -> dict[str, Any]:
+    extras: dict[str, Any] = {"upload_time": entry.get("upload_time"), "yanked": entry.get("yanked", False)}
+    if "requires_python" in entry:
+        extras["requires_python"] = entry["requires_python"]
+    hashes = entry.get("hashes") or {}
+    if any(name not in DEVPI_HASHES for name in hashes):
+        extras["hashes"] = dict(hashes)
+    if entry.get("attestations"):
+        extras["attestations"] = entry["attestations"]
+    return extras
+
+
+def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: dict[str, Any],
+               copies: list[FileCopy], warnings: list[str]) -> None:
+    name = f"{user}/{index}"
+    projects: dict[str, dict[str, Any]] = {}
+    projectConfigs: dict[str, Any] = {}
+    prefix = keys.projectsPrefix(user, index)
+    for key, config in view.items(prefix):
+        projectConfigs[key[len(prefix):]] = config
+    versionsPrefix = f"version/{user}/{index}/"
+    for key, metadata in view.items(versionsPrefix):
+        project, _, version = key[len(versionsPrefix):].partition("/")
+        projects.setdefault(project, {})[version] = {k: v for k, v in metadata.items() if not k.startswith("+")}
+    entries = [entry for _, entry in view.items(f"file/{user}/{index}/")]
+    byRelpath = {entry["relpath"]: entry for entry in entries}
+    files = []
+    for entry in sorted(entries, key=_fileOrder):
+        rel = entry.get("rel", "releasefile")
+        project, filename, sha = entry["project"], entry["filename"], entry["sha256"]
+        version = entry.get("version") or versionFromFilename(filename) or "0"
+        if not (safeSegment(project) and safeSegment(version) and safeSegment(filename)):
+            raise ExportError(f"{name}: cannot export {filename!r} of {project!r} {version!r}: unsafe path")
+        desc: dict[str, Any] = {"type": rel, "projectname": project, "version": version}
+        if rel == "releasefile":
+            path = f"{name}/{project}/{version}/{filename}"
+        elif rel == "doczip":
+            path = f"{name}/{project}-{version}.doc.zip"
+        elif rel == "toxresult":
+            release = byRelpath.get(entry.get("for_relpath", ""))
+            if release is None:
+                warnings.append(f"{name}: tox result {filename} has no release file any more; not exported")
+                continue
+            path = f"{name}/{project}/sha256={release['sha256']}/{filename}"
+            desc["for_entrypath"] = release["relpath"]
+        else:
+            warnings.append(f"{name}: file {filename} of unknown kind {rel!r}; not exported")
+            continue
+        hashes = entry.get("hashes") or {"sha256": sha}
+        mapping: dict[str, Any] = {
+            "last_modified": entry.get("last_modified"),
+            "hash_spec": f"sha256={sha}",
+            "hashes": {k: v for k, v in hashes.items() if k in DEVPI_HASHES} or {"sha256": sha},
+            "project": project,
+            "version": version,
+        }
+        if entry.get("url"):
+            mapping["url"] = entry["url"]
+        desc.update({"relpath": path, "entrymapping": mapping, "log": entry.get("log") or []})
+        desc[EXTRA] = _fileExtras(entry)
+        files.append(desc)
+        copies.append(FileCopy(path, sha, entry.get("size", 0)))
+        if isMirror:
+            # devpi's import of mirrored files looks up each file's version.
+            versions = projects.setdefault(project, {})
+            versions.setdefault(version, {"name": project, "version": version})
+        elif version not in projects.get(project, {}):
+            projects.setdefault(project, {})[version] = {"name": projectConfigs.get(project, {}).get("name", project),
+                                                         "version": version}
+    dumped["projects"] = {p: dict(sorted(v.items())) for p, v in sorted(projects.items())}
+    dumped["files"] = files
+    if projectConfigs:
+        dumped[EXTRA] = {"projects": projectConfigs}
+
+
+def planExport(view: IReadView, includeMirrored: bool = False,
+               warnings: list[str] | None = None) -> tuple[dict[str, Any], list[FileCopy]]:
+    """
+    The C{dataindex.json} content of the state in C{view}, and the files to
+    copy beside it.  Mirror indexes are exported with their configuration
+    only, unless C{includeMirrored}.
+    """
+    warnings = [] if warnings is None else warnings
+    users = {}
+    for key, config in view.items(keys.USER):
+        name = key[len(keys.USER):]
+        users[name] = dict(config, username=name)
+    indexes: dict[str, Any] = {}
+    copies: list[FileCopy] = []
+    for key, config in view.items(keys.INDEX):
+        user, _, index = key[len(keys.INDEX):].partition("/")
+        dumped: dict[str, Any] = {"indexconfig": config}
+        indexes[f"{user}/{index}"] = dumped
+        isMirror = config.get("type") == MIRROR
+        if isMirror and not includeMirrored:
+            continue
+        _dumpIndex(view, user, index, isMirror, dumped, copies, warnings)
+    data = {
+        "dumpversion": DUMPVERSION,
+        "pythonversion": list(sys.version_info),
+        EXTRA: {"version": __version__},
+        "users": users,
+        "indexes": indexes,
+    }
+    return data, copies
+
+
+def syncResult(d: "Deferred[Any]") -> Any:
+    """The result of a Deferred that has fired (storage on a L{SynchronousRunner})."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("the storage answered asynchronously; use a SynchronousRunner")
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def checkExportTarget(target: FilePath) -> None:
+    if target.exists() and (not target.isdir() or target.listdir()):
+        raise ExportError(f"export directory {target.path} must not exist or be empty")
+
+
+def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: bool = False,
+                progress: Callable[[str], None] = lambda line: None) -> ExportSummary:
+    """
+    Export the state of C{storage} and C{blobs} (opened with a
+    L{SynchronousRunner}) into C{target}, which must be missing or empty.
+
+    The export is built in a temporary sibling directory and renamed into
+    place, so a failed export leaves nothing at C{target}.
+    """
+    checkExportTarget(target)
+    summary = ExportSummary()
+    data, copies = syncResult(storage.read(lambda view: planExport(view, includeMirrored, summary.warnings)))
+    target.parent().makedirs(ignoreExistingDirectory=True)
+    building = target.sibling(f".{target.basename()}.export-{secrets.token_hex(4)}")
+    building.makedirs()
+    try:
+        for copy in copies:
+            source = syncResult(blobs.open(copy.sha256))
+            if source is None:
+                raise ExportError(f"the content of {copy.relpath} (sha256 {copy.sha256}) is missing")
+            destination = building.preauthChild(copy.relpath)
+            destination.parent().makedirs(ignoreExistingDirectory=True)
+            with source, open(destination.path, "wb") as out:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+            summary.size += destination.getsize()
+            progress(f"wrote {copy.relpath}")
+        with open(building.child("dataindex.json").path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        if target.exists():
+            os.rmdir(target.path)
+        os.rename(building.path, target.path)
+    except BaseException:
+        if building.exists():
+            building.remove()
+        raise
+    summary.users = sorted(data["users"])
+    for name, dumped in data["indexes"].items():
+        if "files" not in dumped:
+            summary.configOnly.append(name)
+            continue
+        files = dumped["files"]
+        summary.indexes[name] = (len(dumped.get("projects", {})), len(files))
+        for desc in files:
+            summary.files[desc["type"]] = summary.files.get(desc["type"], 0) + 1
+    return summary
+
+
+def exportServerDir(path: FilePath, target: FilePath, includeMirrored: bool = False,
+                    out: TextIO = sys.stdout) -> ExportSummary:
+    """Export the stopped server directory at C{path} into C{target}; report to C{out}."""
+    serverdir = ServerDir(path)
+    serverdir.checkFormat()
+    checkExportTarget(target)
+    serverdir.lockForMaintenance()
+    try:
+        backend = findBackend(serverdir.nodeinfo().get("storage", "sqlite"))
+        storage, blobs = backend.open(path, SynchronousRunner(), None)
+        try:
+            summary = writeExport(storage, blobs, target, includeMirrored)
+        finally:
+            syncResult(storage.close())
+    finally:
+        serverdir.unlock()
+    out.write(f"devpi-twisted: exported {path.path} to {target.path}\n" + summary.describe())
+    return summary

@@ -1,0 +1,130 @@
+"""
+Running the real C{twistd devpi} for the operations tests (TLS, daemon mode,
+shutdown), on 127.0.0.1 only, with the clients' environments isolated.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+import devpi_twisted
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+ROOT_PASSWORD = "secret"
+START_TIMEOUT = 60
+CLIENT_TIMEOUT = 240
+
+
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str:
+    """The program C{name} next to the test's Python, or skip the test."""
+    path = os.path.join(BIN, name)
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    raise SkipTest(f"{name} is not installed next to {sys.executable}")
+
+
+def environment(workdir: str) -> dict[str, str]:
+    """
+    For servers and clients: nothing of the user's settings that could point
+    them elsewhere, caches in the test's directory, no proxy, and the same
+    C{devpi_twisted} as the tests.
+    """
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("DEVPI_TWISTED_", "PIP_", "UV_", "TWINE_"))
+        # CA settings that would override a client's --cert (requests prefers them)
+        and not k.endswith(("_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"))
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "pythonpath")
+    }
+    env.update({
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INPUT": "1",
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        "XDG_CONFIG_HOME": os.path.join(workdir, "config"),
+    })
+    source = os.path.dirname(os.path.dirname(os.path.abspath(devpi_twisted.__file__)))
+    env["PYTHONPATH"] = source
+    return env
+
+
+async def waitForAnswer(testCase: TestCase, http: HTTPClient, url: str, alive: Any,
+                        output: Any, timeout: float = START_TIMEOUT) -> None:
+    """Poll C{url} until it answers 200; fail early when C{alive()} turns false."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            testCase.fail(f"the server exited:\n{output()}")
+        try:
+            response = await http.get(url, timeout=5)
+            await response.content()
+            if response.code == 200:
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            testCase.fail(f"the server did not answer within {timeout}s:\n{output()}")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+class Foreground:
+    """C{twistd -n devpi ...} as a child process, its output in a file, killed in cleanup."""
+
+    def __init__(self, testCase: TestCase, workdir: str, *options: str, logfile: str | None = None) -> None:
+        self.workdir = workdir
+        self.outputPath = os.path.join(workdir, "twistd-output.txt")
+        self.logfile = logfile or os.path.join(workdir, "twistd.log")
+        self._output = open(self.outputPath, "wb")
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", f"--logfile={self.logfile}", "devpi",
+             "--serverdir", os.path.join(workdir, "server"), "--root-passwd", ROOT_PASSWORD, "--no-root-pypi",
+             *options],
+            stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=workdir, env=environment(workdir),
+        )
+        testCase.addCleanup(self.cleanup)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        self._output.flush()
+        text = ""
+        for path in (self.outputPath, self.logfile):
+            try:
+                with open(path, "rb") as f:
+                    text += f.read().decode("utf-8", "replace")
+            except FileNotFoundError:
+                pass
+        return text
+
+    def log(self) -> str:
+        try:
+            with open(self.logfile, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._output.close()

@@ -1,0 +1,3 @@
+from devpi_twisted.endpoints import reusePortParser
+
+__all__ = ["reusePortParser"]
