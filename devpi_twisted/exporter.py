@@ -22,8 +22,6 @@ out); L{exportServerDir} runs it on a locked, stopped server directory.
 """
 
 import json
-import os
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from .interfaces import IReadView
 from .model import keys
 from .model.distfile import splitArchiveName
 from .model.indexconfig import MIRROR
-from .serverdir import ServerDir
+from .serverdir import ServerDir, builtInPlace
 from .storage.plugin import findBackend
 from .storage.threads import SynchronousRunner
 
@@ -259,10 +257,7 @@ def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: boo
     checkExportTarget(target)
     summary = ExportSummary()
     data, copies = syncResult(storage.read(lambda view: planExport(view, includeMirrored, summary.warnings)))
-    target.parent().makedirs(ignoreExistingDirectory=True)
-    building = target.sibling(f".{target.basename()}.export-{secrets.token_hex(4)}")
-    building.makedirs()
-    try:
+    with builtInPlace(target, "export") as building:
         for copy in copies:
             source = syncResult(blobs.open(copy.sha256))
             if source is None:
@@ -276,13 +271,6 @@ def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: boo
         with open(building.child("dataindex.json").path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        if target.exists():
-            os.rmdir(target.path)
-        os.rename(building.path, target.path)
-    except BaseException:
-        if building.exists():
-            building.remove()
-        raise
     summary.users = sorted(data["users"])
     for name, dumped in data["indexes"].items():
         if "files" not in dumped:

@@ -14,18 +14,16 @@ An external push uploads the files to another index's legacy upload URL
 
 import base64
 import io
-import json
 import time
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, UpstreamError
+from .errors import BadRequest, NotFound, Unauthorized
 from .interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
 from .model import keys
 from .model.acl import mayUpload

@@ -11,12 +11,13 @@ Layout (besides what the storage backend keeps):
 """
 
 import fcntl
+from contextlib import contextmanager
 import json
 import os
 import secrets
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Iterator, Callable
 
 from twisted.python.filepath import FilePath
 
@@ -192,6 +193,27 @@ def _writeFile(path: FilePath, content: bytes, mode: int = 0o644) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def builtInPlace(target: FilePath, purpose: str) -> Iterator[FilePath]:
+    """
+    A new directory built in a temporary sibling and renamed to C{target}
+    (missing or empty) when the block ends, or removed when it raises: so
+    C{target} is either complete or untouched.
+    """
+    target.parent().makedirs(ignoreExistingDirectory=True)
+    building = target.sibling(f".{target.basename()}.{purpose}-{secrets.token_hex(4)}")
+    building.makedirs()
+    try:
+        yield building
+        if target.exists():
+            os.rmdir(target.path)
+        os.rename(building.path, target.path)
+    except BaseException:
+        if building.exists():
+            building.remove()
+        raise
+
+
 def checkCanInitialise(path: FilePath) -> None:
     """Raise L{ServerDirError} unless C{path} is missing or an empty directory."""
     target = ServerDir(path)
@@ -223,10 +245,7 @@ def initialise(
         replica's role and primary URL).
     """
     checkCanInitialise(path)
-    path.parent().makedirs(ignoreExistingDirectory=True)
-    building = path.sibling(f".{path.basename()}.init-{secrets.token_hex(4)}")
-    building.makedirs()
-    try:
+    with builtInPlace(path, "init") as building:
         os.chmod(building.path, 0o700)
         _writeFile(
             building.child(".nodeinfo"),
@@ -236,11 +255,4 @@ def initialise(
         _writeFile(building.child(".secret"), secrets.token_urlsafe(48).encode("ascii"), 0o600)
         populate(building)
         _writeFile(building.child(".serverversion"), FORMAT_TEXT.encode("ascii"))
-        if path.exists():
-            os.rmdir(path.path)
-        os.rename(building.path, path.path)
-    except BaseException:
-        if building.exists():
-            building.remove()
-        raise
     return ServerDir(path)

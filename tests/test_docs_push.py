@@ -14,7 +14,7 @@ from devpi_twisted.errors import BadRequest, TooLarge
 from devpi_twisted.model.doczip import DocLimits, checkDocZip, readDocMember
 
 from .distbuilder import buildWheel
-from .releaseharness import ServerHarness, basic, combine
+from .releaseharness import ServerHarness, combine
 
 JSON = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 

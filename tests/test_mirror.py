@@ -25,7 +25,7 @@ from devpi_twisted.model import keys
 
 from .distbuilder import buildWheel as buildPrivateWheel
 from .mirrorharness import TIMEOUT, MirrorHarness, RawClient, rawRequest
-from .releaseharness import BASE, JSON_TYPE, PIP_ACCEPT, PIP_AGENT, UV_ACCEPT, basic
+from .releaseharness import BASE, JSON_TYPE, PIP_ACCEPT, PIP_AGENT, UV_ACCEPT
 from .test_releases import PageParser
 
 UPLOADED = "2025-01-01T00:00:00.000000Z"

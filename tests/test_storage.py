@@ -3,10 +3,8 @@ The storage contract, run against the in-memory fake and the embedded
 SQLite + files backend, plus what only the embedded backend promises.
 """
 
-import os
 from typing import Any
 
-from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 

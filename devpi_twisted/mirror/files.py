@@ -33,6 +33,9 @@ from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
 
 log = Logger()
 
+PENDING_LIMIT = 4 * 1024 * 1024
+"""Bytes received but not yet written before upstream is paused."""
+
 
 class VerificationFailed(UpstreamError):
     """Upstream's bytes do not match what its page advertised."""
@@ -112,6 +115,7 @@ class FileFetch(Protocol):
         self._pausedBy: set[object] = set()
         self._writing: Deferred[None] | None = None
         self._pending: list[bytes] = []
+        self._pendingSize = 0
         self._ended: Failure | None = None
         self._size = 0
         # The blob writer computes the sha256 off the reactor thread; other
@@ -204,9 +208,12 @@ class FileFetch(Protocol):
         for h in self._verify.values():
             h.update(data)
         self._pending.append(data)
+        self._pendingSize += len(data)
         if self._writing is None:
             self._writeNext()
-        else:
+        elif self._pendingSize >= PENDING_LIMIT:
+            # Upstream waits only when the disk is a few MiB behind, so
+            # chunks are written in large batches rather than in lock-step.
             self._pauseFor("disk")
         # Live clients get everything but the newest chunk, held back until
         # the transfer is verified.
@@ -225,6 +232,8 @@ class FileFetch(Protocol):
             return
         data = b"".join(self._pending)
         self._pending = []
+        self._pendingSize = 0
+        self._resumeFor("disk")
         self._writing = self._writer.write(data)
         self._writing.addCallbacks(lambda _: self._writeNext(), self._writeFailed)
 

@@ -30,11 +30,11 @@ from ..model.names import normalizeProject
 from ..model.simplepage import SimpleFile
 from ..model.upstreampage import UpstreamLink, toSimpleFile
 from ..releases import httpDate, logEntry
-from ..storage import BLOB_REF
+from ..storage import BLOB_REF, BlobInfo
 from ..web.files import IMMUTABLE, FileResponse, contentTypeFor
 from .files import FetchedFile, FileFetch, attachLiveClient, startFetch
 from .names import MirrorNames
-from .pages import CachedProject, MirrorPages, _discardBody, linkRelpath
+from .pages import MirrorPages, _discardBody, linkRelpath
 from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, _Collector
 
 log = Logger()
@@ -177,6 +177,15 @@ class Mirrors(MultiService):
             return b""
         key = (stage.name, link.filename)
         running = self._running.get(key)
+        if running is None:
+            # A transfer may have finished and been recorded while this
+            # request looked the link up: then the file is on disk already.
+            fileKey = keys.fileKey(stage.user, stage.index, project, link.filename)
+            stored = await self._storage.read(lambda view: view.get(fileKey))
+            if stored is not None:
+                return await self._serveStored(
+                    FetchedFile(BlobInfo(stored["sha256"], stored["size"]), stored.get("last_modified")), link)
+            running = self._running.get(key)
         if running is None:
             if self.offlineMode or not self.pages.state(stage).status.mayAskUpstream():
                 raise UpstreamError(f"{link.filename} is not cached and the upstream of {stage.name} is unavailable")

@@ -14,7 +14,6 @@ from ..errors import BadRequest, NotFound
 from ..interfaces import IBlobStore, IReadView, IStorage
 from ..model import keys
 from ..model.doczip import readDocMember
-from ..model.inheritance import Stage
 from ..model.names import isValidProjectName, normalizeProject
 from ..releases import Documentation, latestVersion
 from ..simple import orderOf

@@ -17,7 +17,6 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..auth import Authenticator
 from ..config import ServerConfig
-from ..errors import BadRequest
 from ..indexes import Indexes
 from ..interfaces import IBlobStore, IStorage
 from ..model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
