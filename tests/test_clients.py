@@ -13,7 +13,6 @@ with their configuration, caches and keyrings isolated from the user's.
 
 import json as jsonlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +24,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from .serverprocess import freePort, tool
 from .distbuilder import Dist, buildSdist, buildWheel, moduleName, writeDist
 from .releaseharness import PIP_ACCEPT, basic
 
@@ -37,21 +37,6 @@ ROOT_PASSWORD = "secret"
 CLIENT_TIMEOUT = 240
 START_TIMEOUT = 60
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
-
-
-def freePort() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str) -> str:
-    """The client C{name} next to the test's Python, or skip the test."""
-    path = os.path.join(BIN, name)
-    if os.path.isfile(path) and os.access(path, os.X_OK):
-        return path
-    raise SkipTest(f"{name} is not installed next to {sys.executable}")
 
 
 def clientEnvironment(workdir: str) -> dict[str, str]:
@@ -96,7 +81,7 @@ def serverEnvironment(workdir: str) -> dict[str, str]:
 class ServerProcess:
     """One C{twistd -n devpi} on a fresh port, its output captured in a file."""
 
-    def __init__(self, testCase: TestCase, workdir: str, *extra: str) -> None:
+    def __init__(self, testCase: TestCase, workdir: str, *extra: str, rootPypi: bool = False) -> None:
         self.port = freePort()
         self.url = f"http://127.0.0.1:{self.port}"
         self.serverdir = os.path.join(workdir, "server")
@@ -105,7 +90,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "devpi", "--serverdir", self.serverdir,
              "--root-passwd", ROOT_PASSWORD, "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-             "--no-root-pypi", *extra],
+             *([] if rootPypi else ["--no-root-pypi"]), *extra],
             stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=workdir, env=serverEnvironment(workdir),
         )

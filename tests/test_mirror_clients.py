@@ -34,7 +34,7 @@ from twisted.web.server import Site
 from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 from .releaseharness import PIP_ACCEPT, basic
-from .test_clients import BIN, TWISTD, clientEnvironment, freePort, serverEnvironment, tool
+from .test_clients import BIN, ServerProcess, clientEnvironment, tool
 
 ROOT_PASSWORD = "secret"
 CLIENT_TIMEOUT = 240
@@ -43,37 +43,9 @@ FAIL_FAST = 15.0
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 
 
-class MirrorServer:
+def MirrorServer(testCase: TestCase, workdir: str, *extra: str) -> ServerProcess:
     """C{twistd -n devpi} on a fresh port and directory, with the default C{root/pypi}."""
-
-    def __init__(self, testCase: TestCase, workdir: str, *extra: str) -> None:
-        self.port = freePort()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.outputPath = os.path.join(workdir, "twistd-output.txt")
-        self._output = open(self.outputPath, "wb")
-        self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "devpi", "--serverdir", os.path.join(workdir, "server"),
-             "--root-passwd", ROOT_PASSWORD, "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-             "--request-timeout", "2", *extra],
-            stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=workdir, env=serverEnvironment(workdir),
-        )
-        testCase.addCleanup(self.cleanup)
-
-    def output(self) -> str:
-        self._output.flush()
-        with open(self.outputPath, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def cleanup(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self._output.close()
+    return ServerProcess(testCase, workdir, "--request-timeout", "2", *extra, rootPypi=True)
 
 
 class FakeUpstream:
