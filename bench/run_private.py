@@ -115,7 +115,10 @@ BOUNDARY = "b7e1a2c40f6d4e1f9a2b3c4d5e6f7a8b"
 
 
 def twineBody(name: str, version: str, filename: str, content: bytes) -> bytes:
-    """The multipart body twine (requests-toolbelt) sends for one file."""
+    """
+    The multipart body twine 7 (requests-toolbelt) sends for one file: its
+    digests are sha256 and blake2_256 only (twine stopped sending md5).
+    """
     fields = [
         ("name", name),
         ("version", version),
@@ -124,7 +127,6 @@ def twineBody(name: str, version: str, filename: str, content: bytes) -> bytes:
         ("metadata_version", "2.1"),
         ("summary", "devpi-twisted benchmark package"),
         ("requires_python", ">=3.8"),
-        ("md5_digest", hashlib.md5(content).hexdigest()),
         ("sha256_digest", hashlib.sha256(content).hexdigest()),
         ("blake2_256_digest", hashlib.blake2b(content, digest_size=32).hexdigest()),
         (":action", "file_upload"),
