@@ -20,6 +20,13 @@ _PROFILE_KEYS = ("email", "title", "description", "custom_data")
 _CREATE_KEYS = {"password", "pwhash", *_PROFILE_KEYS}
 
 
+def _checkProfile(body: dict[str, Any]) -> None:
+    """E-mail, title and description are text; custom_data may be any JSON."""
+    for key in ("email", "title", "description"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadRequest(f"{key!r} must be a string")
+
+
 def publicUserConfig(name: str, config: dict[str, Any], indexes: dict[str, Any]) -> dict[str, Any]:
     """What C{GET /user} shows: never the password hash."""
     shown = {k: v for k, v in config.items() if k not in ("pwhash", "pwfingerprint")}
@@ -85,6 +92,7 @@ class Users:
             raise BadRequest(f"Unknown keys in user config: {', '.join(unknown)}")
         if "password" not in body:
             raise BadRequest("password needs to be set")
+        _checkProfile(body)
         if not self._policy.mayCreateUser(requester):
             raise Forbidden(f"no permission to create user {name}")
         config = {k: body[k] for k in _PROFILE_KEYS if body.get(k) not in (None, "")}
@@ -110,6 +118,7 @@ class Users:
         if not isinstance(body, dict):
             raise BadRequest("user config must be a JSON object")
         changes = {k: body[k] for k in ("password", "pwhash", *_PROFILE_KEYS) if k in body}
+        _checkProfile(changes)
         passwordOnly = set(changes) <= {"password", "pwhash"}
         if not self._policy.mayModifyUser(requester, name, passwordOnly):
             raise Forbidden(f"no permission to modify user {name}")

@@ -321,6 +321,13 @@ class CreateUserTests(_APITestCase):
         self.assertError(answer, 400, "Unknown keys in user config: foo")
         self.assertUnchanged(answer)
 
+    def test_profileFieldsAreText(self) -> None:
+        """An e-mail, title or description that is not a string is 400 and nothing is created."""
+        for key in ("email", "title", "description"):
+            answer = self.api.put("/carol", json={"password": "pw", key: ["not", "text"]})
+            self.assertError(answer, 400, f"{key!r} must be a string")
+            self.assertUnchanged(answer)
+
     def test_missingPassword(self) -> None:
         """Without a password (a pwhash alone is not enough) creation is 400."""
         hashed = self.api.hashing.hash("pw")
@@ -949,6 +956,11 @@ class HeadersAndErrorsTests(_APITestCase):
             self.assertEqual(answer.header("X-Devpi-Master-Uuid"), UUID)
             self.assertEqual(answer.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
             self.assertEqual(int(answer.header("X-Devpi-Serial")), self.api.storage.currentSerial())
+
+    def test_pathNotUTF8(self) -> None:
+        """A URL path whose percent-escapes are not UTF-8 is 400 with a JSON message, not a crash."""
+        answer = self.api.get("/alice/dev/+simple/%ff/")
+        self.assertError(answer, 400, "the URL path is not valid UTF-8")
 
     def test_writeAnswersNewSerial(self) -> None:
         """A write answers with the serial it committed, and later reads see it."""

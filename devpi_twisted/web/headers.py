@@ -4,8 +4,12 @@ The headers devpi puts on every response, errors and files included.
 
 from typing import Any
 
+from urllib.parse import unquote_to_bytes
+
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+
+from .responses import jsonBody
 
 
 class DevpiHeadersResource(Resource):
@@ -37,6 +41,11 @@ class DevpiHeadersResource(Resource):
         setSerial(request, self._storage.currentSerial())
         if request.method not in (b"GET", b"HEAD"):
             _serialWhenAnswered(request, self._storage)
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            # Names are text: a path that is not UTF-8 names nothing here.
+            return jsonBody(request, 400, message="the URL path is not valid UTF-8")
         return self._wrapped.render(request)
 
 
