@@ -144,6 +144,22 @@ class SimplePages:
         if dropped:
             self._cachedCount -= len(dropped)
 
+    def cachedProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage | None:
+        """
+        The rendered page if it is cached and still valid, without any I/O.
+
+        @param cacheKey: C{(user, index, mediaType, rootPrefix, installer, baseURL)}.
+        """
+        pages = self._projectPages.get(project)
+        if pages is None:
+            return None
+        hit = pages.get(cacheKey)
+        if hit is None:
+            return None
+        if self._mirrors is not None and not all(self._mirrors.isFresh(stage, project) for stage in hit[1]):
+            return None
+        return hit[0]
+
     async def projectPage(self, user: str, index: str, project: str, mediaType: str,
                           rootPrefix: str, installer: bool, baseURL: str) -> RenderedPage:
         """
@@ -152,12 +168,9 @@ class SimplePages:
             absolute (provenance).
         """
         cacheKey = (user, index, mediaType, rootPrefix, installer, baseURL)
-        pages = self._projectPages.get(project)
-        if pages is not None:
-            hit = pages.get(cacheKey)
-            if hit is not None and (self._mirrors is None or all(
-                    self._mirrors.isFresh(stage, project) for stage in hit[1])):
-                return hit[0]
+        cached = self.cachedProjectPage(cacheKey, project)
+        if cached is not None:
+            return cached
         serialBefore = self._storage.currentSerial()
         collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix, baseURL))
         files = list(collected.files)

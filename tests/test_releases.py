@@ -17,6 +17,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from devpi_twisted.model.inheritance import Stage, contributingStages, resolutionOrder
 from devpi_twisted.releases import uploadTime
@@ -1613,3 +1614,55 @@ class DeleteTests(_Case):
         self.delete(url)
         self.h.mustUpload("alice/dev", self.wheel)
         self.assertEqual(self.h.get(self.urls("alice/dev")[self.wheel.filename]).body, self.wheel.data)
+
+
+class CachedPagesFirstTests(SynchronousTestCase):
+    """The shortcut that answers cached project pages before routing."""
+
+    class Views:
+        def __init__(self, answer: bytes | None) -> None:
+            self.answer = answer
+            self.asked: list[tuple[str, str, str]] = []
+
+        def cachedProject(self, request: Any, user: str, index: str, project: str) -> bytes | None:
+            self.asked.append((user, index, project))
+            return self.answer
+
+    class Routed(Resource):
+        isLeaf = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rendered: list[bytes] = []
+
+        def render(self, request: Any) -> bytes:
+            self.rendered.append(request.path)
+            return b"routed"
+
+    def render(self, answer: bytes | None, path: bytes, method: bytes = b"GET") -> tuple[bytes, Any, Any]:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from devpi_twisted.web.pages import CachedPagesFirst
+
+        views, routed = self.Views(answer), self.Routed()
+        request = DummyRequest([])
+        request.path, request.method = path, method
+        return CachedPagesFirst(routed, views).render(request), views, routed
+
+    def test_cachedPageSkipsRouting(self) -> None:
+        """A cached page of .../+simple/<project>/ is answered without touching the routes."""
+        body, views, routed = self.render(b"page", b"/alice/dev/+simple/demo-pkg/")
+        self.assertEqual((body, views.asked, routed.rendered), (b"page", [("alice", "dev", "demo-pkg")], []))
+
+    def test_missGoesToRoutes(self) -> None:
+        """Without a cached page the request is routed as usual."""
+        body, _, routed = self.render(None, b"/alice/dev/+simple/demo-pkg/")
+        self.assertEqual((body, routed.rendered), (b"routed", [b"/alice/dev/+simple/demo-pkg/"]))
+
+    def test_otherRequestsGoToRoutes(self) -> None:
+        """Other paths, escaped segments, no trailing slash and other methods never take the shortcut."""
+        for path, method in [(b"/alice/dev/+simple/", b"GET"), (b"/alice/dev/+simple/Demo%5Fpkg/", b"GET"),
+                             (b"/alice/dev/+simple/demo-pkg", b"GET"), (b"/alice/dev/+simple/demo-pkg/", b"POST"),
+                             (b"/alice/+simple/+simple/x/", b"GET")]:
+            body, views, routed = self.render(b"page", path, method)
+            self.assertEqual((body, views.asked), (b"routed", []), path)

@@ -29,7 +29,7 @@ from .api import APIViews
 from .changelog import ChangelogFeed
 from .errors import HANDLERS
 from .headers import DevpiHeadersResource
-from .pages import PageViews, isInstaller
+from .pages import CachedPagesFirst, PageViews, isInstaller
 from .projects import ProjectViews
 from .docs import DocViews
 from .upload import UploadViews
@@ -261,11 +261,12 @@ def makeWebResource(
         C{statusFields()}); by default the feed's.
     """
     documentation = Documentation(storage, releases.clock)
+    pageViews = PageViews(pages, config.outsideURL)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics),
-        PageViews(pages, config.outsideURL),
+        pageViews,
         ProjectViews(config, storage, blobs, auth, releases, mirrors),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
@@ -274,5 +275,5 @@ def makeWebResource(
         metrics,
     )
     return DevpiHeadersResource(
-        routes.app.resource(), storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version
+        CachedPagesFirst(routes.app.resource(), pageViews), storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version
     )
