@@ -772,15 +772,7 @@ def main() -> int:
         errors = rp.tail(workdir / "upstream" / "error.log")
         if "[error]" in errors or "[crit]" in errors or "[emerg]" in errors:
             results.problems.append("upstream nginx error log: " + errors[-500:])
-        printTable(results)
-        print(f"\ntotal time {time.monotonic() - started:.0f} s; "
-              + (f"work dir kept: {workdir}" if args.keep else "work dir removed"))
-        if args.json:
-            args.json.write_text(json.dumps({"figures": results.figures, "raw": results.raw,
-                                             "info": results.info, "problems": results.problems},
-                                            indent=2))
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        rp.finish(results, args, workdir, started, printTable)
     return 1 if results.problems else 0
 
 

@@ -39,6 +39,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -812,6 +813,20 @@ def describeSource(src: Path | None) -> str:
     return where
 
 
+def finish(results: Results, args: Any, workdir: Path, started: float,
+           printTable: Callable[[Results], None]) -> None:
+    """Print the table and timing, write the JSON if asked, and remove the work directory."""
+    printTable(results)
+    print(f"\ntotal time {time.monotonic() - started:.0f} s; "
+          + (f"work dir kept: {workdir}" if args.keep else "work dir removed"))
+    if args.json:
+        args.json.write_text(json.dumps({"figures": results.figures, "raw": results.raw,
+                                         "info": results.info, "problems": results.problems},
+                                        indent=2))
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-devpi", action="store_true", help="do not run devpi-server")
@@ -888,15 +903,7 @@ def main() -> int:
     finally:
         for server in STARTED:
             server.stop()
-        printTable(results)
-        print(f"\ntotal time {time.monotonic() - started:.0f} s; "
-              + (f"work dir kept: {workdir}" if args.keep else "work dir removed"))
-        if args.json:
-            args.json.write_text(json.dumps({"figures": results.figures, "raw": results.raw,
-                                             "info": results.info, "problems": results.problems},
-                                            indent=2))
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(results, args, workdir, started, printTable)
     return 1 if results.problems else 0
 
 

@@ -95,7 +95,10 @@ class _LiveClient:
             self.request.unregisterProducer()
             transport = getattr(self.request.channel, "transport", None)
             if transport is not None:
-                transport.abortConnection() if hasattr(transport, "abortConnection") else transport.loseConnection()
+                if hasattr(transport, "abortConnection"):
+                    transport.abortConnection()
+                else:
+                    transport.loseConnection()
             self.done.callback(None)
 
 

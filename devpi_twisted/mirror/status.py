@@ -65,12 +65,13 @@ class StatusCore:
 
     def record(self, old: str, new: str) -> None:
         self.transitions.append(new)
-        log.warn(
-            "mirror {mirror} is now {state} (was {old}; last error: {error})",
-            mirror=self.name, state=new, old=old, error=self.lastError,
-        ) if new == "offline" else log.info(
-            "mirror {mirror} is now {state} (was {old})", mirror=self.name, state=new, old=old
-        )
+        if new == "offline":
+            log.warn(
+                "mirror {mirror} is now {state} (was {old}; last error: {error})",
+                mirror=self.name, state=new, old=old, error=self.lastError,
+            )
+        else:
+            log.info("mirror {mirror} is now {state} (was {old})", mirror=self.name, state=new, old=old)
         if self.onTransition is not None:
             self.onTransition(old, new)
 

@@ -241,15 +241,9 @@ class Metrics:
             buckets.append(("+Inf", counts[-2]))
             latency.add_metric([route], buckets, sum_value=counts[-1])
         yield latency
-        sent = CounterMetricFamily("devpi_http_response_bytes", "Bytes of response bodies sent, by route template",
-                                   labels=["route"])
-        for route, size in sorted(self.responseBytes.items()):
-            sent.add_metric([route], size)
-        yield sent
-        uploads = CounterMetricFamily("devpi_uploads", "Uploads (legacy upload API), by status", labels=["status"])
-        for status, count in sorted(self.uploads.items()):
-            uploads.add_metric([status], count)
-        yield uploads
+        yield _counter("devpi_http_response_bytes", "Bytes of response bodies sent, by route template",
+                       "route", self.responseBytes)
+        yield _counter("devpi_uploads", "Uploads (legacy upload API), by status", "status", self.uploads)
         yield CounterMetricFamily("devpi_upload_bytes", "Bytes of successful uploads", value=self.uploadBytes)
         if self.site is not None:
             yield GaugeMetricFamily("devpi_http_connections_open", "Open client connections",
@@ -273,15 +267,9 @@ class Metrics:
         for (kind, status), count in sorted(stats.requests.items()):
             requests.add_metric([kind, status], count)
         yield requests
-        errors = CounterMetricFamily("devpi_upstream_errors", "Upstream requests that failed or answered 5xx",
-                                     labels=["kind"])
-        for kind, count in sorted(stats.errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
-        received = CounterMetricFamily("devpi_upstream_bytes", "Bytes received from upstream", labels=["kind"])
-        for kind, size in sorted(stats.bytes.items()):
-            received.add_metric([kind], size)
-        yield received
+        yield _counter("devpi_upstream_errors", "Upstream requests that failed or answered 5xx",
+                       "kind", stats.errors)
+        yield _counter("devpi_upstream_bytes", "Bytes received from upstream", "kind", stats.bytes)
         yield GaugeMetricFamily("devpi_upstream_fetches_active", "Upstream transfers in progress", value=stats.active)
         yield GaugeMetricFamily("devpi_upstream_fetches_waiting", "Upstream requests waiting for a free slot",
                                 value=stats.waiting)
@@ -388,3 +376,11 @@ class CountingMirrors:
         self._metrics.mirrorNames.add(stage.name)
         setattr(request, _MISS, True)
         return await self._mirrors.serveFile(request, stage, relpath)
+
+
+def _counter(name: str, documentation: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+    """A counter with one label, from a dict of label value to count."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
