@@ -404,6 +404,8 @@ class SyncMachineTests(SynchronousTestCase):
         self.sync.failed("still down")
         poll = self.sync.nextPoll()
         self.sync.primaryAnswered()
+        self.assertNoResult(poll)  # not from inside the transition
+        self.clock.advance(0)
         self.successResultOf(poll)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.sync.primaryAnswered()

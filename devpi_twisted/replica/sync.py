@@ -256,9 +256,12 @@ def _waitForRetry(machine: ReplicaSync, core: SyncCore, data: _Waiting) -> Defer
 
 @unreachable.upon(ReplicaSync._retryDue).to(probing)
 def _retry(machine: ReplicaSync, core: SyncCore, data: _Waiting) -> None:
+    # The held-back polls go on once this transition is over: a poll that
+    # finished at once would otherwise come back to the machine from inside
+    # it, which Automat refuses.
     waiters, data.waiters = data.waiters, []
     for waiter in waiters:
-        waiter.callback(None)
+        core.clock.callLater(0, waiter.callback, None)
 
 
 @unreachable.upon(ReplicaSync.primaryAnswered).to(probing)
