@@ -4,11 +4,16 @@ single byte ranges, and never a C{Content-Encoding} (a C{.tar.gz} is the file
 itself; a client that decompressed it would fail its hash check).
 """
 
+import errno
 import mimetypes
+import os
 import re
+import socket
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -17,6 +22,13 @@ from zope.interface import implementer
 CHUNK = 256 * 1024
 IMMUTABLE = b"max-age=365000000, immutable, public"
 _RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
+# os.sendfile's shape: (socket fd, file fd, offset, count) -> bytes sent.
+Sendfile = Callable[[int, int, int, int], int]
+# sendfile(2) refusing the file (some FUSE and network file systems), not the socket.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+SYSTEM_SENDFILE: Sendfile | None = getattr(os, "sendfile", None)
+
+log = Logger()
 
 
 def contentTypeFor(filename: str) -> bytes:
@@ -28,32 +40,149 @@ def contentTypeFor(filename: str) -> bytes:
     return (guessed or "application/octet-stream").encode("ascii")
 
 
-@implementer(IPullProducer)
-class _FileProducer:
-    """Sends C{length} bytes of an open file when the transport asks."""
+def directSocket(transport: object) -> socket.socket | None:
+    """
+    The connection's own socket when bytes may be written to it directly:
+    plain TCP (or a Unix socket), not TLS, whose handle is a TLS connection
+    object, and not an HTTP/2 stream, which has no handle.
+    """
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None or ISSLTransport.providedBy(transport):
+        return None
+    try:
+        handle = getHandle()
+    except (AttributeError, NotImplementedError):
+        return None
+    return handle if isinstance(handle, socket.socket) else None
 
-    def __init__(self, request: IRequest, file: BinaryIO, length: int) -> None:
+
+def _fileno(file: BinaryIO) -> int | None:
+    try:
+        return file.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+@implementer(IPushProducer)
+class _FileProducer:
+    """
+    Sends C{length} bytes of an open file from C{offset}, paced by the
+    transport.
+
+    On a plain socket most bytes go with C{sendfile(2)}: the kernel copies
+    them from the page cache, and Python never holds them.  That is only
+    safe while the transport's own buffer is empty, so the bytes stay in
+    order; the transport tells us exactly that when it resumes us after it
+    paused us (it resumes a paused producer only once everything it held is
+    written).  So every stretch of C{sendfile} begins after such a resume,
+    and when the socket is full the next piece goes through the transport,
+    large enough to make it pause us again.  Elsewhere (TLS, a file without
+    a descriptor, a file system without C{sendfile}) every piece goes
+    through the transport.
+    """
+
+    def __init__(self, request: IRequest, file: BinaryIO, offset: int, length: int,
+                 sendfile: Sendfile | None) -> None:
         self._request = request
-        self._file = file
+        self._file: BinaryIO | None = file
+        self._offset = offset
         self._remaining = length
+        self._paused = False
+        self._filePositioned = False
+        transport = request.channel.transport
+        self._socket = directSocket(transport) if sendfile is not None else None
+        self._fileno = _fileno(file) if self._socket is not None else None
+        self._sendfile = sendfile if self._fileno is not None else None
+        # A piece written through the transport must exceed its buffer, or
+        # it would not pause us, and we would never learn when it is empty.
+        self._handoffSize = getattr(transport, "bufferSize", 65536) + 1
 
     def start(self) -> None:
-        self._request.registerProducer(self, False)
+        self._request.registerProducer(self, True)
+        # The channel pauses a producer registered while its transport is
+        # full; the transport's resume then starts us.
+        if not self._paused:
+            self._produce(transportEmpty=False)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        if self._file is None:
-            return
-        data = self._file.read(min(CHUNK, self._remaining))
-        if data:
-            self._remaining -= len(data)
-            self._request.write(data)
-        if not data or self._remaining <= 0:
-            self._finish()
+        transportEmpty = self._paused
+        self._paused = False
+        self._produce(transportEmpty)
 
     def stopProducing(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None  # type: ignore[assignment]
+            self._file = None
+
+    def _produce(self, transportEmpty: bool) -> None:
+        while not self._paused and self._file is not None:
+            if self._remaining <= 0:
+                self._finish()
+                return
+            if transportEmpty and self._sendfile is not None:
+                if not self._sendDirect():
+                    return
+                transportEmpty = False
+                continue
+            if not self._writePiece():
+                return
+
+    def _sendDirect(self) -> bool:
+        """C{sendfile} until the socket is full or the file is sent; C{False} if the connection is gone."""
+        assert self._socket is not None and self._fileno is not None and self._sendfile is not None
+        while self._remaining > 0:
+            try:
+                sent = self._sendfile(self._socket.fileno(), self._fileno, self._offset, self._remaining)
+            except BlockingIOError:
+                return True
+            except InterruptedError:
+                continue
+            except OSError as error:
+                if error.errno in _NO_SENDFILE:
+                    log.info("sendfile unavailable for this file ({error}); writing through the transport",
+                             error=error)
+                    self._sendfile = None
+                    return True
+                self._abort()
+                return False
+            if sent == 0:
+                # The file ended early: the client must not take a short
+                # body for the whole file.
+                log.error("stored file shorter than its recorded size; connection aborted")
+                self._abort()
+                return False
+            self._offset += sent
+            self._remaining -= sent
+            self._request.sentLength += sent
+            self._filePositioned = False
+        return True
+
+    def _writePiece(self) -> bool:
+        assert self._file is not None
+        if not self._filePositioned:
+            self._file.seek(self._offset)
+            self._filePositioned = True
+        size = self._handoffSize if self._sendfile is not None else CHUNK
+        data = self._file.read(min(size, self._remaining))
+        if not data:
+            log.error("stored file shorter than its recorded size; connection aborted")
+            self._abort()
+            return False
+        self._offset += len(data)
+        self._remaining -= len(data)
+        self._request.write(data)
+        return True
+
+    def _abort(self) -> None:
+        """Cut the connection: the client must see a failed transfer, never a short body."""
+        self.stopProducing()
+        channel = self._request.channel
+        if channel is not None:
+            self._request.unregisterProducer()
+            channel.transport.abortConnection()
 
     def _finish(self) -> None:
         self.stopProducing()
@@ -93,10 +222,12 @@ def etagMatches(request: IRequest, etag: bytes) -> bool:
 
 
 def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: str, etag: bytes,
-                     lastModified: str | None, contentType: bytes | None = None) -> Any:
+                     lastModified: str | None, contentType: bytes | None = None,
+                     sendfile: Sendfile | None = SYSTEM_SENDFILE) -> Any:
     """
     Answer a GET or HEAD for an immutable stored file, honouring
     If-None-Match, Range and If-Range.  Closes C{file} when done.
+    C{sendfile} (C{None} to never use it) sends the body on plain sockets.
     """
     request.setHeader(b"Content-Type", contentType or contentTypeFor(filename))
     request.setHeader(b"ETag", etag)
@@ -129,9 +260,7 @@ def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: 
     if request.method == b"HEAD" or length == 0:
         file.close()
         return b""
-    if start:
-        file.seek(start)
-    _FileProducer(request, file, length).start()
+    _FileProducer(request, file, start, length, sendfile).start()
     return NOT_DONE_YET
 
 
