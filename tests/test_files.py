@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from devpi_twisted.web.files import directSocket, serveBytesOrFile
+from devpi_twisted.web.files import SENDFILE_SLICE, directSocket, serveBytesOrFile
 
 from .certs import CA
 
@@ -37,11 +37,13 @@ class CountingSendfile:
     def __init__(self, fail: OSError | None = None) -> None:
         self.sent = 0
         self.calls = 0
+        self.largestAsk = 0
         self.socketFull = 0
         self._fail = fail
 
     def __call__(self, out: int, inp: int, offset: int, count: int) -> int:
         self.calls += 1
+        self.largestAsk = max(self.largestAsk, count)
         if self._fail is not None:
             raise self._fail
         try:
@@ -175,6 +177,8 @@ class ServeFileTests(TestCase):
         """Nearly every byte goes with sendfile; the access log still counts them all."""
         self.assertWhole(await self.fetch(get()))
         self.assertGreater(self.sendfile.sent, SIZE * 0.9)
+        # A fast client never gets more than a slice per turn of the reactor.
+        self.assertEqual(self.sendfile.largestAsk, SENDFILE_SLICE)
         self.assertEqual(self.resource.finished, [SIZE])
         self.assertEqual(TrackedFile.closedCount, 1)
 

@@ -20,6 +20,9 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 CHUNK = 256 * 1024
+# The most one connection sends with sendfile before the others get a turn
+# (nginx's sendfile_max_chunk serves the same end).
+SENDFILE_SLICE = 4 * 1024 * 1024
 IMMUTABLE = b"max-age=365000000, immutable, public"
 _RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
 # os.sendfile's shape: (socket fd, file fd, offset, count) -> bytes sent.
@@ -131,11 +134,18 @@ class _FileProducer:
                 return
 
     def _sendDirect(self) -> bool:
-        """C{sendfile} until the socket is full or the file is sent; C{False} if the connection is gone."""
+        """
+        C{sendfile} until the socket is full, C{SENDFILE_SLICE} bytes are
+        sent, or the file is; C{False} if the connection is gone.  The slice
+        keeps one fast client from holding the reactor for a whole file:
+        the piece handed to the transport after it waits for the next turn.
+        """
         assert self._socket is not None and self._fileno is not None and self._sendfile is not None
-        while self._remaining > 0:
+        budget = SENDFILE_SLICE
+        while self._remaining > 0 and budget > 0:
             try:
-                sent = self._sendfile(self._socket.fileno(), self._fileno, self._offset, self._remaining)
+                sent = self._sendfile(self._socket.fileno(), self._fileno, self._offset,
+                                      min(self._remaining, budget))
             except BlockingIOError:
                 return True
             except InterruptedError:
@@ -156,6 +166,7 @@ class _FileProducer:
                 return False
             self._offset += sent
             self._remaining -= sent
+            budget -= sent
             self._request.sentLength += sent
             self._filePositioned = False
         return True
