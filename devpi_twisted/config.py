@@ -35,6 +35,7 @@ class ServerConfig:
     secretFile: str | None = None  # the secret shared with replicas / the primary
     replicaPollTimeout: float = 25.0
     requestsOnly: bool = False  # a --requests-only worker (README "Workers")
+    blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
     # operations: limits, shutdown, logs (README "Deployment")
     shutdownGrace: float = 30.0
     idleTimeout: float = 60.0

@@ -177,7 +177,8 @@ class IBlobStore(Interface):
 
     def open(sha256):
         """
-        Open the blob for reading.
+        Open the blob for reading (bringing it back if L{collect} had
+        retired it).
 
         @return: a Deferred with a binary file object, or C{None} when absent.
         """
@@ -198,6 +199,24 @@ class IBlobStore(Interface):
         i.e. at startup.
 
         @return: a Deferred with the number of files removed.
+        """
+
+    def collect(referenced, now, grace):
+        """
+        One pass of the collector that runs beside writers, in two steps
+        a C{grace} period apart, so that content stored again meanwhile is
+        never lost:
+
+          - a blob not in C{referenced} and not written or stored again
+            (a committed writer with the same content counts) for C{grace}
+            seconds before C{now} is retired: kept aside, still readable
+            through L{open}, which brings it back;
+          - a retired blob is brought back if it is in C{referenced}, and
+            removed for good once it has been retired for C{grace} seconds.
+
+        C{referenced} must be read from storage before the pass starts.
+
+        @return: a Deferred with a L{devpi_twisted.storage.CollectResult}.
         """
 
 

@@ -35,6 +35,7 @@ from .mirror.service import Mirrors
 from .mirror.upstream import UpstreamClient, upstreamTLSPolicy
 from .model.acl import Policy
 from .serverdir import ServerDir, loadSecretFile
+from .storage.collector import BlobCollector
 from .storage.plugin import findBackend
 from .storage.threads import ThreadRunner
 from .releases import Releases
@@ -101,6 +102,9 @@ class Options(usage.Options):
         ["trusted-proxies", None, None,
          "Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client."],
         ["json-log", None, None, "Also log JSON lines to this file ('-': standard output)."],
+        ["blob-collect-interval", None, 3600.0,
+         "Seconds between passes that free the disk space of files nothing refers to any more "
+         "(deleted, overwritten); such a file goes after two to three intervals (0: only at startup).", float],
         # replication (README "Replication")
         ["primary-url", None, None,
          "Run as a replica of the devpi-twisted primary at this URL (an empty --serverdir is "
@@ -169,6 +173,8 @@ class Options(usage.Options):
         for name in ("max-header-size", "max-connections", "max-upstream-fetches"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["blob-collect-interval"] < 0:
+            raise usage.UsageError("--blob-collect-interval must not be negative")
         if self["login-max-failures"] < 0:
             raise usage.UsageError("--login-max-failures must not be negative")
         self._checkReplication()
@@ -225,6 +231,7 @@ class Options(usage.Options):
             offlineMode=bool(self["offline-mode"]),
             rootPassword=self["root-passwd"],
             requestsOnly=bool(self["requests-only"]),
+            blobCollectInterval=self["blob-collect-interval"],
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],
             headerTimeout=self["header-timeout"],
@@ -516,6 +523,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     storageService = StorageService(serverdir, storage, blobs, reactor, config.requestsOnly)
     storageService.setServiceParent(top)
     followerStorage = storage
+    if not config.requestsOnly and config.blobCollectInterval > 0:
+        # Stopped before storage (children stop last first).
+        BlobCollector(storage, blobs, reactor, config.blobCollectInterval,
+                      ready=storageService.whenReady).setServiceParent(top)
     if config.primaryURL is not None:
         storage = ReadOnlyStorage(storage)  # on a replica only the follower writes
 

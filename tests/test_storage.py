@@ -3,6 +3,8 @@ The storage contract, run against the in-memory fake and the embedded
 SQLite + files backend, plus what only the embedded backend promises.
 """
 
+import os
+import time
 from typing import Any
 
 from twisted.python.filepath import FilePath
@@ -58,6 +60,33 @@ class FileBlobStoreTests(BlobStoreContract, SynchronousTestCase):
         info = self.store(b"data")
         self.assertTrue(self.root.child(info.sha256[:2]).child(info.sha256).isfile())
         self.assertEqual(self.root.child("tmp").listdir(), [])
+
+    def test_storingAgainMakesAnOldBlobFresh(self) -> None:
+        """
+        The collector goes by a blob's modification time: content stored
+        again (a second upload of the same bytes, whose metadata is about to
+        point at it) is not retired however old its file is.
+        """
+        info = self.store(b"old but wanted")
+        path = self.root.child(info.sha256[:2]).child(info.sha256).path
+        longAgo = time.time() - 86400
+        os.utime(path, (longAgo, longAgo))
+        self.store(b"old but wanted")
+        self.assertEqual(self.successResultOf(self.blobs.collect(set(), time.time(), 3600)).retired, 0)
+        os.utime(path, (longAgo, longAgo))
+        self.assertEqual(self.successResultOf(self.blobs.collect(set(), time.time(), 3600)).retired, 1)
+        self.assertTrue(self.root.child("trash").child(info.sha256).isfile())
+
+    def test_collectorLeavesTemporariesAndStrangersAlone(self) -> None:
+        """An upload being written (under tmp/) and files that are not blobs are never the collector's."""
+        writer = self.blobs.openWriter()
+        self.successResultOf(writer.write(b"in flight"))
+        self.root.child("ab").makedirs()
+        self.root.child("ab").child("README").setContent(b"not a blob")
+        self.successResultOf(self.blobs.collect(set(), time.time() + 86400, 60))
+        self.assertEqual(len(self.root.child("tmp").listdir()), 1)
+        self.assertTrue(self.root.child("ab").child("README").exists())
+        self.assertEqual(self.successResultOf(writer.commit()).size, len(b"in flight"))
 
     def test_unfinishedTemporariesRemoved(self) -> None:
         """A temporary left by an interrupted write is removed by garbage collection."""

@@ -28,6 +28,15 @@ class BlobInfo:
     hashes: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CollectResult:
+    """What one pass of the blob collector did (L{IBlobStore.collect})."""
+
+    retired: int = 0
+    restored: int = 0
+    deleted: int = 0
+
+
 def newHashes(extraHashes: tuple[str, ...]) -> dict[str, Any]:
     """Hash objects for sha256 plus the extra names (md5, blake2b_256)."""
     import hashlib

@@ -5,19 +5,28 @@ A blob is written to a temporary file under C{+files/tmp/}, fsynced, and
 renamed to C{+files/<aa>/<sha256>}; only then may metadata point to it.  A
 crash leaves at most a temporary file or an unreferenced blob, and both are
 removed at startup by L{FileBlobStore.deleteUnreferenced}.
+
+While the server runs, L{FileBlobStore.collect} retires blobs that nothing
+refers to into C{+files/trash/} and removes them a grace period later.  A
+blob's modification time tells when it was last stored: a writer that finds
+its content already stored touches it, or brings it back from the trash, so
+the collector leaves it alone, and reading a retired blob brings it back too.
 """
 
 import os
 import uuid
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from ..interfaces import IBlobStore, IBlobWriter
-from . import BlobInfo, newHashes
+from . import BlobInfo, CollectResult, newHashes
 from .threads import Runner
+
+TRASH = "trash"
 
 
 def _fsyncDirectory(path: str) -> None:
@@ -93,8 +102,8 @@ class _FileBlobWriter:
     def _commit(self) -> BlobInfo:
         info = self._close()
         target = self._store._pathFor(info.sha256)
-        if target.exists():
-            # The same content is stored already.
+        if self._store._storedAgain(info.sha256):
+            # The same content is stored already (and is fresh again for the collector).
             if self._tmp.exists():
                 self._tmp.remove()
         else:
@@ -134,20 +143,54 @@ class FileBlobStore:
         """Where the blob lives on disk."""
         return self._pathFor(sha256)
 
+    def _retiredPath(self, sha256: str) -> FilePath:
+        return self._root.child(TRASH).child(sha256)
+
+    def _restore(self, sha256: str) -> bool:
+        """Bring a retired blob back; C{False} if it is not in the trash."""
+        target = self._pathFor(sha256)
+        try:
+            target.parent().makedirs(ignoreExistingDirectory=True)
+            os.rename(self._retiredPath(sha256).path, target.path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _storedAgain(self, sha256: str) -> bool:
+        """
+        Whether the content is stored already, after marking it as just
+        stored (its modification time), or bringing it back from the trash.
+        """
+        target = self._pathFor(sha256).path
+        for _ in range(2):
+            try:
+                os.utime(target)
+                return True
+            except FileNotFoundError:
+                if not self._restore(sha256):
+                    return False
+        return False
+
     def openWriter(self, extraHashes: tuple[str, ...] = ()) -> _FileBlobWriter:
         return _FileBlobWriter(self, tuple(extraHashes))
 
     def open(self, sha256: str) -> Deferred[BinaryIO | None]:
         def _open() -> BinaryIO | None:
+            path = self._pathFor(sha256).path
             try:
-                return open(self._pathFor(sha256).path, "rb")
+                return open(path, "rb")
+            except FileNotFoundError:
+                if not self._restore(sha256):
+                    return None
+            try:
+                return open(path, "rb")
             except FileNotFoundError:
                 return None
 
         return self._runner.runFile(_open)
 
     def exists(self, sha256: str) -> Deferred[bool]:
-        return self._runner.runFile(lambda: self._pathFor(sha256).exists())
+        return self._runner.runFile(lambda: self._pathFor(sha256).exists() or self._restore(sha256))
 
     def delete(self, sha256: str) -> Deferred[None]:
         def _delete() -> None:
@@ -157,19 +200,32 @@ class FileBlobStore:
 
         return self._runner.runFile(_delete)
 
+    def _shards(self) -> list[FilePath]:
+        """The C{<aa>} directories that hold the blobs."""
+        if not self._root.isdir():
+            return []
+        return [child for child in self._root.children()
+                if len(child.basename()) == 2 and all(c in "0123456789abcdef" for c in child.basename())
+                and child.isdir()]
+
+    def _retired(self) -> list[FilePath]:
+        trash = self._root.child(TRASH)
+        return [blob for blob in trash.children() if isDigest(blob.basename())] if trash.isdir() else []
+
     def _deleteUnreferenced(self, referenced: set[str]) -> int:
         removed = 0
-        if not self._root.exists():
-            return 0
-        for child in self._root.children():
-            if child.basename() == "tmp":
-                for tmp in child.children():
-                    tmp.remove()
-                    removed += 1
-                continue
-            if not child.isdir():
-                continue
-            for blob in child.children():
+        if self._tmpdir.isdir():
+            for tmp in self._tmpdir.children():
+                tmp.remove()
+                removed += 1
+        for blob in self._retired():
+            if blob.basename() in referenced:
+                self._restore(blob.basename())
+            else:
+                blob.remove()
+                removed += 1
+        for shard in self._shards():
+            for blob in shard.children():
                 if blob.basename() not in referenced:
                     blob.remove()
                     removed += 1
@@ -177,3 +233,39 @@ class FileBlobStore:
 
     def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
         return self._runner.runFile(self._deleteUnreferenced, set(referenced))
+
+    def _collect(self, referenced: set[str], now: float, grace: float) -> CollectResult:
+        restored = deleted = retired = 0
+        for blob in self._retired():
+            sha256 = blob.basename()
+            if sha256 in referenced:
+                restored += self._restore(sha256)
+                continue
+            try:
+                if os.stat(blob.path).st_mtime > now - grace:
+                    continue
+                os.remove(blob.path)
+            except FileNotFoundError:  # brought back meanwhile
+                continue
+            deleted += 1
+        trash = self._root.child(TRASH)
+        for shard in self._shards():
+            for blob in shard.children():
+                sha256 = blob.basename()
+                if sha256 in referenced or not isDigest(sha256):
+                    continue
+                retiredPath = trash.child(sha256).path
+                try:
+                    if os.stat(blob.path).st_mtime > now - grace:
+                        continue
+                    trash.makedirs(ignoreExistingDirectory=True)
+                    os.rename(blob.path, retiredPath)
+                    # From now on its time says when it was retired.
+                    os.utime(retiredPath, (now, now))
+                except FileNotFoundError:
+                    continue
+                retired += 1
+        return CollectResult(retired=retired, restored=restored, deleted=deleted)
+
+    def collect(self, referenced: set[str], now: float, grace: float) -> Deferred[CollectResult]:
+        return self._runner.runFile(self._collect, set(referenced), now, grace)

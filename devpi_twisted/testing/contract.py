@@ -7,6 +7,7 @@ against the in-memory fake and every real backend.
 """
 
 import hashlib
+import time
 from typing import Any
 
 from zope.interface.verify import verifyObject
@@ -284,3 +285,54 @@ class BlobStoreContract:
         self.assertGreaterEqual(removed, 1)
         self.assertEqual(self.content(keep.sha256), b"keep")
         self.assertIsNone(self.content(drop.sha256))
+
+    # the collector beside writers (IBlobStore.collect)
+
+    def collect(self, referenced: set[str], now: float, grace: float = 60.0) -> Any:
+        return self.successResultOf(self.blobs.collect(referenced, now, grace))
+
+    def test_collectRetiresThenDeletesOldUnreferenced(self) -> None:
+        """An unreferenced blob is retired after the grace period and removed one grace period later."""
+        keep, drop = self.store(b"keep"), self.store(b"drop")
+        now = time.time()
+        self.assertEqual(self.collect({keep.sha256}, now).retired, 0)  # just stored
+        self.assertEqual(self.collect({keep.sha256}, now + 61).retired, 1)
+        self.assertEqual(self.collect({keep.sha256}, now + 62).deleted, 0)  # retired only just now
+        self.assertEqual(self.collect({keep.sha256}, now + 122).deleted, 1)
+        self.assertIsNone(self.content(drop.sha256))
+        self.assertFalse(self.successResultOf(self.blobs.exists(drop.sha256)))
+        self.assertEqual(self.content(keep.sha256), b"keep")
+
+    def test_collectBringsBackWhatIsReferencedAgain(self) -> None:
+        blob = self.store(b"referenced again")
+        now = time.time()
+        self.assertEqual(self.collect(set(), now + 61).retired, 1)
+        self.assertEqual(self.collect({blob.sha256}, now + 62).restored, 1)
+        result = self.collect({blob.sha256}, now + 1000)
+        self.assertEqual((result.retired, result.deleted), (0, 0))
+        self.assertEqual(self.content(blob.sha256), b"referenced again")
+
+    def test_retiredBlobIsStillReadable(self) -> None:
+        """Metadata that points at a retired blob (stored again during a pass) still gets its bytes."""
+        blob = self.store(b"still read")
+        self.collect(set(), time.time() + 61)
+        self.assertTrue(self.successResultOf(self.blobs.exists(blob.sha256)))
+        self.assertEqual(self.content(blob.sha256), b"still read")
+
+    def test_storingAgainSavesRetiredContent(self) -> None:
+        """A writer with content that was retired brings it back, fresh: the next pass keeps it."""
+        blob = self.store(b"uploaded twice")
+        now = time.time()
+        self.assertEqual(self.collect(set(), now + 61).retired, 1)
+        self.assertEqual(self.store(b"uploaded twice").sha256, blob.sha256)
+        result = self.collect(set(), time.time() + 30)
+        self.assertEqual((result.retired, result.deleted), (0, 0))
+        self.assertEqual(self.content(blob.sha256), b"uploaded twice")
+
+    def test_startupCleanupEmptiesTheTrash(self) -> None:
+        """At startup, retired blobs are restored if referenced and removed if not."""
+        wanted, unwanted = self.store(b"wanted"), self.store(b"unwanted")
+        self.collect(set(), time.time() + 61)
+        self.successResultOf(self.blobs.deleteUnreferenced({wanted.sha256}))
+        self.assertEqual(self.content(wanted.sha256), b"wanted")
+        self.assertIsNone(self.content(unwanted.sha256))

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from ..interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
-from ..storage import BlobInfo, ChangeRecord, SerialMismatch, blobRef, newHashes
+from ..storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
 
 T = TypeVar("T")
 
@@ -184,7 +184,7 @@ class _MemoryBlobWriter:
 
     def commit(self) -> Deferred[BlobInfo]:
         info = self._close()
-        self._store.blobs.setdefault(info.sha256, self._buffer.getvalue())
+        self._store.stored(info.sha256, self._buffer.getvalue())
         return succeed(info)
 
     def abort(self) -> Deferred[None]:
@@ -193,27 +193,64 @@ class _MemoryBlobWriter:
 
 @implementer(IBlobStore)
 class MemoryBlobStore:
-    """L{IBlobStore} in a dict from sha256 to bytes."""
+    """
+    L{IBlobStore} in a dict from sha256 to bytes; C{storedAt} and C{retired}
+    play the part of the file store's modification times and trash.
+    """
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.storedAt: dict[str, float] = {}
+        self.retired: dict[str, tuple[bytes, float]] = {}
+
+    def stored(self, sha256: str, data: bytes) -> None:
+        if sha256 in self.retired:
+            data = self.retired.pop(sha256)[0]
+        self.blobs.setdefault(sha256, data)
+        self.storedAt[sha256] = time.time()
+
+    def _restore(self, sha256: str) -> bool:
+        if sha256 not in self.retired:
+            return False
+        self.blobs[sha256] = self.retired.pop(sha256)[0]
+        return True
 
     def openWriter(self, extraHashes: tuple[str, ...] = ()) -> _MemoryBlobWriter:
         return _MemoryBlobWriter(self, tuple(extraHashes))
 
     def open(self, sha256: str) -> Deferred[Any]:
+        self._restore(sha256)
         data = self.blobs.get(sha256)
         return succeed(None if data is None else io.BytesIO(data))
 
     def exists(self, sha256: str) -> Deferred[bool]:
-        return succeed(sha256 in self.blobs)
+        return succeed(sha256 in self.blobs or self._restore(sha256))
 
     def delete(self, sha256: str) -> Deferred[None]:
         self.blobs.pop(sha256, None)
+        self.retired.pop(sha256, None)
         return succeed(None)
 
     def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
+        for digest in [d for d in self.retired if d in referenced]:
+            self._restore(digest)
         gone = [d for d in self.blobs if d not in referenced]
         for digest in gone:
             del self.blobs[digest]
-        return succeed(len(gone))
+        removed = len(gone) + len(self.retired)
+        self.retired.clear()
+        return succeed(removed)
+
+    def collect(self, referenced: set[str], now: float, grace: float) -> Deferred[CollectResult]:
+        restored = deleted = retired = 0
+        for digest, (_, retiredAt) in list(self.retired.items()):
+            if digest in referenced:
+                restored += self._restore(digest)
+            elif retiredAt <= now - grace:
+                del self.retired[digest]
+                deleted += 1
+        for digest in [d for d in self.blobs if d not in referenced]:
+            if self.storedAt.get(digest, 0.0) <= now - grace:
+                self.retired[digest] = (self.blobs.pop(digest), now)
+                retired += 1
+        return succeed(CollectResult(retired=retired, restored=restored, deleted=deleted))
