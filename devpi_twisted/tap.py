@@ -432,7 +432,7 @@ class _PoolService(Service):
 
 
 def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
-                stats: UpstreamStats | None = None) -> Mirrors:
+                stats: UpstreamStats | None = None, filesElsewhere: Any = None) -> Mirrors:
     """
     The mirror coordinator with its own connection pool and TLS policy; at
     most C{--max-upstream-fetches} upstream requests at once, counted in
@@ -450,7 +450,8 @@ def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
                              releaseAfter=idle)
     upstream = UpstreamClient(fileAgent, pageAgent, reactor, timeout=config.requestTimeout,
                               idleTimeout=config.requestTimeout * 6)
-    mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode)
+    mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode,
+                      filesElsewhere=filesElsewhere)
     _PoolService(pool).setServiceParent(mirrors)
     return mirrors
 
@@ -538,22 +539,30 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow)
     auth = Authenticator(storage, runner.runFile, secret, reactor, throttle=throttle)
     upstreamStats = UpstreamStats(config.maxUpstreamFetches)
-    # A replica never asks upstream: its primary does, and the files replicate.
-    mirrorConfig = replace(config, offlineMode=True) if config.primaryURL else config
-    realMirrors = makeMirrors(mirrorConfig, storage, blobs, reactor, upstreamStats)
-    realMirrors.setServiceParent(top)
     feed = ChangelogFeed(storage, blobs, secret, reactor)
     replica = None
     if config.primaryURL is not None:
         replica, primaryAgent = makeReplica(config, serverdir, storageService, followerStorage, blobs, secret, reactor,
                                             runner)
         replica.feed = feed
+    # A replica never asks upstream: its primary does, and the files
+    # replicate; while the primary answers, it serves the files not here yet.
+    mirrorConfig = replace(config, offlineMode=True) if config.primaryURL else config
+    realMirrors = makeMirrors(mirrorConfig, storage, blobs, reactor, upstreamStats,
+                              filesElsewhere=replica.isReachable if replica is not None else None)
+    realMirrors.setServiceParent(top)
+    if replica is not None:
         replica.parent.setServiceParent(top)
     metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
                       throttle=throttle, upstream=upstreamStats, version=__version__)
     mirrors = CountingMirrors(realMirrors, metrics)
     nodeinfo = serverdir.nodeinfo()
     registry = makeRegistry(metrics)
+    pages = SimplePages(storage, mirrors)
+    if replica is not None:
+        # Pages of mirror-backed indexes list the files not here yet only
+        # while the primary can serve them: rendered pages are redone then.
+        replica.onReachabilityChange(lambda reachable: pages.invalidateAll())
     if replica is not None:
         registry.register(ReplicationCollector(replica))  # type: ignore[arg-type]
     resource = makeWebResource(
@@ -565,7 +574,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         users=Users(storage, auth, config.policy),
         indexes=Indexes(storage, config.policy, config.mirrorCacheExpiry),
         releases=Releases(storage, reactor.seconds),
-        pages=SimplePages(storage, mirrors),
+        pages=pages,
         mirrors=mirrors,
         pushAgent=RedirectAgent(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS())),
         version=__version__,

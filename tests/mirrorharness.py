@@ -77,7 +77,7 @@ class MirrorHarness(ServerHarness):
                          auth=self.root)
         testCase.addCleanup(self.stop)
 
-    def restart(self, offlineMode: bool = False) -> None:
+    def restart(self, offlineMode: bool = False, filesElsewhere: Any = None) -> None:
         """
         Build the mirror parts, the page cache and the web resource anew over
         the same storage, as a restarted server would (in-memory state, such
@@ -88,7 +88,8 @@ class MirrorHarness(ServerHarness):
         pageAgent = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
         self.upstream = UpstreamClient(agent, pageAgent, self.clock, timeout=self.timeout,
                                        idleTimeout=self.timeout * 6)
-        self.mirrors = Mirrors(self.storage, self.blobs, self.upstream, self.clock, offlineMode=offlineMode)
+        self.mirrors = Mirrors(self.storage, self.blobs, self.upstream, self.clock, offlineMode=offlineMode,
+                               filesElsewhere=filesElsewhere)
         self.pages = SimplePages(self.storage, self.mirrors)
         self.resource = makeWebResource(
             config=self.config,

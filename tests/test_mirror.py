@@ -836,6 +836,16 @@ class OfflineModeTests(_MirrorCase):
         self.assertEqual([text for _, text in parsed.links], [self.wheelName])
         self.assertEqual(self.fake.requests, [])
 
+    def test_everyLinkWhileFilesAreElsewhere(self) -> None:
+        """A replica's mirrors list every cached link while its primary can serve the missing files."""
+        primaryAnswers = [True]
+        self.h.restart(offlineMode=True, filesElsewhere=lambda: primaryAnswers[0])
+        self.assertEqual(sorted(self.filenames()), sorted([self.wheelName, self.sdistName]))
+        primaryAnswers[0] = False
+        self.h.pages.invalidateAll()
+        self.assertEqual(self.filenames(), [self.wheelName])
+        self.assertEqual(self.fake.requests, [])
+
     def test_storedFileServed(self) -> None:
         """The stored wheel is served."""
         self.assertEqual(self.h.get(self.h.mirrorFileURL("demo-pkg", self.wheelName)).body, self.wheel)

@@ -328,7 +328,8 @@ class SyncMachineTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1000)
         self.local = -1
-        self.sync = makeReplicaSync(SyncCore(PRIMARY, self.clock, lambda: self.local, firstDelay=1.0, maxDelay=8.0))
+        self.core = SyncCore(PRIMARY, self.clock, lambda: self.local, firstDelay=1.0, maxDelay=8.0)
+        self.sync = makeReplicaSync(self.core)
 
     def state(self) -> str:
         return self.sync.describe()["state"]
@@ -397,6 +398,22 @@ class SyncMachineTests(SynchronousTestCase):
         self.sync.progress(9, None)
         self.assertEqual(self.state(), "behind")
         self.assertEqual(self.sync.describe()["last-contact"], self.clock.seconds())
+
+    def test_reachabilityListeners(self) -> None:
+        """Listeners hear when the primary becomes unreachable and reachable again, not of lag."""
+        heard: list[bool] = []
+        self.core.reachabilityListeners.append(heard.append)
+        self.sync.progress(5, None)
+        self.local = 5
+        self.sync.progress(5, None)
+        self.sync.progress(9, None)  # behind: still reachable
+        self.sync.failed("down")
+        self.sync.failed("still down")
+        self.clock.advance(60)  # probing
+        self.sync.failed("down again")
+        self.clock.advance(60)
+        self.sync.progress(5, None)
+        self.assertEqual(heard, [False, True])
 
     def test_primaryAnsweredRetriesNow(self) -> None:
         """When a forwarded request reaches the primary, a replica waiting to retry retries at once."""
@@ -751,6 +768,22 @@ class _FakeReplica:
         return succeed(True)
 
 
+class _PrimaryPages(Resource):
+    """Stands for the primary: answers every request with C{code}."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code = 200
+        self.seen: list[bytes] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append(request.path)
+        request.setResponseCode(self.code)
+        return b"primary page"
+
+
 class _DownAgent:
     def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return fail(ConnectionRefusedError("primary down"))
@@ -855,6 +888,48 @@ class ProxyTests(SynchronousTestCase):
         self.replica.reachable = False
         response, body = self.request("GET", "/alice/dev/+simple/requests/")
         self.assertEqual(body, b"local answer")
+
+    def test_privateProjectOfMirrorBackedIndexIsLocal(self) -> None:
+        """A project the index holds itself hides the mirror: upstream is never asked, so neither is the primary."""
+        self.setMirror()
+        self.successResultOf(self.storage.write(
+            lambda txn: txn.set(keys.projectKey("alice", "dev", "mine"), {"name": "mine"})))
+        response, body = self.request("GET", "/alice/dev/+simple/Mine/")
+        self.assertEqual(body, b"local answer")
+
+    def usePrimaryPages(self) -> "_PrimaryPages":
+        primary = _PrimaryPages()
+        self.primaryAgent = RequestTraversalAgent(primary)
+        self.proxy._agent = self.primaryAgent
+        return primary
+
+    def test_mirrorPageLocalWhileThePrimaryAnswerIsFresh(self) -> None:
+        """
+        Once the primary answered a mirror page and its cached links have
+        replicated, the replica renders it until the mirror's expiry.
+        """
+        self.setMirror()
+        primary = self.usePrimaryPages()
+        clock = self.proxy._clock
+        page = "/alice/dev/+simple/requests/"
+        self.assertEqual(self.request("GET", page)[1], b"primary page")
+        self.assertEqual(self.request("GET", page)[1], b"primary page", "the links are not here yet")
+        links = {"links": [], "etag": None, "serial": 1, "status": None, "statusReason": None}
+        self.successResultOf(self.storage.write(lambda txn: txn.set("simple/root/pypi/requests", links)))
+        self.assertEqual(self.request("GET", page)[1], b"local answer")
+        self.assertEqual(self.request("GET", "/root/pypi/+simple/requests/")[1], b"primary page",
+                         "answered per index")
+        clock.advance(1799)
+        self.assertEqual(self.request("GET", page)[1], b"local answer")
+        clock.advance(1)
+        self.assertEqual(self.request("GET", page)[1], b"primary page", "expired: the primary decides again")
+        self.assertEqual(self.request("GET", page)[1], b"local answer")
+        self.assertEqual(self.request("GET", "/alice/dev/+simple/")[1], b"primary page", "project lists go on")
+        primary.code = 404
+        clock.advance(1800)
+        self.assertEqual(self.request("GET", page)[1], b"primary page")
+        self.assertEqual(self.request("GET", page)[1], b"primary page", "only a 200 counts as an answer")
+        self.assertEqual(len(primary.seen), 7)
 
     def test_mirrorFileForwardedUntilStored(self) -> None:
         """A mirror file not stored here is asked of the primary; once replicated it is served here."""
@@ -1419,3 +1494,67 @@ class ReplicationProcessTests(TestCase):
         self.assertEqual(code, 200)
         await self.waitUntil(lambda: servedLocally(replica, names[1]), 10, "the primary's fetch replicating", replica)
         self.assertEqual((fetches(names[0]), fetches(names[1])), (1, 1))
+
+    async def test_mirrorPagesServedByReplicaOnceThePrimaryAnswered(self) -> None:
+        """
+        A mirror page the primary answered is then rendered by the replica
+        itself, listing every upstream file; with the primary gone it lists
+        only the files the replica holds.
+        """
+        from twisted.internet import reactor
+        from twisted.web.server import Site
+
+        from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel as buildUpstream
+
+        fake = FakePyPI()
+        port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        names = []
+        for version in ("1.0", "2.0"):
+            filename, data, _ = buildUpstream("upstream-pkg", version)
+            fake.addFile("upstream-pkg", filename, data)
+            names.append(filename)
+        primary = await self.startPrimary()
+        replica = await self.startReplica()
+        code, body, _ = await self.call(primary, "PUT", "/root/up", {
+            "type": "mirror", "mirror_url": f"http://127.0.0.1:{port.getHost().port}/simple/"},
+            headers=basicAuth("root", ROOT_PASSWORD))
+        self.assertEqual(code, 200, body)
+        await self.inSync(primary, replica)
+
+        def pageFetches() -> int:
+            return sum(1 for _, path in fake.requests if "/simple/upstream-pkg/" in path)
+
+        links, headers = await self.simpleLinks(replica, "upstream-pkg", "root/up")
+        self.assertEqual(headers.getRawHeaders(b"X-Devpi-Proxy"), [b"replica"])
+        self.assertEqual(len(links), 2)
+
+        async def pageLocal() -> bool:
+            links, headers = await self.simpleLinks(replica, "upstream-pkg", "root/up")
+            return headers.getRawHeaders(b"X-Devpi-Proxy") is None and len(links) == 2
+
+        await self.waitUntil(pageLocal, 10, "the cached links replicating", replica)
+        for _ in range(3):
+            self.assertTrue(await pageLocal())
+        self.assertEqual(pageFetches(), 1)
+
+        # One file through the replica, then the primary goes away.
+        code, _, _ = await self.download(replica, "/root/up/+simple/upstream-pkg/",
+                                         next(href for href in links if names[0] in href))
+        self.assertEqual(code, 200)
+
+        async def fileHere() -> bool:
+            code, _, headers = await self.download(replica, "/root/up/+simple/upstream-pkg/",
+                                                   next(href for href in links if names[0] in href))
+            return code == 200 and headers.getRawHeaders(b"X-Devpi-Proxy") is None
+
+        await self.waitUntil(fileHere, 10, "the file replicating", replica)
+        self.assertTrue(await pageLocal(), "rendered here with both links (and kept rendered)")
+        await primary.stop()
+
+        async def unreachable() -> bool:
+            return (await self.status(replica))["replication"]["state"] == "unreachable"
+
+        await self.waitUntil(unreachable, 30, "the replica noticing", replica)
+        links, headers = await self.simpleLinks(replica, "upstream-pkg", "root/up")
+        self.assertEqual([href.split("#")[0].rsplit("/", 1)[-1] for href in links], [names[0]])

@@ -8,6 +8,7 @@ storage so later requests are served from disk like private files.
 import base64
 import hashlib
 import io
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -86,8 +87,15 @@ class Mirrors(MultiService):
     """Mirror indexes for the simple pages and the file routes."""
 
     def __init__(self, storage: IStorage, blobs: IBlobStore, upstream: UpstreamClient, clock: IReactorTime,
-                 offlineMode: bool = False) -> None:
+                 offlineMode: bool = False, filesElsewhere: Callable[[], bool] | None = None) -> None:
+        """
+        @param filesElsewhere: in offline mode, whether files that are not
+            stored here can still be had (a replica's primary answers for
+            them while it is reachable); pages then list every cached link,
+            not only the stored files.
+        """
         super().__init__()
+        self._filesElsewhere = filesElsewhere
         self._storage = storage
         self._blobs = blobs
         self._upstream = upstream
@@ -120,7 +128,7 @@ class Mirrors(MultiService):
         if cached.status == "quarantined":
             return []
         links = cached.links
-        if self.offlineMode:
+        if self.offlineMode and not (self._filesElsewhere is not None and self._filesElsewhere()):
             prefix = keys.filesPrefix(stage.user, stage.index, project)
             stored = await self._storage.read(lambda view: {e["filename"] for _, e in view.items(prefix)})
             links = [link for link in links if link.filename in stored]

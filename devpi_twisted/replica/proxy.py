@@ -12,14 +12,20 @@ L{ReplicaProxyResource} wraps the replica's whole site:
     right after its write sees it;
   - GETs that need the upstream of a mirror index are forwarded too, as
     only the primary may ask upstream (and caches what it fetched, which
-    then replicates here): simple pages of an index whose resolution order
-    includes a mirror, and C{+f/} files of a mirror index that are not
-    stored here yet.  When the primary cannot be reached they are answered
-    from what this replica has (its mirrors run in offline mode);
+    then replicates here): C{+f/} files of a mirror index that are not
+    stored here yet, project lists of mirror-backed indexes, and simple
+    project pages that a mirror contributes to, unless the primary answered
+    the same page less than the mirror's C{mirror_cache_expiry} ago and
+    every contributing mirror's cached links have replicated here: the
+    primary would not have asked upstream again either, so the replica
+    renders the page itself from the same links.  When the primary cannot
+    be reached they are answered from what this replica has (its mirrors
+    run in offline mode);
   - everything else is served by the replica itself.
 """
 
 import json
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -40,7 +46,9 @@ from ..errors import Gone, NotFound
 from ..interfaces import IBlobStore, IStorage, IReadView
 from ..model import keys
 from ..model.indexconfig import MIRROR
-from ..model.inheritance import resolutionOrder
+from ..mirror.pages import simpleKey
+from ..model.inheritance import contributingStages, resolutionOrder
+from ..model.names import normalizeProject
 from ..releases import lookupFile
 from ..web.context import outsideURL
 
@@ -53,6 +61,7 @@ _HOP_BY_HOP = {
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
 _READ_ONLY_POSTS = ("+api", "+status")
 _SMALL_BODY = 1024 * 1024
+_MAX_PAGES_REMEMBERED = 100000
 
 
 @implementer(IBodyProducer)
@@ -142,31 +151,61 @@ def isReadOnlyPost(request: IRequest) -> bool:
     return request.method == b"POST" and bool(parts) and parts[-1] in _READ_ONLY_POSTS and len(parts) <= 3
 
 
-def _needsPrimary(view: IReadView, kind: str, user: str, index: str, rest: list[str]) -> tuple[bool, str | None]:
+@dataclass
+class _ReadPlan:
     """
-    Whether the answer needs upstream; C{(False, sha256)} when a stored
-    file must still be checked for its content.
+    How a read that may need upstream is answered.
+
+    @ivar forward: ask the primary.
+    @ivar digest: a stored file whose content must be here to answer locally.
+    @ivar page: C{(user, index, project)} of a simple project page that a
+        mirror contributes to, with C{expiry} the shortest
+        C{mirror_cache_expiry} of those mirrors and C{linksHere} whether all
+        their cached links have replicated.
     """
+
+    forward: bool
+    digest: str | None = None
+    page: tuple[str, str, str] | None = None
+    expiry: float = 0.0
+    linksHere: bool = False
+
+
+def _planRead(view: IReadView, kind: str, user: str, index: str, rest: list[str]) -> _ReadPlan:
     config = view.get(keys.indexKey(user, index))
     if config is None:
-        return False, None
+        return _ReadPlan(False)
     if kind == "+simple":
         order = resolutionOrder(user, index, lambda u, i: view.get(keys.indexKey(u, i)))
-        return any(stage.isMirror for stage in order), None
+        if not any(stage.isMirror for stage in order):
+            return _ReadPlan(False)
+        if not rest or not rest[0] or (len(rest) > 1 and rest[1]):
+            return _ReadPlan(True)  # the project list, or refresh and other sub-paths
+        project = normalizeProject(rest[0])
+        contributing, _ = contributingStages(
+            order, project, lambda stage: view.get(keys.projectKey(stage.user, stage.index, project)) is not None)
+        mirrors = [stage for stage in contributing if stage.isMirror]
+        if not mirrors:
+            return _ReadPlan(False)  # a private project: upstream is never asked about it
+        return _ReadPlan(
+            True, page=(user, index, project),
+            expiry=min(float(stage.config.get("mirror_cache_expiry", 1800)) for stage in mirrors),
+            linksHere=all(view.get(simpleKey(stage, project)) is not None for stage in mirrors),
+        )
     if config.get("type") != MIRROR:
-        return False, None
+        return _ReadPlan(False)
     relpath = "/".join(rest)
     metadata = relpath.endswith(".metadata")
     try:
         entry = lookupFile(view, user, index, relpath[: -len(".metadata")] if metadata else relpath)
     except Gone:
-        return False, None
+        return _ReadPlan(False)
     except NotFound:
-        return True, None
+        return _ReadPlan(True)
     if metadata:
         stored = view.get(keys.coreMetadataKey(user, index, entry["project"], entry["filename"]))
-        return stored is None, None
-    return False, entry.get("sha256")
+        return _ReadPlan(stored is None)
+    return _ReadPlan(False, digest=entry.get("sha256"))
 
 
 class ReplicaProxyResource(Resource):
@@ -196,6 +235,8 @@ class ReplicaProxyResource(Resource):
         self._replica = replica
         self._outsideURL = outsideURL
         self.forwarded = 0
+        # (user, index, project) -> when the primary last answered that page
+        self._pagesAnswered: dict[tuple[str, str, str], float] = {}
 
     def render(self, request: IRequest) -> Any:
         if request.method in (b"GET", b"HEAD") or isReadOnlyPost(request):
@@ -217,11 +258,25 @@ class ReplicaProxyResource(Resource):
                 request.write(body)
             request.finish()
 
+    def _answeredRecently(self, plan: _ReadPlan) -> bool:
+        if plan.page is None or not plan.linksHere:
+            return False
+        answered = self._pagesAnswered.get(plan.page)
+        return answered is not None and self._clock.seconds() - answered < plan.expiry
+
+    def _pageAnswered(self, plan: _ReadPlan) -> None:
+        if plan.page is None:
+            return
+        if len(self._pagesAnswered) >= _MAX_PAGES_REMEMBERED:
+            self._pagesAnswered.clear()
+        self._pagesAnswered[plan.page] = self._clock.seconds()
+
     async def _readOrForward(self, request: IRequest, target: tuple[str, str, str, list[str]]) -> None:
         kind, user, index, rest = target
-        forward, digest = await self._storage.read(lambda view: _needsPrimary(view, kind, user, index, rest))
-        if not forward and digest is not None:
-            forward = not await self._blobs.exists(digest)
+        plan = await self._storage.read(lambda view: _planRead(view, kind, user, index, rest))
+        forward = plan.forward and not self._answeredRecently(plan)
+        if not forward and plan.digest is not None:
+            forward = not await self._blobs.exists(plan.digest)
         if not forward:
             self._renderLocal(request)
             return
@@ -234,6 +289,8 @@ class ReplicaProxyResource(Resource):
                      path=request.path.decode("latin-1"), error=str(e) or type(e).__name__)
             self._renderLocal(request)
             return
+        if response.code == 200:
+            self._pageAnswered(plan)
         if _gone(request):
             response.deliverBody(_Relay(request, gone=True))
             return

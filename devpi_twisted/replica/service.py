@@ -86,10 +86,11 @@ class ReplicaService(Service):
         self._primarySerial = -1
         self._loop: Deferred[None] | None = None
         self.fetcher = BlobFetcher(client, blobs, clock)
-        self.sync: ReplicaSync = makeReplicaSync(SyncCore(
+        self._syncCore = SyncCore(
             client.primaryURL, clock, storage.currentSerial, storage.lastCommitTime,
             firstDelay=firstDelay, maxDelay=maxDelay,
-        ))
+        )
+        self.sync: ReplicaSync = makeReplicaSync(self._syncCore)
         self.feed: Any = None  # this server's own feed, for polling_replicas
         self.applied = 0
 
@@ -178,6 +179,10 @@ class ReplicaService(Service):
 
     def isReachable(self) -> bool:
         return self.sync.isReachable()
+
+    def onReachabilityChange(self, listener: Callable[[bool], None]) -> None:
+        """Call C{listener(reachable)} whenever the primary becomes reachable or unreachable."""
+        self._syncCore.reachabilityListeners.append(listener)
 
     def primaryAnswered(self) -> None:
         """A forwarded request reached the primary: stop waiting to retry."""

@@ -74,6 +74,10 @@ STATE_CODES = {"initial": 0, "following": 1, "behind": 2, "unreachable": 3, "pro
 """The state as a number, for metrics."""
 
 
+# the states in which the primary answers (probing: not known yet)
+_REACHABLE = frozenset({"initial", "following", "behind"})
+
+
 @dataclass
 class SyncCore:
     """What the machine needs and what it records."""
@@ -93,6 +97,8 @@ class SyncCore:
     delay: float = 0.0
     syncedOnce: bool = False
     inSyncAt: float | None = None
+    # told True or False when the primary becomes reachable or unreachable
+    reachabilityListeners: list[Callable[[bool], None]] = field(default_factory=list)
     transitions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -101,6 +107,10 @@ class SyncCore:
 
     def record(self, old: str, new: str) -> None:
         self.transitions.append(new)
+        reachable = new in _REACHABLE
+        if reachable != (old in _REACHABLE):
+            for listener in self.reachabilityListeners:
+                listener(reachable)
         if new == "unreachable":
             log.warn("replica: primary {url} is unreachable (was {old}): {error}; retrying in {delay}s",
                      url=self.primaryURL, old=old, error=self.lastError, delay=self.delay)
