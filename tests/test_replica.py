@@ -1445,8 +1445,11 @@ class ReplicationProcessTests(TestCase):
         code, body, _ = await self.call(replica, "POST", "/+login", {"user": "alice", "password": "wrong"})
         self.assertEqual(code, 401)
 
-    async def test_mirrorFilesReplicate(self) -> None:
-        """A mirror file fetched through either server is fetched from upstream once and served by both."""
+    async def mirrorPair(self) -> tuple[Any, list[str], "DevpiProcess", "DevpiProcess"]:
+        """
+        A fake upstream with two wheels of upstream-pkg, and a primary and a
+        replica in sync whose root/up mirrors it.
+        """
         from twisted.internet import reactor
         from twisted.web.server import Site
 
@@ -1467,6 +1470,11 @@ class ReplicationProcessTests(TestCase):
             headers=basicAuth("root", ROOT_PASSWORD))
         self.assertEqual(code, 200, body)
         await self.inSync(primary, replica)
+        return fake, names, primary, replica
+
+    async def test_mirrorFilesReplicate(self) -> None:
+        """A mirror file fetched through either server is fetched from upstream once and served by both."""
+        fake, names, primary, replica = await self.mirrorPair()
 
         def fetches(filename: str) -> int:
             return sum(1 for _, path in fake.requests if path.endswith("/" + filename))
@@ -1501,26 +1509,7 @@ class ReplicationProcessTests(TestCase):
         itself, listing every upstream file; with the primary gone it lists
         only the files the replica holds.
         """
-        from twisted.internet import reactor
-        from twisted.web.server import Site
-
-        from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel as buildUpstream
-
-        fake = FakePyPI()
-        port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        names = []
-        for version in ("1.0", "2.0"):
-            filename, data, _ = buildUpstream("upstream-pkg", version)
-            fake.addFile("upstream-pkg", filename, data)
-            names.append(filename)
-        primary = await self.startPrimary()
-        replica = await self.startReplica()
-        code, body, _ = await self.call(primary, "PUT", "/root/up", {
-            "type": "mirror", "mirror_url": f"http://127.0.0.1:{port.getHost().port}/simple/"},
-            headers=basicAuth("root", ROOT_PASSWORD))
-        self.assertEqual(code, 200, body)
-        await self.inSync(primary, replica)
+        fake, names, primary, replica = await self.mirrorPair()
 
         def pageFetches() -> int:
             return sum(1 for _, path in fake.requests if "/simple/upstream-pkg/" in path)
