@@ -193,8 +193,28 @@ def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: d
                                                          "version": version}
     dumped["projects"] = {p: dict(sorted(v.items())) for p, v in sorted(projects.items())}
     dumped["files"] = files
+    extras: dict[str, Any] = {}
     if projectConfigs:
-        dumped[EXTRA] = {"projects": projectConfigs}
+        extras["projects"] = projectConfigs
+    deleted = _deletedPaths(view, user, index, set(byRelpath))
+    if deleted:
+        extras["deleted"] = deleted
+    if extras:
+        dumped[EXTRA] = extras
+
+
+def _deletedPaths(view: IReadView, user: str, index: str, live: set[str]) -> list[dict[str, Any]]:
+    """
+    The stable paths of deleted files (C{<h3>/<h13>/<filename>}), so they
+    answer 410, not 404, after an import; devpi has no place for them.
+    """
+    prefix = keys.tombstonePrefix(user, index)
+    deleted = []
+    for key, value in view.items(prefix):
+        path = key[len(prefix):]
+        if f"{user}/{index}/+f/{path}" not in live:
+            deleted.append({"path": path, "project": value.get("project")})
+    return sorted(deleted, key=lambda d: d["path"])
 
 
 def planExport(view: IReadView, includeMirrored: bool = False,

@@ -498,7 +498,25 @@ class Importer:
                 raise ImportFailed(f"{name}: project name {project!r} cannot be stored")
             count += self._importProject(user, index, isMirror, project, projects.get(project, {}),
                                          files.get(project, []), projectConfigs.get(project))
+        self._importDeleted(name, extras.get("deleted") or [])
         self.summary.indexes[name] = (len(names), count)
+
+    def _importDeleted(self, name: str, deleted: Any) -> None:
+        """The paths of deleted files, which keep answering 410 (our own exports carry them)."""
+        user, _, index = name.partition("/")
+        if not isinstance(deleted, list):
+            raise ImportFailed(f"{name}: the list of deleted files is not a list")
+        tombstones = []
+        for item in deleted:
+            path = item.get("path") if isinstance(item, dict) else None
+            parts = path.split("/") if isinstance(path, str) else []
+            if len(parts) != 3 or not all(safeSegment(part) for part in parts):
+                raise ImportFailed(f"{name}: deleted file path {path!r} cannot be stored")
+            project = item.get("project")
+            tombstones.append((keys.tombstoneKey(user, index, *parts),
+                               {"project": normalizeProject(project) if isinstance(project, str) else None}))
+        if tombstones:
+            self._write(lambda txn: [txn.set(key, value) for key, value in tombstones])
 
     def run(self) -> ImportSummary:
         users = self._userConfigs()

@@ -31,11 +31,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from devpi_twisted import cli
 from devpi_twisted.auth import PasswordHashing
-from devpi_twisted.errors import ServerDirError
+from devpi_twisted.errors import Gone, ServerDirError
 from devpi_twisted.exporter import EXTRA, ExportError, exportServerDir, syncResult
 from devpi_twisted.importer import ImportFailed, importServerDir
 from devpi_twisted.initstate import createServerDir
 from devpi_twisted.model import keys
+from devpi_twisted.releases import _removeFile, lookupFile
 from devpi_twisted.serverdir import ServerDir
 from devpi_twisted.storage.plugin import findBackend
 from devpi_twisted.storage.threads import SynchronousRunner
@@ -418,6 +419,40 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
         wheel = next(d for d in data["indexes"]["alice/dev"]["files"] if d["relpath"].endswith("1.1-py3-none-any.whl"))
         self.assertEqual(set(wheel["entrymapping"]["hashes"]), {"sha256", "md5"})
         self.assertEqual(wheel[EXTRA]["yanked"], "broken on Windows")
+
+    def test_deletedFilesStayGone(self) -> None:
+        """A file deleted before the export answers 410 after the import, as it did before."""
+        self.importInto("server1")
+        storage, _ = openStorage(self.workdir.child("server1"))
+        wheelKey = keys.fileKey("alice", "dev", "hello-devpi", "hello_devpi-1.1-py3-none-any.whl")
+        try:
+            entry = syncResult(storage.read(lambda view: view.get(wheelKey)))
+            syncResult(storage.write(lambda txn: _removeFile(txn, "alice", "dev", entry)))
+        finally:
+            syncResult(storage.close())
+        relpath = entry["relpath"].split("/+f/", 1)[1]
+        first = self.exportTo("server1", "export1")
+        data = json.loads(first.child("dataindex.json").getContent())
+        self.assertEqual(data["indexes"]["alice/dev"][EXTRA]["deleted"], [{"path": relpath, "project": "hello-devpi"}])
+        self.importInto("server2", first)
+        storage, _ = openStorage(self.workdir.child("server2"))
+        try:
+            with self.assertRaises(Gone):
+                syncResult(storage.read(lambda view: lookupFile(view, "alice", "dev", relpath)))
+        finally:
+            syncResult(storage.close())
+        self.assertEqual(treeContents(first), treeContents(self.exportTo("server2", "export2")))
+
+    def test_badDeletedList(self) -> None:
+        self.importInto("server1")
+        first = self.exportTo("server1", "export1")
+        data = json.loads(first.child("dataindex.json").getContent())
+        data["indexes"]["alice/dev"].setdefault(EXTRA, {})["deleted"] = [{"path": "../../etc/passwd"}]
+        first.child("dataindex.json").setContent(json.dumps(data).encode())
+        with self.assertRaises(ImportFailed) as caught:
+            self.importInto("server2", first)
+        self.assertIn("cannot be stored", str(caught.exception))
+        self.assertFalse(self.workdir.child("server2").exists() and self.workdir.child("server2").listdir())
 
     def _addMirrorFile(self, path: FilePath) -> dict[str, Any]:
         storage, blobs = openStorage(path)

@@ -89,4 +89,8 @@ def parseKey(key: str) -> tuple[str, str, str, str | None]:
 
 
 def tombstoneKey(user: str, index: str, h3: str, h13: str, filename: str) -> str:
-    return f"deleted/{user}/{index}/{h3}/{h13}/{filename}"
+    return f"{tombstonePrefix(user, index)}{h3}/{h13}/{filename}"
+
+
+def tombstonePrefix(user: str, index: str) -> str:
+    return f"deleted/{user}/{index}/"
