@@ -155,6 +155,12 @@ class ServerDir:
     def secret(self) -> bytes:
         return self.path.child(".secret").getContent().strip()
 
+    def spoolDirectory(self) -> FilePath:
+        """Where request bodies wait until they are handled (created if missing)."""
+        spool = self.path.child("+spool")
+        spool.makedirs(ignoreExistingDirectory=True)
+        return spool
+
 
 MIN_SECRET_SIZE = 32
 

@@ -590,6 +590,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode()),
          (b"X-Content-Type-Options", b"nosniff")],
         base=DevpiRequest,
+        spoolDirectory=serverdir.spoolDirectory().path,
     )
     limits = SiteLimits(
         idleTimeout=config.idleTimeout, headerTimeout=config.headerTimeout, maxHeaderSize=config.maxHeaderSize,

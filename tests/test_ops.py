@@ -27,6 +27,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, Logger, LogPublisher, capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from twisted.web.test.requesthelper import DummyChannel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -46,6 +47,7 @@ from devpi_twisted.tlsdir import CertificateDirectory, NoCertificates, parseDesc
 from devpi_twisted.upstreamagent import LimitedAgent
 from devpi_twisted.users import Users
 from devpi_twisted.web.accesslog import ACCESS_NAMESPACE, AccessLog
+from devpi_twisted.serverdir import ServerDir
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.metrics import (
     CountingMirrors,
@@ -244,6 +246,34 @@ class SiteLimitTests(SiteTestMixin, SynchronousTestCase):
         self.assertEqual(fourth.responses()[0][0], 200)
         self.assertEqual(len(self.site.channels), 2)
         second.close()
+
+
+class SpoolTests(SynchronousTestCase):
+    """Large request bodies wait in the server directory, small ones in memory."""
+
+    def spooledIn(self, request: Any) -> str:
+        return os.path.dirname(os.readlink(f"/proc/self/fd/{request.content.fileno()}"))
+
+    def test_largeAndChunkedBodiesInTheSpoolDirectory(self) -> None:
+        spool = os.path.abspath(self.mktemp())
+        os.makedirs(spool)
+        requestClass = limitedRequestFactory(10 ** 9, [], spoolDirectory=spool)
+        for length in (100000, None):
+            request = requestClass(DummyChannel())
+            request.gotLength(length)
+            self.addCleanup(request.content.close)
+            self.assertEqual(self.spooledIn(request), spool, length)
+        self.assertEqual(os.listdir(spool), [], "unnamed: nothing to clean up after a crash")
+        small = requestClass(DummyChannel())
+        small.gotLength(99999)
+        self.assertIsInstance(small.content, io.BytesIO)
+
+    def test_serverDirectorySpool(self) -> None:
+        """The server's spool is +spool in its directory."""
+        path = FilePath(self.mktemp())
+        path.makedirs()
+        self.assertEqual(ServerDir(path).spoolDirectory(), path.child("+spool"))
+        self.assertTrue(path.child("+spool").isdir())
 
 
 class SecurityHeaderTests(SiteTestMixin, SynchronousTestCase):

@@ -1,16 +1,23 @@
 """
-Request body limits, enforced while the body arrives.
+Request body limits, enforced while the body arrives, and where bodies wait.
 
 twisted.web spools every request body before a resource sees it and has no
 size limit of its own.  L{LimitedRequest} answers 413 as soon as the declared
 C{Content-Length} (or, for chunked bodies, the bytes so far) exceeds the
-limit, and closes the connection without reading the rest.
+limit, and closes the connection without reading the rest.  Large bodies
+are spooled in C{spoolDirectory} (in the server directory) instead of the
+system's temporary directory, which is often a RAM-backed tmpfs: a
+multi-gigabyte upload must cost disk, not memory.
 """
 
 import json
+import tempfile
 from typing import Any
 
 from twisted.web.server import Request
+
+# twisted.web keeps bodies below this many bytes in memory
+_IN_MEMORY = 100000
 
 
 class LimitedRequest(Request):
@@ -18,6 +25,7 @@ class LimitedRequest(Request):
 
     maxBodySize: int | None = None
     extraHeaders: list[tuple[bytes, bytes]] = []
+    spoolDirectory: str | None = None
 
     _refused = False
     _received = 0
@@ -25,6 +33,10 @@ class LimitedRequest(Request):
     def gotLength(self, length: int | None) -> None:
         if self.maxBodySize is not None and length is not None and length > self.maxBodySize:
             self._refuse()
+            return
+        if self.spoolDirectory is not None and (length is None or length >= _IN_MEMORY):
+            # Unnamed (or unlinked at once): a crash leaves nothing behind.
+            self.content = tempfile.TemporaryFile(dir=self.spoolDirectory)
             return
         super().gotLength(length)
 
@@ -59,8 +71,9 @@ class LimitedRequest(Request):
 
 
 def limitedRequestFactory(maxBodySize: int, extraHeaders: list[tuple[bytes, bytes]],
-                          base: type[LimitedRequest] = LimitedRequest) -> type[LimitedRequest]:
+                          base: type[LimitedRequest] = LimitedRequest,
+                          spoolDirectory: str | None = None) -> type[LimitedRequest]:
     """A request class (a subclass of C{base}) with the configured limit, for C{Site.requestFactory}."""
     return type("ConfiguredRequest", (base,), {
-        "maxBodySize": maxBodySize, "extraHeaders": list(extraHeaders),
+        "maxBodySize": maxBodySize, "extraHeaders": list(extraHeaders), "spoolDirectory": spoolDirectory,
     })
