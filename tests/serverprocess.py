@@ -24,6 +24,15 @@ START_TIMEOUT = 60
 CLIENT_TIMEOUT = 240
 
 
+def readText(path: str) -> str:
+    """A log or output file's text so far; empty if it is not there yet."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
 def freePort() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -107,21 +116,10 @@ class Foreground:
 
     def output(self) -> str:
         self._output.flush()
-        text = ""
-        for path in (self.outputPath, self.logfile):
-            try:
-                with open(path, "rb") as f:
-                    text += f.read().decode("utf-8", "replace")
-            except FileNotFoundError:
-                pass
-        return text
+        return readText(self.outputPath) + readText(self.logfile)
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return readText(self.logfile)
 
     def cleanup(self) -> None:
         if self.process.poll() is None:

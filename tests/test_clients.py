@@ -15,19 +15,17 @@ import json as jsonlib
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 from urllib.parse import urljoin
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from .serverprocess import freePort, tool
+from .serverprocess import freePort, tool, waitForAnswer
 from .distbuilder import Dist, buildSdist, buildWheel, moduleName, writeDist
 from .releaseharness import PIP_ACCEPT, basic
 
@@ -35,7 +33,6 @@ BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 ROOT_PASSWORD = "secret"
 CLIENT_TIMEOUT = 240
-START_TIMEOUT = 60
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 
 
@@ -136,20 +133,8 @@ class _ClientCase(TestCase):
         await self.mustAPI("PUT", "/alice/staging", {"bases": ["alice/dev"]})
 
     async def waitForServer(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.server.process.poll() is not None:
-                self.fail(f"the server exited:\n{self.server.output()}")
-            try:
-                response = await self.http.get(self.server.url + "/+api", timeout=5)
-                await response.content()
-                if response.code == 200:
-                    return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                self.fail(f"the server did not answer within {START_TIMEOUT}s:\n{self.server.output()}")
-            await deferLater(reactor, 0.1, lambda: None)
+        await waitForAnswer(self, self.http, self.server.url + "/+api",
+                            lambda: self.server.process.poll() is None, self.server.output)
 
     async def api(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
                   headers: dict[bytes, list[bytes]] | None = None, data: bytes | None = None) -> tuple[int, bytes, Any]:

@@ -37,7 +37,7 @@ from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel as fakeWheel
 
 from .distbuilder import buildWheel, moduleName, uploadBody
 from .helpers import basicAuth
-from .serverprocess import ROOT_PASSWORD, TWISTD, Foreground, environment, freePort, tool, waitForAnswer
+from .serverprocess import ROOT_PASSWORD, TWISTD, Foreground, environment, freePort, readText, tool, waitForAnswer
 
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 SIMPLE_JSON = b"application/vnd.pypi.simple.v1+json"
@@ -197,11 +197,7 @@ class DaemonTests(_ServerCase):
                     if line.startswith("{")]
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return readText(self.logfile)
 
     def output(self) -> str:
         with open(self.reportPath, "rb") as f:

@@ -34,11 +34,11 @@ from twisted.web.server import Site
 from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 from .releaseharness import PIP_ACCEPT, basic
+from .serverprocess import waitForAnswer
 from .test_clients import BIN, ServerProcess, clientEnvironment, tool
 
 ROOT_PASSWORD = "secret"
 CLIENT_TIMEOUT = 240
-START_TIMEOUT = 60
 FAIL_FAST = 15.0
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 
@@ -114,20 +114,8 @@ class MirrorClientTests(TestCase):
         await self.api("PATCH", "/root/pypi", {"mirror_url": self.upstream.simpleURL, "mirror_cache_expiry": 0})
 
     async def waitForServer(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.server.process.poll() is not None:
-                self.fail(f"the server exited:\n{self.server.output()}")
-            try:
-                response = await self.http.get(self.server.url + "/+api", timeout=5)
-                await response.content()
-                if response.code == 200:
-                    return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                self.fail(f"the server did not answer within {START_TIMEOUT}s:\n{self.server.output()}")
-            await deferLater(reactor, 0.1, lambda: None)
+        await waitForAnswer(self, self.http, self.server.url + "/+api",
+                            lambda: self.server.process.poll() is None, self.server.output)
 
     async def api(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         headers = {**JSON_HEADERS, **basic("root", ROOT_PASSWORD)}

@@ -50,6 +50,7 @@ from devpi_twisted.web.changelog import ChangelogFeed
 from devpi_twisted.web.routes import makeWebResource
 
 from .helpers import APIHarness, ROOT_PASSWORD, basicAuth, devpiAuth, fastHashing
+from .serverprocess import waitForAnswer
 from .test_tap import ThreadedMemoryReactor, readState
 
 PRIMARY = "http://primary.test"
@@ -1215,20 +1216,8 @@ class ReplicationProcessTests(TestCase):
         return replica
 
     async def answering(self, server: DevpiProcess) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.process.poll() is not None:
-                self.fail(f"{server.name} exited with {server.process.returncode}:\n{server.text()}")
-            try:
-                response = await self.http.get(server.url + "/+api", headers={b"Accept": [b"application/json"]})
-                await response.content()
-                if response.code == 200:
-                    return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                self.fail(f"{server.name} did not answer:\n{server.text()}")
-            await _sleep(0.05)
+        await waitForAnswer(self, self.http, server.url + "/+api", lambda: server.process.poll() is None,
+                            lambda: f"{server.name}:\n{server.text()}", timeout=60)
 
     # requests
 

@@ -31,6 +31,7 @@ from devpi_twisted.storage.sqlite import SqliteStorage
 from devpi_twisted.storage.threads import SynchronousRunner
 
 from .distbuilder import buildWheel, uploadBody
+from .serverprocess import readText
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ALICE = ("alice", "alicepw")
@@ -160,11 +161,7 @@ class Process:
         testCase.addCleanup(self.cleanup)
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return readText(self.logfile)
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 auth: tuple[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
