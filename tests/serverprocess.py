@@ -12,10 +12,14 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.server import Site
 
 import devpi_twisted
+from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
@@ -126,3 +130,40 @@ class Foreground:
             self.process.kill()
             self.process.wait(timeout=30)
         self._output.close()
+
+
+class FakeUpstream:
+    """A L{FakePyPI} on a loopback port that can be stopped and started again on the same port."""
+
+    def __init__(self, testCase: TestCase) -> None:
+        self.fake = FakePyPI()
+        # Tracks connections, so stopping also drops the persistent ones.
+        self.site = WrappingFactory(Site(self.fake.resource()))
+        self.port: Any = None
+        self.number = 0
+        testCase.addCleanup(self.stop)
+
+    async def start(self) -> None:
+        listening = await TCP4ServerEndpoint(reactor, self.number, interface="127.0.0.1").listen(self.site)
+        self.port = listening
+        self.number = listening.getHost().port
+
+    async def stop(self) -> None:
+        """Stop listening and drop every open connection (keep-alive ones too)."""
+        if self.port is not None:
+            port, self.port = self.port, None
+            await port.stopListening()
+        for protocol in list(self.site.protocols):
+            protocol.transport.abortConnection()
+
+    @property
+    def simpleURL(self) -> str:
+        return f"http://127.0.0.1:{self.number}/simple/"
+
+    def fileRequests(self) -> list[str]:
+        return [path for _, path in self.fake.requests if path.startswith("/files/")]
+
+    def addWheel(self, name: str, version: str, *requiresDist: str) -> str:
+        filename, data, metadata = buildWheel(name, version, requiresDist=requiresDist)
+        self.fake.addFile(name, filename, data, coreMetadata=metadata, uploadTime="2025-01-01T00:00:00Z")
+        return filename

@@ -109,7 +109,29 @@ class ServerProcess:
         self._output.close()
 
 
-class _ClientCase(TestCase):
+class ClientRunning:
+    """Runs the real clients for a test with C{workdir}, C{env} and a C{server}."""
+
+    workdir: str
+    env: dict[str, str]
+    server: Any
+
+    async def runClient(self, *command: str, timeout: int = CLIENT_TIMEOUT,
+                        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a client in a thread; its output goes to the test log when it fails."""
+        result = await deferToThread(
+            subprocess.run, list(command), capture_output=True, text=True, timeout=timeout,
+            env=env or self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+        )
+        result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
+        return result
+
+    def assertSucceeded(self, result: subprocess.CompletedProcess) -> None:
+        self.assertEqual(  # type: ignore[attr-defined]
+            result.returncode, 0, f"{result.args} failed:\n{result.output}\n--- server:\n{self.server.output()}")
+
+
+class _ClientCase(ClientRunning, TestCase):
     """A running server with alice, alice/dev and alice/staging, and the clients."""
 
     timeout = 600
@@ -164,20 +186,6 @@ class _ClientCase(TestCase):
             return None
         self.assertEqual(code, 200, content)
         return {f["filename"]: f["hashes"]["sha256"] for f in jsonlib.loads(content)["files"]}
-
-    async def runClient(self, *command: str, timeout: int = CLIENT_TIMEOUT,
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Run a client in a thread; its output goes to the test log when it fails."""
-        result = await deferToThread(
-            subprocess.run, list(command), capture_output=True, text=True, timeout=timeout,
-            env=env or self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-        )
-        result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
-        return result
-
-    def assertSucceeded(self, result: subprocess.CompletedProcess) -> None:
-        self.assertEqual(result.returncode, 0,
-                         f"{result.args} failed:\n{result.output}\n--- server:\n{self.server.output()}")
 
     def distDir(self, name: str) -> str:
         path = os.path.join(self.workdir, name)

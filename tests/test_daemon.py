@@ -25,19 +25,18 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
-from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel as fakeWheel
+from devpi_twisted.testing.fakepypi import buildWheel as fakeWheel
 
 from .distbuilder import buildWheel, moduleName, uploadBody
 from .helpers import basicAuth
-from .serverprocess import ROOT_PASSWORD, TWISTD, Foreground, environment, freePort, readText, tool, waitForAnswer
+from .serverprocess import (
+    ROOT_PASSWORD, TWISTD, FakeUpstream, Foreground, environment, freePort, readText, tool, waitForAnswer,
+)
 
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 SIMPLE_JSON = b"application/vnd.pypi.simple.v1+json"
@@ -240,30 +239,6 @@ class DaemonTests(_ServerCase):
             self.assertIn(text, log)
         self.assertRegex(log, r'"GET /alice/dev/\+f/\S+" 200 %d ' % len(wheel.data))
         self.assertNotIn("Traceback", log)
-
-
-class FakeUpstream:
-    """A L{FakePyPI} on a loopback port."""
-
-    def __init__(self, testCase: TestCase) -> None:
-        self.fake = FakePyPI()
-        self.site = WrappingFactory(Site(self.fake.resource()))
-        self.port: Any = None
-        testCase.addCleanup(self.stop)
-
-    async def start(self) -> None:
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.site)
-
-    async def stop(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
-            await port.stopListening()
-        for protocol in list(self.site.protocols):
-            protocol.transport.abortConnection()
-
-    @property
-    def simpleURL(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}/simple/"
 
 
 def metric(text: str, name: str) -> float:

@@ -23,10 +23,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -34,11 +31,10 @@ from twisted.web.server import Site
 from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 from .releaseharness import PIP_ACCEPT, basic
-from .serverprocess import waitForAnswer
-from .test_clients import BIN, ServerProcess, clientEnvironment, tool
+from .serverprocess import FakeUpstream, waitForAnswer
+from .test_clients import BIN, ClientRunning, ServerProcess, clientEnvironment, tool
 
 ROOT_PASSWORD = "secret"
-CLIENT_TIMEOUT = 240
 FAIL_FAST = 15.0
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 
@@ -48,44 +44,7 @@ def MirrorServer(testCase: TestCase, workdir: str, *extra: str) -> ServerProcess
     return ServerProcess(testCase, workdir, "--request-timeout", "2", *extra, rootPypi=True)
 
 
-class FakeUpstream:
-    """A L{FakePyPI} on a loopback port that can be stopped and started again on the same port."""
-
-    def __init__(self, testCase: TestCase) -> None:
-        self.fake = FakePyPI()
-        # Tracks connections, so stopping also drops the persistent ones.
-        self.site = WrappingFactory(Site(self.fake.resource()))
-        self.port: Any = None
-        self.number = 0
-        testCase.addCleanup(self.stop)
-
-    async def start(self) -> None:
-        listening = await TCP4ServerEndpoint(reactor, self.number, interface="127.0.0.1").listen(self.site)
-        self.port = listening
-        self.number = listening.getHost().port
-
-    async def stop(self) -> None:
-        """Stop listening and drop every open connection (keep-alive ones too)."""
-        if self.port is not None:
-            port, self.port = self.port, None
-            await port.stopListening()
-        for protocol in list(self.site.protocols):
-            protocol.transport.abortConnection()
-
-    @property
-    def simpleURL(self) -> str:
-        return f"http://127.0.0.1:{self.number}/simple/"
-
-    def fileRequests(self) -> list[str]:
-        return [path for _, path in self.fake.requests if path.startswith("/files/")]
-
-    def addWheel(self, name: str, version: str, *requiresDist: str) -> str:
-        filename, data, metadata = buildWheel(name, version, requiresDist=requiresDist)
-        self.fake.addFile(name, filename, data, coreMetadata=metadata, uploadTime="2025-01-01T00:00:00Z")
-        return filename
-
-
-class MirrorClientTests(TestCase):
+class MirrorClientTests(ClientRunning, TestCase):
     """pip and uv through C{root/pypi} while the fake upstream comes and goes."""
 
     timeout = 900
@@ -130,19 +89,6 @@ class MirrorClientTests(TestCase):
         return result["result"]["mirrors"].get("root/pypi", {}).get("state", "online")
 
     # the clients
-
-    async def runClient(self, *command: str, timeout: int = CLIENT_TIMEOUT,
-                        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        result = await deferToThread(
-            subprocess.run, list(command), capture_output=True, text=True, timeout=timeout,
-            env=env or self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-        )
-        result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
-        return result
-
-    def assertSucceeded(self, result: subprocess.CompletedProcess) -> None:
-        self.assertEqual(result.returncode, 0,
-                         f"{result.args} failed:\n{result.output}\n--- server:\n{self.server.output()}")
 
     def target(self, name: str) -> str:
         path = os.path.join(self.workdir, name)
