@@ -723,15 +723,7 @@ def printTable(results: Results) -> None:
         relative = key.endswith("over upstream ms")
         rows.append([key, rp.fmtValue(tw, key), rp.fmtValue(dv, key), rp.fmtValue(ng, key),
                      "-" if relative else rp.ratio(tw, dv), "-" if relative else rp.ratio(tw, ng)])
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print()
-    print("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)))
-    print(line)
-    for row in rows:
-        print("  ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
-                        for i, c in enumerate(row)))
-    print(line)
+    rp.printRows(header, rows)
     print("nginx rows: cold page and cold file = the upstream nginx itself, asked directly; warm pages = "
           "devpi-twisted's bytes from disk; warm file = the same 100 MB wheel from disk.")
 
@@ -773,26 +765,13 @@ def main() -> int:
     parser.add_argument("--skip-devpi", action="store_true", help="do not run devpi-server")
     parser.add_argument("--skip-nginx", action="store_true", help="do not run the nginx reference")
     parser.add_argument("--quick", action="store_true", help="1 run of each measurement, 3 s wrk runs")
-    parser.add_argument("--runs", type=int, help="runs per measurement (default 3, 1 with --quick)")
-    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5, 3 with --quick)")
-    parser.add_argument("--twistd", type=Path, default=rp.DEFAULT_TWISTD,
-                        help=f"twistd of the devpi-twisted venv (default {rp.DEFAULT_TWISTD})")
-    parser.add_argument("--src", type=Path,
-                        help="import devpi_twisted from this source tree instead of the venv's "
-                             "(e.g. a 'git archive COMMIT | tar -x -C DIR' snapshot)")
-    parser.add_argument("--devpi-venv", type=Path, default=rp.DEFAULT_DEVPI_VENV,
-                        help=f"venv with devpi-server {rp.DEVPI_VERSION}, created if missing "
-                             f"(default {rp.DEFAULT_DEVPI_VENV})")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin the servers to CPU 0 and the clients and upstream to CPU 1")
+    rp.addCommonOptions(parser)
     parser.add_argument("--profile", type=Path,
                         help="record devpi-twisted's session with py-spy into this file "
                              "(.svg flame graph, or .json for speedscope)")
     parser.add_argument("--py-spy", type=Path,
                         default=Path.home() / ".cache" / "devpi-twisted-bench" / "tools" / "bin" / "py-spy",
                         help="py-spy for --profile")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, server dirs)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     args = parser.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 5)

@@ -760,15 +760,7 @@ def printTable(results: Results) -> None:
             continue
         tw, dv, ng = (figures.get(n) for n in SERVER_NAMES)
         rows.append([key, fmtValue(tw, key), fmtValue(dv, key), fmtValue(ng, key), ratio(tw, dv), ratio(tw, ng)])
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print()
-    print("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)))
-    print(line)
-    for row in rows:
-        print("  ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
-                        for i, c in enumerate(row)))
-    print(line)
+    printRows(header, rows)
     print("nginx rows: uploads and big uploads = body read and discarded (return 200); "
           "pages = devpi-twisted's bytes from disk.")
 
@@ -813,6 +805,37 @@ def describeSource(src: Path | None) -> str:
     return where
 
 
+def printRows(header: list[str], rows: list[list[Any]]) -> None:
+    """A table: the first column left-aligned, the figures right-aligned, ruled above and below."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print()
+    print("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)))
+    print(line)
+    for row in rows:
+        print("  ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
+                        for i, c in enumerate(row)))
+    print(line)
+
+
+def addCommonOptions(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmarks take (runs, durations, where the servers come from, pinning, output)."""
+    parser.add_argument("--runs", type=int, help="runs per measurement (default 3, 1 with --quick)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5, 3 with --quick)")
+    parser.add_argument("--twistd", type=Path, default=DEFAULT_TWISTD,
+                        help=f"twistd of the devpi-twisted venv (default {DEFAULT_TWISTD})")
+    parser.add_argument("--src", type=Path,
+                        help="import devpi_twisted from this source tree instead of the venv's "
+                             "(e.g. a 'git archive COMMIT | tar -x -C DIR' snapshot)")
+    parser.add_argument("--devpi-venv", type=Path, default=DEFAULT_DEVPI_VENV,
+                        help=f"venv with devpi-server {DEVPI_VERSION}, created if missing "
+                             f"(default {DEFAULT_DEVPI_VENV})")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the servers to CPU 0 and the clients (and an upstream) to CPU 1")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, server dirs)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+
+
 def finish(results: Results, args: Any, workdir: Path, started: float,
            printTable: Callable[[Results], None]) -> None:
     """Print the table and timing, write the JSON if asked, and remove the work directory."""
@@ -833,20 +856,7 @@ def main() -> int:
     parser.add_argument("--skip-nginx", action="store_true", help="do not run nginx")
     parser.add_argument("--quick", action="store_true", help="1 run of each measurement, 3 s wrk runs")
     parser.add_argument("--only", choices=("pages", "uploads", "big"), help="run one workload only")
-    parser.add_argument("--runs", type=int, help="runs per measurement (default 3, 1 with --quick)")
-    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5, 3 with --quick)")
-    parser.add_argument("--twistd", type=Path, default=DEFAULT_TWISTD,
-                        help=f"twistd of the devpi-twisted venv (default {DEFAULT_TWISTD})")
-    parser.add_argument("--src", type=Path,
-                        help="import devpi_twisted from this source tree instead of the venv's "
-                             "(e.g. a 'git archive COMMIT | tar -x -C DIR' snapshot)")
-    parser.add_argument("--devpi-venv", type=Path, default=DEFAULT_DEVPI_VENV,
-                        help=f"venv with devpi-server {DEVPI_VERSION}, created if missing "
-                             f"(default {DEFAULT_DEVPI_VENV})")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin servers to CPU 0 and the load generators to CPU 1")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, server dirs)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    addCommonOptions(parser)
     args = parser.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 5)
