@@ -21,7 +21,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from devpi_twisted.web.files import SENDFILE_SLICE, directSocket, serveBytesOrFile
 
@@ -82,6 +82,19 @@ class OneFile(Resource):
                                 etag=ETAG, lastModified=None, sendfile=self.sendfile)
 
 
+class LateFile(OneFile):
+    """Answers only after the client had time to go away, as a slow lookup would."""
+
+    def render(self, request: Any) -> Any:
+        def late() -> None:
+            result = OneFile.render(self, request)
+            self.lateResult.callback(result)
+
+        self.lateResult: Deferred[Any] = Deferred()
+        reactor.callLater(0.2, late)
+        return NOT_DONE_YET
+
+
 class RawClient(Protocol):
     """
     Sends one prepared request and keeps every byte of the answer until the
@@ -89,10 +102,11 @@ class RawClient(Protocol):
     many bytes, so the server's socket fills up.
     """
 
-    def __init__(self, request: bytes, stallEvery: int = 0, dropAfter: int = 0) -> None:
+    def __init__(self, request: bytes, stallEvery: int = 0, dropAfter: int = 0, dropAtOnce: bool = False) -> None:
         self.request = request
         self.stallEvery = stallEvery
         self.dropAfter = dropAfter
+        self.dropAtOnce = dropAtOnce
         self.received = bytearray()
         self.done: Deferred[bytes] = Deferred()
         self._sinceStall = 0
@@ -101,6 +115,8 @@ class RawClient(Protocol):
         if self.stallEvery:
             self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         self.transport.write(self.request)
+        if self.dropAtOnce:
+            reactor.callLater(0.05, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -226,6 +242,18 @@ class ServeFileTests(TestCase):
                 break
             await deferLater(reactor, 0.01)
         self.assertEqual(TrackedFile.closedCount, 1)
+
+    async def test_clientGoneBeforeTheAnswer(self) -> None:
+        """A client that left while its file was looked up: the file is closed, nothing fails."""
+        self.port.stopListening()
+        await self.listen(CountingSendfile())
+        self.resource = LateFile(self.path, SIZE, self.sendfile)
+        self.port.factory.resource = self.resource
+        data = await self.fetch(get(), dropAtOnce=True)
+        self.assertEqual(data, b"")
+        self.assertIs(await self.resource.lateResult, NOT_DONE_YET)
+        self.assertEqual(TrackedFile.closedCount, 1)
+        self.assertEqual(self.sendfile.calls, 0)
 
     async def test_storedFileShorterThanRecordedAborts(self) -> None:
         """A file cut short on disk never passes as whole: the client sees fewer bytes than announced."""

@@ -271,6 +271,10 @@ def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: 
     if request.method == b"HEAD" or length == 0:
         file.close()
         return b""
+    if request.channel is None:
+        # The client went away while the file was looked up.
+        file.close()
+        return NOT_DONE_YET
     _FileProducer(request, file, start, length, sendfile).start()
     return NOT_DONE_YET
 
