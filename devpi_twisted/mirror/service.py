@@ -79,7 +79,8 @@ class _LiveResponse(Resource):
             request.setHeader(b"ETag", b'"' + self._link.sha256.encode("ascii") + b'"')
             request.setHeader(b"Cache-Control", IMMUTABLE)
         request.setHeader(b"X-Accel-Buffering", b"no")
-        attachLiveClient(self._fetch, request)
+        if request.channel is not None:  # else the client left while the transfer started
+            attachLiveClient(self._fetch, request)
         return NOT_DONE_YET
 
 
