@@ -48,7 +48,9 @@ from .tlsdir import tlsDirectoryEndpoint
 from .upstreamagent import LimitedAgent
 from .web.accesslog import AccessLog
 from .web.limits import limitedRequestFactory
-from .web.metrics import CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry
+from .web.metrics import (
+    BlobCollectorMetrics, CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry,
+)
 from .web.changelog import ChangelogFeed, FeedStopper
 from .web.routes import Routes, makeWebResource
 from .replica.client import PrimaryClient
@@ -524,10 +526,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     storageService = StorageService(serverdir, storage, blobs, reactor, config.requestsOnly)
     storageService.setServiceParent(top)
     followerStorage = storage
+    collector = None
     if not config.requestsOnly and config.blobCollectInterval > 0:
         # Stopped before storage (children stop last first).
-        BlobCollector(storage, blobs, reactor, config.blobCollectInterval,
-                      ready=storageService.whenReady).setServiceParent(top)
+        collector = BlobCollector(storage, blobs, reactor, config.blobCollectInterval,
+                                  ready=storageService.whenReady)
+        collector.setServiceParent(top)
     if config.primaryURL is not None:
         storage = ReadOnlyStorage(storage)  # on a replica only the follower writes
 
@@ -565,6 +569,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         replica.onReachabilityChange(lambda reachable: pages.invalidateAll())
     if replica is not None:
         registry.register(ReplicationCollector(replica))  # type: ignore[arg-type]
+    if collector is not None:
+        registry.register(BlobCollectorMetrics(collector))  # type: ignore[arg-type]
     resource = makeWebResource(
         config=config,
         nodeinfo=nodeinfo,

@@ -176,6 +176,12 @@ class CollectorServerTests(TestCase):
             await self.sleep(0.5)
         self.assertEqual(self.blobPaths(wheel.sha256), [])
         self.assertIn("blob collector", self.server.log())
+        response = await self.http.get(self.url + "/+metrics")
+        metrics = (await response.content()).decode()
+        for name in ("devpi_blobs_retired_total", "devpi_blobs_deleted_total"):
+            value = next(line.split()[1] for line in metrics.splitlines() if line.startswith(name + " "))
+            self.assertGreaterEqual(float(value), 1.0, name)
+        self.assertIn("devpi_blob_collector_last_pass_timestamp_seconds", metrics)
 
         # The same content uploaded once more is stored anew and served.
         await self.upload("a", wheel)

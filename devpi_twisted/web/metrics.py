@@ -384,3 +384,22 @@ def _counter(name: str, documentation: str, label: str, values: dict[str, float]
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
+
+
+class BlobCollectorMetrics:
+    """What the blob collector (L{devpi_twisted.storage.collector}) did, for C{/+metrics}."""
+
+    def __init__(self, collector: Any) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._collector.totals
+        yield CounterMetricFamily("devpi_blobs_retired", "Unreferenced file contents moved to +files/trash",
+                                  value=totals.retired)
+        yield CounterMetricFamily("devpi_blobs_deleted", "Retired file contents removed for good",
+                                  value=totals.deleted)
+        yield CounterMetricFamily("devpi_blobs_restored", "Retired file contents brought back (referenced again)",
+                                  value=totals.restored)
+        if self._collector.lastPass is not None:
+            yield GaugeMetricFamily("devpi_blob_collector_last_pass_timestamp_seconds",
+                                    "When the blob collector last finished a pass", value=self._collector.lastPass)
