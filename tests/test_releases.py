@@ -1616,7 +1616,7 @@ class DeleteTests(_Case):
         self.assertEqual(self.h.get(self.urls("alice/dev")[self.wheel.filename]).body, self.wheel.data)
 
 
-class CachedPagesFirstTests(SynchronousTestCase):
+class CachedAnswersFirstTests(SynchronousTestCase):
     """The shortcut that answers cached project pages before routing."""
 
     class Views:
@@ -1642,12 +1642,12 @@ class CachedPagesFirstTests(SynchronousTestCase):
     def render(self, answer: bytes | None, path: bytes, method: bytes = b"GET") -> tuple[bytes, Any, Any]:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from devpi_twisted.web.pages import CachedPagesFirst
+        from devpi_twisted.web.pages import CachedAnswersFirst
 
         views, routed = self.Views(answer), self.Routed()
         request = DummyRequest([])
         request.path, request.method = path, method
-        return CachedPagesFirst(routed, views).render(request), views, routed
+        return CachedAnswersFirst(routed, views).render(request), views, routed
 
     def test_cachedPageSkipsRouting(self) -> None:
         """A cached page of .../+simple/<project>/ is answered without touching the routes."""

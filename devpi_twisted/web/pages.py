@@ -34,21 +34,24 @@ def redirect(request: IRequest, location: str, status: int = 302) -> bytes:
     return withLength(request, b"")
 
 
-class CachedPagesFirst(Resource):
+class CachedAnswersFirst(Resource):
     """
-    Answers a request for a simple project page that is cached, before any
-    routing: most requests of an index are for pages that have not changed,
-    and this way they cost a regular expression and a dictionary lookup.
-    Everything else goes on to the routed resource.
+    Answers a request for a simple project page that is cached, or for a
+    stored file path answered before (L{devpi_twisted.web.storedfiles}),
+    before any routing: most requests of an index are for pages that have
+    not changed and files already served, and this way a page costs a
+    regular expression and a dictionary lookup.  Everything else goes on to
+    the routed resource.
     """
 
     isLeaf = True
     _PAGE = re.compile(rb"^/([^/+%][^/%]*)/([^/+%][^/%]*)/\+simple/([^/+%][^/%]*)/$")
 
-    def __init__(self, routed: Resource, views: "PageViews") -> None:
+    def __init__(self, routed: Resource, views: "PageViews", files: Any = None) -> None:
         super().__init__()
         self._routed = routed
         self._views = views
+        self._files = files
 
     def render(self, request: IRequest) -> Any:
         if request.method in (b"GET", b"HEAD"):
@@ -62,6 +65,10 @@ class CachedPagesFirst(Resource):
                     answer = self._views.cachedProject(request, user, index, project)
                     if answer is not None:
                         return answer
+            elif self._files is not None:
+                answer = self._files.answer(request, self._routed)
+                if answer is not None:
+                    return answer
         return self._routed.render(request)
 
 

@@ -25,6 +25,7 @@ from ..queries import fileMeta, projectConfig, versionData
 from ..releases import Releases, lookupFile
 from .context import hasQueryFlag, outsideURL, requesterOf
 from .files import FileResponse
+from .storedfiles import KnownFiles
 from .headers import setSerial
 from .pages import redirect
 from .responses import jsonBody, readJSON, withLength
@@ -54,8 +55,10 @@ class ProjectViews:
     """Views below C{/user/index/}."""
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
-                 auth: Authenticator, releases: Releases, mirrors: Any = None) -> None:
+                 auth: Authenticator, releases: Releases, mirrors: Any = None,
+                 knownFiles: KnownFiles | None = None) -> None:
         self._mirrors = mirrors
+        self._knownFiles = knownFiles
         self._config = config
         self._storage = storage
         self._blobs = blobs
@@ -148,6 +151,8 @@ class ProjectViews:
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound(f"content of {entry['filename']} is missing on this server")
+        if self._knownFiles is not None:
+            self._knownFiles.remember(request.path, entry)
         return FileResponse(
             file=file, size=entry["size"], filename=entry["filename"],
             etag=b'"' + entry["sha256"].encode("ascii") + b'"',

@@ -29,8 +29,9 @@ from .api import APIViews
 from .changelog import ChangelogFeed
 from .errors import HANDLERS
 from .headers import DevpiHeadersResource
-from .pages import CachedPagesFirst, PageViews, isInstaller
+from .pages import CachedAnswersFirst, PageViews, isInstaller
 from .projects import ProjectViews
+from .storedfiles import KnownFileAnswers, KnownFiles
 from .docs import DocViews
 from .upload import UploadViews
 
@@ -262,12 +263,13 @@ def makeWebResource(
     """
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
+    knownFiles = KnownFiles(storage)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics),
         pageViews,
-        ProjectViews(config, storage, blobs, auth, releases, mirrors),
+        ProjectViews(config, storage, blobs, auth, releases, mirrors, knownFiles),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation),
@@ -275,5 +277,6 @@ def makeWebResource(
         metrics,
     )
     return DevpiHeadersResource(
-        CachedPagesFirst(routes.app.resource(), pageViews), storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version
+        CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs)),
+        storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version,
     )

@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_storedfiles -*-
+"""
+Stored files answered before routing.
+
+Installers fetch the same files again and again.  Once a file path has been
+answered through the routes, what its answer needs (the blob's digest, the
+size, the name, the modification time) is kept by path until a change to
+files, indexes or users arrives from storage; the next GET or HEAD of that
+path then costs a dictionary lookup and the open of the blob in a storage
+thread, not routing and a database read.  Anything unusual (a JSON
+C{Accept}, a blob that cannot be opened) takes the routed way.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..interfaces import IBlobStore, IStorage
+from ..model import keys
+from ..model.negotiation import wantsJSONAPI
+from ..storage import ChangeRecord
+from .files import serveBytesOrFile
+
+log = Logger()
+
+# Keys whose change can alter what a file path answers.
+_FILE_KINDS = frozenset({"file", "path", "deleted", "index", "user"})
+_MAX_KNOWN = 20000
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    """What the answer for one stored file path needs."""
+
+    sha256: str
+    size: int
+    filename: str
+    lastModified: str | None
+
+
+class KnownFiles:
+    """File paths answered before, forgotten on any change to files, indexes or users."""
+
+    def __init__(self, storage: IStorage) -> None:
+        self._known: dict[bytes, KnownFile] = {}
+        storage.subscribe(self._changed)
+
+    def _changed(self, record: ChangeRecord) -> None:
+        if self._known and any(keys.parseKey(key)[0] in _FILE_KINDS for key in record.changes):
+            self._known.clear()
+
+    def remember(self, path: bytes, entry: dict[str, Any]) -> None:
+        if len(self._known) >= _MAX_KNOWN:
+            self._known.clear()
+        self._known[path] = KnownFile(entry["sha256"], entry["size"], entry["filename"], entry.get("last_modified"))
+
+    def get(self, path: bytes) -> KnownFile | None:
+        return self._known.get(path)
+
+
+class KnownFileAnswers:
+    """Answers GET and HEAD for known file paths; C{None} sends a request the routed way."""
+
+    def __init__(self, files: KnownFiles, blobs: IBlobStore) -> None:
+        self._files = files
+        self._blobs = blobs
+
+    def answer(self, request: IRequest, routed: Resource) -> Any:
+        if b"/+f/" not in request.path or wantsJSONAPI(request.getHeader(b"accept")):
+            return None
+        known = self._files.get(request.path)
+        if known is None:
+            return None
+        opening: Deferred[Any] = self._blobs.open(known.sha256)
+        opening.addCallbacks(lambda file: self._send(request, routed, known, file),
+                             lambda failure: self._routedLater(request, routed, failure))
+        return NOT_DONE_YET
+
+    def _send(self, request: IRequest, routed: Resource, known: KnownFile, file: Any) -> None:
+        if file is None:  # gone from the blob store: the routes know what to say
+            self._routedLater(request, routed, None)
+            return
+        body = serveBytesOrFile(request, file=file, size=known.size, filename=known.filename,
+                                etag=b'"' + known.sha256.encode("ascii") + b'"', lastModified=known.lastModified)
+        if body is not NOT_DONE_YET and not _gone(request):
+            if body:
+                request.write(body)
+            request.finish()
+
+    def _routedLater(self, request: IRequest, routed: Resource, failure: Failure | None) -> None:
+        if failure is not None:
+            log.failure("opening a known file failed; answering through the routes", failure=failure)
+        if _gone(request):
+            return
+        body = routed.render(request)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+
+def _gone(request: IRequest) -> bool:
+    return bool(request.finished or getattr(request, "_disconnected", False))
