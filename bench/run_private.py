@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -418,9 +419,10 @@ def ensureDevpiVenv(venv: Path) -> None:
 class Nginx(Server):
     name = "nginx"
 
-    def __init__(self, workdir: Path, pin: str | None, pages: dict[str, bytes]) -> None:
+    def __init__(self, workdir: Path, pin: str | None, pages: dict[str, bytes], file: bytes | None = None) -> None:
         super().__init__(workdir, pin)
         self.pages = pages
+        self.file = file
 
     def start(self) -> None:
         root = self.workdir / "nginx"
@@ -429,9 +431,12 @@ class Nginx(Server):
         # The worker runs as nobody when nginx starts as root: let it read.
         for path in (self.workdir, root, www):
             path.chmod(0o755)
-        for fmt, data in self.pages.items():
-            (www / f"page.{fmt}").write_bytes(data)
-            (www / f"page.{fmt}").chmod(0o644)
+        files = {f"page.{fmt}": data for fmt, data in self.pages.items()}
+        if self.file is not None:
+            files["file.whl"] = self.file
+        for name, data in files.items():
+            (www / name).write_bytes(data)
+            (www / name).chmod(0o644)
         config = root / "nginx.conf"
         config.write_text(f"""
 worker_processes 1;
@@ -575,28 +580,46 @@ def measureBig(server: Server, client: Client, uploads: list[Upload], runs: int,
     results.put("big uploads MB/s (5 x 50 MB)", server.name, median(rates), rates)
 
 
+def measureGets(server: Server, label: str, path: str, accept: str | None, runs: int, duration: int,
+                wrkPin: str | None, results: Results) -> None:
+    """wrk on one path at each concurrency: the rows C{<label> c=N req/s}, p50 and p99."""
+    for concurrency in CONCURRENCIES:
+        samples = []
+        for _ in range(runs):
+            sample = runWrk(server.url(path), concurrency, duration, accept, wrkPin)
+            samples.append(sample)
+            if sample["non2xx"] or (sample["socket_errors"] and concurrency <= 1000):
+                results.problems.append(
+                    f"{server.name}: {label} c={concurrency}: non-2xx {sample['non2xx']}, "
+                    f"socket errors: {sample['socket_errors'] or 'none'}")
+        key = f"{label} c={concurrency}"
+        rps = median([s["rps"] for s in samples])
+        p50 = median([s["p50"] for s in samples])
+        p99 = median([s["p99"] for s in samples])
+        results.put(f"{key} req/s", server.name, rps, [s["rps"] for s in samples])
+        results.put(f"{key} p50 ms", server.name, p50, [s["p50"] for s in samples])
+        results.put(f"{key} p99 ms", server.name, p99, [s["p99"] for s in samples])
+        perRun = ", ".join(f"{sample['rps']:.0f}" for sample in samples)
+        log(f"{server.name}: {key}: {rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms (runs: {perRun})")
+
+
 def measurePages(server: Server, paths: dict[str, str], runs: int, duration: int, wrkPin: str | None,
                  results: Results) -> None:
     for fmt in FORMATS:
-        accept = JSON_ACCEPT if fmt == "json" else None
-        for concurrency in CONCURRENCIES:
-            samples = []
-            for _ in range(runs):
-                sample = runWrk(server.url(paths[fmt]), concurrency, duration, accept, wrkPin)
-                samples.append(sample)
-                if sample["non2xx"] or (sample["socket_errors"] and concurrency <= 1000):
-                    results.problems.append(
-                        f"{server.name}: {fmt} c={concurrency}: non-2xx {sample['non2xx']}, "
-                        f"socket errors: {sample['socket_errors'] or 'none'}")
-            key = f"{fmt} c={concurrency}"
-            rps = median([s["rps"] for s in samples])
-            p50 = median([s["p50"] for s in samples])
-            p99 = median([s["p99"] for s in samples])
-            results.put(f"page {key} req/s", server.name, rps, [s["rps"] for s in samples])
-            results.put(f"page {key} p50 ms", server.name, p50, [s["p50"] for s in samples])
-            results.put(f"page {key} p99 ms", server.name, p99, [s["p99"] for s in samples])
-            log(f"{server.name}: page {key}: {rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms "
-                f"(runs: {', '.join('%.0f' % s['rps'] for s in samples)})")
+        measureGets(server, f"page {fmt}", paths[fmt], JSON_ACCEPT if fmt == "json" else None, runs, duration,
+                    wrkPin, results)
+
+
+def firstFile(server: Server, page: bytes) -> tuple[str, bytes]:
+    """The path of the first file a JSON page lists, and its bytes (checked against the page's sha256)."""
+    entry = json.loads(page)["files"][0]
+    url = urllib.parse.urljoin(server.url(PAGE_PATH), entry["url"])
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != entry["hashes"]["sha256"]:
+        raise RuntimeError(f"{server.name}: {entry['filename']} does not match its sha256")
+    parts = urllib.parse.urlsplit(url)
+    return parts.path, data
 
 
 def fetchPage(server: Server, path: str, fmt: str) -> tuple[bytes, str]:
@@ -676,6 +699,10 @@ def runIndexServer(server: IndexServer, args, work: dict, results: Results) -> N
                 if server.name == "devpi-twisted":
                     work.setdefault("pages", {})[fmt] = data
             measurePages(server, paths, runs, duration, args.wrk_pin, results)
+            filePath, fileData = firstFile(server, fetchPage(server, PAGE_PATH, "json")[0])
+            if server.name == "devpi-twisted":
+                work["file"] = fileData
+            measureGets(server, "small file", filePath, None, runs, duration, args.wrk_pin, results)
             server.noteRSS("after pages")
         if only in (None, "big"):
             def prepareBig(run: int) -> tuple[str, dict]:
@@ -712,6 +739,9 @@ def runNginx(server: Nginx, args, work: dict, results: Results) -> None:
                     raise RuntimeError(f"nginx serves other bytes for {fmt}")
                 results.info.append(f"nginx: {fmt} page {len(data):,} bytes, Content-Type {contentType}")
             measurePages(server, paths, args.runs, args.duration, args.wrk_pin, results)
+            if work.get("file"):
+                measureGets(server, "small file", "/file.whl", None, args.runs, args.duration, args.wrk_pin,
+                            results)
         if only in (None, "big"):
             measureBig(server, client, work["big"], args.runs, results,
                        lambda run: ("/upload/", headers))
@@ -751,6 +781,8 @@ def printTable(results: Results) -> None:
     for fmt in FORMATS:
         for c in CONCURRENCIES:
             order += [f"page {fmt} c={c} req/s", f"page {fmt} c={c} p50 ms", f"page {fmt} c={c} p99 ms"]
+    for c in CONCURRENCIES:
+        order += [f"small file c={c} req/s", f"small file c={c} p50 ms", f"small file c={c} p99 ms"]
     order += ["big uploads MB/s (5 x 50 MB)", "start to first 200 (s)"]
     header = ["workload / figure", *SERVER_NAMES, "tw/devpi", "tw/nginx"]
     rows = []
@@ -762,7 +794,7 @@ def printTable(results: Results) -> None:
         rows.append([key, fmtValue(tw, key), fmtValue(dv, key), fmtValue(ng, key), ratio(tw, dv), ratio(tw, ng)])
     printRows(header, rows)
     print("nginx rows: uploads and big uploads = body read and discarded (return 200); "
-          "pages = devpi-twisted's bytes from disk.")
+          "pages and the small file = devpi-twisted's bytes from disk.")
 
     print("\nTargets (devpi-twisted / devpi-server):")
     checks = [(f"page {fmt} c={c} req/s", TARGET_PAGES) for fmt in FORMATS for c in CONCURRENCIES]
@@ -908,7 +940,7 @@ def main() -> int:
                 if server.name == "devpi-twisted":
                     raise
         if not args.skip_nginx:
-            server = Nginx(workdir, serverPin, work.get("pages", {}))
+            server = Nginx(workdir, serverPin, work.get("pages", {}), work.get("file"))
             runNginx(server, args, work, results)
     finally:
         for server in STARTED:
