@@ -130,6 +130,20 @@ class ClientRunning:
         self.assertEqual(  # type: ignore[attr-defined]
             result.returncode, 0, f"{result.args} failed:\n{result.output}\n--- server:\n{self.server.output()}")
 
+    def prepareClients(self) -> None:
+        """A fresh work directory, the clients' environment in it, and an HTTP client."""
+        tool("twistd")
+        self.workdir = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(self.workdir)
+        self.env = clientEnvironment(self.workdir)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)  # type: ignore[attr-defined]
+        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+
+    async def waitForServer(self) -> None:
+        await waitForAnswer(self, self.http, self.server.url + "/+api",
+                            lambda: self.server.process.poll() is None, self.server.output)
+
 
 class _ClientCase(ClientRunning, TestCase):
     """A running server with alice, alice/dev and alice/staging, and the clients."""
@@ -141,22 +155,13 @@ class _ClientCase(ClientRunning, TestCase):
         return Deferred.fromCoroutine(self._setUp())
 
     async def _setUp(self) -> None:
-        tool("twistd")
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.env = clientEnvironment(self.workdir)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        self.prepareClients()
         self.server = ServerProcess(self, self.workdir, *self.serverOptions)
         await self.waitForServer()
         await self.mustAPI("PUT", "/alice", {"password": "alicepw"}, auth=None, expect=201)
         await self.mustAPI("PUT", "/alice/dev", {})
         await self.mustAPI("PUT", "/alice/staging", {"bases": ["alice/dev"]})
 
-    async def waitForServer(self) -> None:
-        await waitForAnswer(self, self.http, self.server.url + "/+api",
-                            lambda: self.server.process.poll() is None, self.server.output)
 
     async def api(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
                   headers: dict[bytes, list[bytes]] | None = None, data: bytes | None = None) -> tuple[int, bytes, Any]:

@@ -25,14 +25,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 from .releaseharness import PIP_ACCEPT, basic
-from .serverprocess import FakeUpstream, waitForAnswer
-from .test_clients import BIN, ClientRunning, ServerProcess, clientEnvironment, tool
+from .serverprocess import FakeUpstream
+from .test_clients import BIN, ClientRunning, ServerProcess, tool
 
 ROOT_PASSWORD = "secret"
 FAIL_FAST = 15.0
@@ -53,13 +52,7 @@ class MirrorClientTests(ClientRunning, TestCase):
         return Deferred.fromCoroutine(self._setUp())
 
     async def _setUp(self) -> None:
-        tool("twistd")
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.env = clientEnvironment(self.workdir)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        self.prepareClients()
         self.upstream = FakeUpstream(self)
         self.files = {
             "lib": self.upstream.addWheel("mirror-lib", "1.0"),
@@ -72,9 +65,6 @@ class MirrorClientTests(ClientRunning, TestCase):
         await self.waitForServer()
         await self.api("PATCH", "/root/pypi", {"mirror_url": self.upstream.simpleURL, "mirror_cache_expiry": 0})
 
-    async def waitForServer(self) -> None:
-        await waitForAnswer(self, self.http, self.server.url + "/+api",
-                            lambda: self.server.process.poll() is None, self.server.output)
 
     async def api(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         headers = {**JSON_HEADERS, **basic("root", ROOT_PASSWORD)}
