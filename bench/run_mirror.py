@@ -127,33 +127,9 @@ class Upstream(rp.Server):
     def start(self) -> None:
         config = self.root / "nginx.conf"
         root = self.root
-        config.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {root}/access.log;
-    sendfile on;
-    tcp_nopush off;
-    tcp_nodelay on;
-    keepalive_timeout 65;
-    keepalive_requests 1000000;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    server {{
-        listen {HOST}:{self.port};
-        root {self.www};
+        config.write_text(rp.nginxConfig(root, self.port, self.www, access=f"{root}/access.log", locations=f"""
         location /simple/ {{ types {{ }} default_type "{JSON_ACCEPT}"; index index.json; }}
-        location /files/ {{ types {{ }} default_type application/octet-stream; }}
-        location = /ready {{ return 200; }}
-    }}
-}}
-""")
+        location /files/ {{ types {{ }} default_type application/octet-stream; }}"""))
         t0 = time.monotonic()
         self._spawn(["nginx", "-e", str(root / "error.log"), "-p", str(root), "-c", str(config)])
         assert self.process is not None

@@ -416,6 +416,35 @@ def ensureDevpiVenv(venv: Path) -> None:
                    check=True)
 
 
+def nginxConfig(root: Path, port: int, www: Path, access: str, locations: str) -> str:
+    """One nginx worker serving C{www} on C{port} with sendfile, its state under C{root}, plus C{locations}."""
+    return f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {access};
+    sendfile on;
+    tcp_nopush off;
+    tcp_nodelay on;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen {HOST}:{port};
+        root {www};{locations}
+        location = /ready {{ return 200; }}
+    }}
+}}
+"""
+
+
 class Nginx(Server):
     name = "nginx"
 
@@ -438,35 +467,11 @@ class Nginx(Server):
             (www / name).write_bytes(data)
             (www / name).chmod(0o644)
         config = root / "nginx.conf"
-        config.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush off;
-    tcp_nodelay on;
-    keepalive_timeout 65;
-    keepalive_requests 1000000;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    server {{
-        listen {HOST}:{self.port};
-        root {www};
+        config.write_text(nginxConfig(root, self.port, www, access="off", locations=f"""
         location = /page.html {{ types {{ }} default_type "text/html; charset=utf-8"; }}
         location = /page.json {{ types {{ }} default_type "{JSON_ACCEPT}"; }}
         # The "upload" limit: read the body and discard it.
-        location = /upload/ {{ client_max_body_size 0; return 200; }}
-        location = /ready {{ return 200; }}
-    }}
-}}
-""")
+        location = /upload/ {{ client_max_body_size 0; return 200; }}"""))
         t0 = time.monotonic()
         self._spawn(["nginx", "-e", str(root / "error.log"), "-p", str(root), "-c", str(config)])
         assert self.process is not None
