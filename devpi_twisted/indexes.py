@@ -84,6 +84,10 @@ class Indexes:
         name = f"{user}/{index}"
         if not isinstance(body, dict):
             raise BadRequest("index config must be a JSON object")
+        # devpi looks the user up before it checks permissions: a missing
+        # user is 404 for everyone (checked again in the transaction).
+        if await self._storage.read(lambda view: view.get(keys.userKey(user))) is None:
+            raise NotFound(f"no user {user!r}")
         if not self._policy.mayManageIndex(requester, user):
             raise Forbidden(f"no permission to create index {name}")
         indexType = body.get("type", indexconfig.STAGE)

