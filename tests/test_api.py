@@ -682,7 +682,7 @@ class CreateIndexTests(_APITestCase):
         self.assertEqual(answer.code, 200, answer.body)
         self.assertEqual(answer.json["result"], {
             "type": "mirror", "volatile": True, "mirror_cache_expiry": 1800,
-            "mirror_url": "https://example.com/simple/",
+            "mirror_url": "https://example.com/simple",
         })
         self.assertNotIn("pypisubmit", self.api.get("/alice/mirror/+api").json["result"])
 

@@ -83,3 +83,32 @@ class IndexOfMissingUserTests(SynchronousTestCase):
         """Another user's namespace stays forbidden."""
         answer = self.h.request("PUT", "/bob/dev", combine(self.h.alice, JSON), json={})
         self.assertEqual(answer.code, 403, answer.body)
+
+
+class MirrorURLAsGivenTests(SynchronousTestCase):
+    """C{mirror_url} is stored and shown as given; upstream is still asked at the right URLs."""
+
+    def setUp(self) -> None:
+        self.h = MirrorHarness(self, mirrorURL="http://upstream.test/simple")
+        self.h.addWheel("demo", "1.0")
+
+    def tearDown(self) -> None:
+        self.h.stop()
+
+    def config(self) -> Any:
+        return self.h.get("/root/pypi?no_projects=", JSON).json["result"]
+
+    def test_shownAsGiven(self) -> None:
+        self.assertEqual(self.config()["mirror_url"], "http://upstream.test/simple")
+        self.h.modifyIndex("root", "pypi", ["mirror_url=http://upstream.test/simple/"], auth=self.h.root)
+        self.assertEqual(self.config()["mirror_url"], "http://upstream.test/simple/")
+
+    def test_fetchesBelowTheURL(self) -> None:
+        """Project pages and the project list are asked for below C{mirror_url}, slash or not."""
+        files = self.h.mirrorFiles("demo")
+        self.assertEqual(list(files), ["demo-1.0-py3-none-any.whl"])
+        answer = self.h.get("/root/pypi/+simple/", {b"Accept": [b"application/vnd.pypi.simple.v1+json"]})
+        self.assertEqual([p["name"] for p in answer.json["projects"]], ["demo"])
+        self.assertEqual(self.h.upstreamPaths(), ["/simple/demo/", "/simple/"])
+        url = self.h.mirrorFileURL("demo", "demo-1.0-py3-none-any.whl")
+        self.assertEqual(self.h.get(url).code, 200)

@@ -435,7 +435,7 @@ class CLITests(SynchronousTestCase):
         """--mirror-url points root/pypi elsewhere; a non-URL is a usage error."""
         self.assertEqual(self.init("--root-passwd", "pw", "--mirror-url", "https://mirror.example/simple"), 0)
         pypi = readState(self.path, lambda v: v.get(keys.indexKey("root", "pypi")))
-        self.assertEqual(pypi["mirror_url"], "https://mirror.example/simple/")
+        self.assertEqual(pypi["mirror_url"], "https://mirror.example/simple")
         other = FilePath(os.path.abspath(self.mktemp()))
         self.assertEqual(self.main("init", "--serverdir", other.path, "--mirror-url", "ftp://x/"), 2)
         self.assertFalse(other.exists())

@@ -20,6 +20,7 @@ from twisted.web.http import PotentialDataLoss
 
 from ..coalesce import Coalescer
 from ..interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
+from ..model.indexconfig import mirrorBaseURL
 from ..model.inheritance import Stage
 from ..model.upstreampage import ProjectListScanner
 from ..storage import BLOB_REF
@@ -146,7 +147,7 @@ class MirrorNames:
 
     async def _refresh(self, stage: Stage, stored: dict[str, Any] | None) -> dict[str, Any] | None:
         status = self._pages.state(stage).status
-        url = stage.config["mirror_url"]
+        url = mirrorBaseURL(stage.config)
         writer = self._blobs.openWriter()
         try:
             response = await self._upstream.openPage(url, stored.get("etag") if stored else None)

@@ -19,6 +19,7 @@ from ..coalesce import Coalescer
 from ..errors import UpstreamError
 from ..interfaces import IStorage, IWriteTransaction
 from ..model import keys
+from ..model.indexconfig import mirrorBaseURL
 from ..model.inheritance import Stage
 from ..model.upstreampage import UpstreamLink, UpstreamPageError, parseProjectPage
 from .status import MirrorStatus, StatusCore, makeMirrorStatus
@@ -167,7 +168,7 @@ class MirrorPages:
 
     async def _refresh(self, stage: Stage, project: str, cached: CachedProject | None) -> CachedProject | None:
         state = self.state(stage)
-        url = stage.config["mirror_url"] + quote(project) + "/"
+        url = mirrorBaseURL(stage.config) + quote(project) + "/"
         try:
             response = await self._upstream.fetchPage(url, cached.etag if cached else None)
             if response.status == 304 and cached is not None:

@@ -119,9 +119,18 @@ def _checkMirrorURL(url: Any) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("'mirror_url' option must be a URL.")
-    if not url.endswith("/"):
-        url += "/"
     return url
+
+
+def mirrorBaseURL(config: dict[str, Any]) -> str:
+    """
+    The URL of a mirror's project list, which its project pages are below.
+
+    C{mirror_url} is kept as the user gave it (devpi shows it so); upstream
+    is asked with a trailing slash either way, as devpi does.
+    """
+    url = config["mirror_url"]
+    return url if url.endswith("/") else url + "/"
 
 
 def coerce(config: dict[str, Any], *, dropForeign: bool) -> dict[str, Any]:
