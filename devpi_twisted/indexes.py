@@ -41,6 +41,16 @@ def _checkBases(view: IReadView, name: str, config: dict[str, Any]) -> None:
         raise BadRequest(f"bases of {name} would form a cycle")
 
 
+def _indexesNamed(view: IReadView, names: set[str]) -> dict[str, list[str]]:
+    """The existing C{user/index} names of the indexes called one of C{names}."""
+    found: dict[str, list[str]] = {}
+    for key, _ in view.items(keys.INDEX):
+        user, _, index = key[len(keys.INDEX):].partition("/")
+        if index in names:
+            found.setdefault(index, []).append(f"{user}/{index}")
+    return {name: sorted(full) for name, full in found.items()}
+
+
 def projectNames(view: IReadView, user: str, index: str) -> list[str]:
     prefix = keys.projectsPrefix(user, index)
     return sorted(key[len(prefix):] for key, _ in view.items(prefix))
@@ -72,6 +82,27 @@ class Indexes:
         found = await self._storage.read(lambda view: view.get(keys.indexKey(user, index)))
         return found is not None
 
+    async def _suggestBases(self, bases: Any) -> None:
+        """
+        A base given without its user (C{bases=pypi}) is refused with a
+        hint at the existing indexes of that name (C{root/pypi}).
+        """
+        try:
+            items = indexconfig.parseList(bases)
+        except BadRequest:
+            return  # coerce() says what is wrong with it
+        bare = {item for item in items if "/" not in item}
+        if not bare:
+            return
+        found = await self._storage.read(lambda view: _indexesNamed(view, bare))
+        problems = []
+        for item in items:
+            if item in found:
+                guesses = " or ".join(repr(full) for full in found[item])
+                problems.append(f"invalid base index spec: {item!r}, bases are USER/INDEX: did you mean {guesses}?")
+        if problems:
+            raise BadRequest(", ".join(problems))
+
     def _checkMirrorRights(self, requester: str | None, config: dict[str, Any], changed: bool) -> None:
         if changed and not self._policy.mayConfigureMirror(requester):
             raise Forbidden(
@@ -95,6 +126,8 @@ class Indexes:
             raise BadRequest(f"unknown index type {indexType!r}")
         config = indexconfig.defaults(indexType, user, self._mirrorCacheExpiry)
         config.update(body)
+        if indexType == indexconfig.STAGE:
+            await self._suggestBases(config.get("bases"))
         config = indexconfig.coerce(config, dropForeign=True)
         if indexType == indexconfig.MIRROR:
             if "mirror_url" not in config:
@@ -131,6 +164,8 @@ class Indexes:
             proposed.update({k: v for k, v in body.items() if k != "projects"})
         if proposed.get("type") != current["type"]:
             raise BadRequest("the 'type' of an index can't be changed")
+        if proposed.get("type") == indexconfig.STAGE:
+            await self._suggestBases(proposed.get("bases"))
         proposed = indexconfig.coerce(proposed, dropForeign=isinstance(body, dict))
         self._checkMirrorRights(
             requester, proposed, changed=proposed.get("mirror_url") != current.get("mirror_url")

@@ -112,3 +112,35 @@ class MirrorURLAsGivenTests(SynchronousTestCase):
         self.assertEqual(self.h.upstreamPaths(), ["/simple/demo/", "/simple/"])
         url = self.h.mirrorFileURL("demo", "demo-1.0-py3-none-any.whl")
         self.assertEqual(self.h.get(url).code, 200)
+
+
+class BareBaseSuggestionTests(SynchronousTestCase):
+    """C{bases=pypi} is 400 with a hint at C{root/pypi}, as the README's new user needs."""
+
+    def setUp(self) -> None:
+        self.h = ServerHarness(self)
+        self.h.createIndex("alice", "dev")
+
+    def test_create(self) -> None:
+        for bases in ("pypi", ["pypi"], "alice/dev,pypi"):
+            answer = self.h.request("PUT", "/alice/new", combine(self.h.alice, JSON), json={"bases": bases})
+            self.assertEqual(answer.code, 400, answer.body)
+            self.assertIn("did you mean 'root/pypi'?", answer.json["message"])
+        self.assertEqual(self.h.get("/alice/new", JSON).code, 404)
+
+    def test_modify(self) -> None:
+        """Both PATCH forms (devpi-client's key=value edits and a JSON object)."""
+        for body in (["bases=pypi"], ["bases+=pypi"], {"bases": "pypi"}):
+            answer = self.h.request("PATCH", "/alice/dev", combine(self.h.alice, JSON), json=body)
+            self.assertEqual(answer.code, 400, answer.body)
+            self.assertIn("did you mean 'root/pypi'?", answer.json["message"])
+
+    def test_everyIndexOfThatName(self) -> None:
+        """Each existing index of that name is offered; names nobody has get the plain error."""
+        self.h.createIndex("bob", "dev")
+        answer = self.h.request("PUT", "/carol/x", combine(self.h.carol, JSON), json={"bases": "dev"})
+        self.assertEqual(answer.json["message"],
+                         "invalid base index spec: 'dev', bases are USER/INDEX: "
+                         "did you mean 'alice/dev' or 'bob/dev'?")
+        answer = self.h.request("PUT", "/carol/x", combine(self.h.carol, JSON), json={"bases": "nope"})
+        self.assertEqual((answer.code, answer.json["message"]), (400, "invalid base index spec: 'nope'"))
