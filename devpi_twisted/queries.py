@@ -3,12 +3,14 @@ Read-side views of releases in devpi's JSON shapes (C{projectconfig},
 C{versiondata} with C{+links}), over an index's resolution order.
 """
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import NotFound
 from .interfaces import IReadView
 from .model import keys
 from .model.inheritance import Stage, contributingStages
+from .model.simplepage import SimpleFile
 from .simple import orderOf
 
 _LIST_DEFAULTS = (
@@ -52,9 +54,40 @@ def _stageVersions(view: IReadView, stage: Stage, project: str, baseURL: str) ->
     return versions
 
 
-def projectConfig(view: IReadView, user: str, index: str, project: str, baseURL: str,
-                  ignoreBases: bool) -> dict[str, Any]:
-    """C{GET /user/index/project}: every version the index serves, with links."""
+@dataclass
+class ProjectVersions:
+    """
+    A project's C{projectconfig} while it is put together: the versions of
+    the private stages (read in one storage view), and the mirror stages
+    that still have to be asked (upstream, possibly over the network).
+    """
+
+    project: str
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    found: bool = False
+    mirrors: list[Stage] = field(default_factory=list)
+
+    def add(self, versions: dict[str, dict[str, Any]]) -> None:
+        """Merge one stage's versions; a version seen earlier shadows the later one."""
+        self.found = True
+        for version, data in versions.items():
+            if version in self.versions:
+                self.versions[version].setdefault("+shadowing", []).append(data)
+            else:
+                self.versions[version] = data
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        if not self.found:
+            raise NotFound(f"no project {self.project!r}")
+        return self.versions
+
+
+def collectProject(view: IReadView, user: str, index: str, project: str, baseURL: str,
+                   ignoreBases: bool) -> ProjectVersions:
+    """
+    C{GET /user/index/project}: every version the private stages of the
+    index serve, with links, and the mirrors that may add theirs.
+    """
     order = orderOf(view, user, index)
     if ignoreBases:
         order = order[:1]
@@ -63,29 +96,42 @@ def projectConfig(view: IReadView, user: str, index: str, project: str, baseURL:
         return view.get(keys.projectKey(stage.user, stage.index, project)) is not None
 
     contributing, _ = contributingStages(order, project, holds)
-    result: dict[str, dict[str, Any]] = {}
-    found = False
+    collected = ProjectVersions(project)
     for stage in contributing:
-        if stage.isMirror or not holds(stage):
+        if stage.isMirror:
+            collected.mirrors.append(stage)
+        elif holds(stage):
+            collected.add(_stageVersions(view, stage, project, baseURL))
+    return collected
+
+
+def mirrorVersions(project: str, files: list[SimpleFile]) -> dict[str, dict[str, Any]]:
+    """
+    A mirror's versions as devpi synthesizes them from the simple links:
+    C{name}, C{version}, C{requires_python} and C{yanked} of the first file
+    of each version, and every file in C{+links}.
+
+    @param files: the mirror's files, their C{url}s absolute.
+    """
+    versions: dict[str, dict[str, Any]] = {}
+    for f in files:
+        if not f.version:
             continue
-        found = True
-        for version, data in _stageVersions(view, stage, project, baseURL).items():
-            if version in result:
-                result[version].setdefault("+shadowing", []).append(data)
-            else:
-                result[version] = data
-    if not found:
-        raise NotFound(f"no project {project!r}")
-    return result
-
-
-def versionData(view: IReadView, user: str, index: str, project: str, version: str,
-                baseURL: str) -> dict[str, Any]:
-    """C{GET /user/index/project/version}, inherited."""
-    versions = projectConfig(view, user, index, project, baseURL, ignoreBases=False)
-    if version not in versions:
-        raise NotFound(f"The version {version} of project {project} does not exist.")
-    return versions[version]
+        data = versions.get(f.version)
+        if data is None:
+            data = versions[f.version] = {"name": project, "version": f.version}
+            if f.requiresPython is not None:
+                data["requires_python"] = f.requiresPython
+            if f.yanked is not False:
+                data["yanked"] = f.yanked
+            data["+links"] = []
+        data["+links"].append({
+            "rel": "releasefile",
+            "hash_spec": f"sha256={f.sha256}" if f.sha256 else "",
+            "hashes": {"sha256": f.sha256} if f.sha256 else {},
+            "href": f.url,
+        })
+    return versions
 
 
 def fileMeta(entry: dict[str, Any]) -> dict[str, Any]:

@@ -144,3 +144,85 @@ class BareBaseSuggestionTests(SynchronousTestCase):
                          "did you mean 'alice/dev' or 'bob/dev'?")
         answer = self.h.request("PUT", "/carol/x", combine(self.h.carol, JSON), json={"bases": "nope"})
         self.assertEqual((answer.code, answer.json["message"]), (400, "invalid base index spec: 'nope'"))
+
+
+class MirrorProjectJSONTests(SynchronousTestCase):
+    """
+    C{GET /USER/MIRROR/PROJECT} (what C{devpi list} and C{getjson} read)
+    serves upstream's versions and follows C{mirror_cache_expiry} as the
+    simple page does.
+    """
+
+    def harness(self, expiry: int) -> MirrorHarness:
+        h = MirrorHarness(self, expiry=expiry)
+        self.addCleanup(h.stop)
+        return h
+
+    def projectJSON(self, h: MirrorHarness, path: str = "/root/pypi/demo") -> Any:
+        return h.get(path, JSON)
+
+    def test_versionsFromUpstream(self) -> None:
+        h = self.harness(1800)
+        wheel, _, _ = h.addWheel("demo", "1.0", requiresPython=">=3.8")
+        h.fake.addFile("demo", "demo-1.1.tar.gz", b"sdist", yanked="broken")
+        answer = self.projectJSON(h)
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(answer.json["type"], "projectconfig")
+        result = answer.json["result"]
+        self.assertEqual(sorted(result), ["1.0", "1.1"])
+        self.assertEqual(result["1.0"]["requires_python"], ">=3.8")
+        self.assertEqual(result["1.1"]["yanked"], "broken")
+        [link] = result["1.0"]["+links"]
+        self.assertEqual(link["rel"], "releasefile")
+        self.assertEqual(link["href"], h.mirrorFileURL("demo", wheel))
+        self.assertEqual(link["hash_spec"], "sha256=" + link["hashes"]["sha256"])
+        self.assertEqual(h.get(link["href"]).code, 200)
+        version = self.projectJSON(h, "/root/pypi/demo/1.1")
+        self.assertEqual((version.code, version.json["type"]), (200, "versiondata"))
+        self.assertEqual(version.json["result"]["name"], "demo")
+        self.assertEqual(self.projectJSON(h, "/root/pypi/demo/9.9").code, 404)
+        self.assertEqual(self.projectJSON(h, "/root/pypi/nope").code, 404)
+
+    def test_expiryZeroAsksEveryTime(self) -> None:
+        """With C{mirror_cache_expiry=0} a project that appears upstream later is found."""
+        h = self.harness(0)
+        self.assertEqual(self.projectJSON(h).code, 404)
+        h.addWheel("demo", "1.0")
+        answer = self.projectJSON(h)
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(list(answer.json["result"]), ["1.0"])
+        h.addWheel("demo", "2.0")
+        self.assertEqual(sorted(self.projectJSON(h).json["result"]), ["1.0", "2.0"])
+        self.assertEqual(h.upstreamPaths().count("/simple/demo/"), 3)
+
+    def test_cachedWithinExpiry(self) -> None:
+        """Within the expiry the cached links answer, as the simple page does; after it upstream is asked."""
+        h = self.harness(600)
+        h.addWheel("demo", "1.0")
+        self.assertEqual(list(self.projectJSON(h).json["result"]), ["1.0"])
+        h.addWheel("demo", "2.0")
+        self.assertEqual(list(self.projectJSON(h).json["result"]), ["1.0"])
+        h.clock.advance(601)
+        self.assertEqual(sorted(self.projectJSON(h).json["result"]), ["1.0", "2.0"])
+
+    def test_inheritedWithPrivateShadowing(self) -> None:
+        """An index based on the mirror lists private and upstream versions; upstream down leaves the private ones."""
+        from .distbuilder import buildWheel
+
+        h = self.harness(0)
+        h.addWheel("demo", "1.0")
+        h.createIndex("alice", "dev", bases=["root/pypi"], mirror_whitelist=["demo"])
+        h.mustUpload("alice/dev", buildWheel("demo", "2.0"))
+        result = self.projectJSON(h, "/alice/dev/demo").json["result"]
+        self.assertEqual(sorted(result), ["1.0", "2.0"])
+        self.assertTrue(result["1.0"]["+links"][0]["href"].startswith("http://devpi.test/root/pypi/+f/"))
+        h.fake.down = True
+        # Upstream failing: the cached links stand in, as on the simple page ...
+        self.assertEqual(sorted(self.projectJSON(h, "/alice/dev/demo").json["result"]), ["1.0", "2.0"])
+        # ... without any, the private releases answer alone, and a mirror alone is 502.
+        h.modifyIndex("alice", "dev", ["mirror_whitelist+=solo"])
+        h.mustUpload("alice/dev", buildWheel("solo", "1.0"))
+        answer = self.projectJSON(h, "/alice/dev/solo")
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(list(answer.json["result"]), ["1.0"])
+        self.assertEqual(self.projectJSON(h, "/root/pypi/other").code, 502)

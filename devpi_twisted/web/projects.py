@@ -9,11 +9,12 @@ import hashlib
 import json
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from ..auth import Authenticator
 from ..config import ServerConfig
-from ..errors import BadRequest, NotFound, UnsupportedMediaType
+from ..errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
 from ..interfaces import IBlobStore, IReadView, IStorage
 from ..model.indexconfig import MIRROR
 from ..model.inheritance import Stage
@@ -21,7 +22,7 @@ from ..model.attestations import provenanceObject
 from ..model import keys
 from ..model.names import isValidProjectName, normalizeProject
 from ..model.negotiation import wantsJSONAPI
-from ..queries import fileMeta, projectConfig, versionData
+from ..queries import collectProject, fileMeta, mirrorVersions
 from ..releases import Releases, lookupFile
 from .context import hasQueryFlag, outsideURL, requesterOf
 from .files import FileResponse
@@ -54,6 +55,8 @@ def _project(name: str) -> str:
 class ProjectViews:
     """Views below C{/user/index/}."""
 
+    log = Logger()
+
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
                  auth: Authenticator, releases: Releases, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None) -> None:
@@ -79,16 +82,42 @@ class ProjectViews:
             return redirect(request, request.path.decode("latin-1").replace(name, project, 1))
         base = outsideURL(request, self._config.outsideURL)
         ignoreBases = hasQueryFlag(request, b"ignore_bases")
-        result = await self._storage.read(
-            lambda view: projectConfig(view, user, index, project, base, ignoreBases)
-        )
+        result = await self._projectConfig(user, index, project, base, ignoreBases)
         return jsonBody(request, result=result, type="projectconfig")
 
     async def getVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
         base = outsideURL(request, self._config.outsideURL)
-        result = await self._storage.read(lambda view: versionData(view, user, index, project, version, base))
-        return jsonBody(request, result=result, type="versiondata")
+        versions = await self._projectConfig(user, index, project, base, ignoreBases=False)
+        if version not in versions:
+            raise NotFound(f"The version {version} of project {project} does not exist.")
+        return jsonBody(request, result=versions[version], type="versiondata")
+
+    async def _projectConfig(self, user: str, index: str, project: str, base: str,
+                             ignoreBases: bool) -> dict[str, Any]:
+        """
+        devpi's C{projectconfig}: the private stages' versions, then each
+        mirror's, asked as the simple pages ask it (so C{mirror_cache_expiry}
+        decides when upstream is asked again, and a project that appeared
+        upstream since the last look is found).
+        """
+        collected = await self._storage.read(
+            lambda view: collectProject(view, user, index, project, base, ignoreBases))
+        for stage in collected.mirrors:
+            if self._mirrors is None:
+                continue
+            try:
+                files = await self._mirrors.projectFiles(stage, project, base + "/")
+            except UpstreamError as e:
+                if not collected.found:
+                    raise
+                # The private releases are there; answer with them alone.
+                self.log.warn("leaving {mirror} out of {project}: {error}",
+                              mirror=stage.name, project=project, error=e.message)
+                continue
+            if files is not None:
+                collected.add(mirrorVersions(project, files))
+        return collected.result()
 
     async def deleteProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
         project = _project(name)
