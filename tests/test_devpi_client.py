@@ -136,6 +136,26 @@ class DevpiClientTests(_ClientCase):
         code, _, _ = await self.api("GET", "/carol", auth=None)
         self.assertEqual(code, 404)
 
+    async def test_rootEmptyPasswordAndMirrorURL(self) -> None:
+        """
+        C{user -m root password=} empties root's password, as devpi-client's
+        own tests do to reset root, and root logs in with it; a mirror's
+        C{mirror_url} is shown as given.
+        """
+        await self.devpi("use", self.server.url)
+        await self.devpi("login", "root", "--password", ROOT_PASSWORD)
+        await self.devpi("index", "-c", "up", "type=mirror", "mirror_url=http://127.0.0.1:9/simple")
+        shown = await self.devpi("getjson", "/root/up?no_projects=")
+        self.assertEqual(json.loads(shown.stdout)["result"]["mirror_url"], "http://127.0.0.1:9/simple")
+        await self.devpi("user", "-m", "root", "password=")
+        await self.devpi("logoff")
+        failed = await self.devpi("login", "root", "--password", ROOT_PASSWORD, expectOK=False)
+        self.assertNotEqual(failed.returncode, 0)
+        await self.devpi("login", "root", "--password", "")
+        await self.devpi("index", "-c", "made")
+        code, _, _ = await self.api("GET", "/root/made", auth=None)
+        self.assertEqual(code, 200)
+
     async def test_indexes(self) -> None:
         """index -c/-m/-l/--delete with key=value and bases+= edits."""
         await self.loggedInAsAlice()
