@@ -1,7 +1,7 @@
 """
 Login throttling that stops attackers, not users: counts per (user,
 address), per user and per address, places reserved before the threaded
-password check.
+password check, and the message twine shows for a wrong password.
 """
 
 import os
@@ -17,7 +17,7 @@ from devpi_twisted.auth import Authenticator
 from devpi_twisted.errors import TooManyRequests
 from devpi_twisted.throttle import LoginThrottle, addressKey
 
-from .helpers import APIHarness
+from .helpers import APIHarness, basicAuth
 
 ALICE_HOME = "192.0.2.10"
 ATTACKER = "198.51.100.66"
@@ -304,6 +304,29 @@ class LoginThrottleTests(SynchronousTestCase):
         self.assertEqual(addressKey("fe80::1%eth0"), "fe80::/64")
         self.assertEqual(addressKey("unix"), "unix")
         self.assertIsNone(addressKey(None))
+
+
+class UploadMessageTests(SynchronousTestCase):
+    """What twine shows when an upload is refused for its credentials."""
+
+    def upload(self, headers: dict[bytes, list[bytes]] | None) -> Any:
+        harness = APIHarness(self)
+        harness.createUser("alice", "right")
+        harness.createIndex("alice", "dev", password="right")
+        return harness.post("/alice/dev/", body=b":action=file_upload&name=x&version=1.0",
+                            headers={b"Content-Type": [b"application/x-www-form-urlencoded"], **(headers or {})})
+
+    def test_wrongPassword(self) -> None:
+        """Credentials given and wrong: say so."""
+        answer = self.upload(basicAuth("alice", "wrong"))
+        self.assertEqual(answer.code, 401)
+        self.assertIn("user name or password is wrong", answer.json["message"])
+
+    def test_noCredentials(self) -> None:
+        """No credentials: ask to log in, as before."""
+        answer = self.upload(None)
+        self.assertEqual(answer.code, 401)
+        self.assertEqual(answer.json["message"], "no valid credentials, log in to upload")
 
 
 class OptionsTests(SynchronousTestCase):
