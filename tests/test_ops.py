@@ -37,7 +37,6 @@ from zope.interface import directlyProvides
 
 from devpi_twisted import cli, genconfig, tap
 from devpi_twisted.auth import Authenticator
-from devpi_twisted.errors import TooManyRequests
 from devpi_twisted.logs import JSONLinesObserver, JSONLogService, jsonRecord
 from devpi_twisted.model.acl import Policy
 from devpi_twisted.redact import scrubRequestURI, scrubText, scrubURL
