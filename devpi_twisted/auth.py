@@ -217,12 +217,19 @@ class Authenticator:
         signature = _b64(hmac.new(self._secret, payload.encode("ascii"), hashlib.sha256).digest())
         return f"{TOKEN_PREFIX}{payload}.{signature}"
 
-    def _tokenUser(self, token: str, user: str, fingerprint: str) -> bool:
+    def _signedPayload(self, token: str) -> str | None:
+        """The payload of a token this server signed (valid or not), else C{None}."""
         if not token.startswith(TOKEN_PREFIX):
-            return False
+            return None
         payload, _, signature = token[len(TOKEN_PREFIX):].partition(".")
         expected = _b64(hmac.new(self._secret, payload.encode("ascii", "replace"), hashlib.sha256).digest())
         if not hmac.compare_digest(expected, signature):
+            return None
+        return payload
+
+    def _tokenUser(self, token: str, user: str, fingerprint: str) -> bool:
+        payload = self._signedPayload(token)
+        if payload is None:
             return False
         try:
             name, expires, tokenFingerprint = json.loads(_unb64(payload))
@@ -242,9 +249,16 @@ class Authenticator:
         The user name when C{secret} is C{user}'s password or a valid token
         of theirs, else C{None}.
 
+        A password attempt takes its place in the login throttle before the
+        (slow, threaded) check, so concurrent guesses are all counted.  A
+        token this server signed that is no longer valid (expired, or its
+        password changed) is refused without counting: it is no guess, and a
+        client that keeps sending it must not lock its user out.
+
         @param address: the client's address, for login throttling.
-        @raise devpi_twisted.errors.TooManyRequests: a password attempt for a
-            user, or from an address, that failed too often recently.
+        @raise devpi_twisted.errors.TooManyRequests: a password attempt for
+            this user from this address, for this user, or from this address
+            that failed too often recently.
         """
         config = await self._storage.read(lambda view: view.get(userKey(user)))
         pwhash = config.get("pwhash") if config is not None else None
@@ -252,12 +266,19 @@ class Authenticator:
             return user
         if config is not None and "pwhash" not in config and "pwfingerprint" in config:
             return None  # a replica: only the primary can check passwords (logins are forwarded)
-        if self._throttle is not None and not secret.startswith(TOKEN_PREFIX):
-            self._throttle.check(user, address)
-        if pwhash and await self._checkPassword(user, secret, pwhash):
-            if self._throttle is not None:
-                self._throttle.success(user, address)
-            return user
-        if self._throttle is not None and not secret.startswith(TOKEN_PREFIX):
-            self._throttle.failure(user if config is not None else None, address)
-        return None
+        if self._signedPayload(secret) is not None:
+            return None
+        throttle = self._throttle
+        attempt = throttle.reserve(user if config is not None else None, address) if throttle is not None else None
+        try:
+            ok = bool(pwhash) and await self._checkPassword(user, secret, pwhash)
+        except BaseException:
+            if throttle is not None:
+                throttle.release(attempt)
+            raise
+        if throttle is not None:
+            if ok:
+                throttle.success(attempt)
+            else:
+                throttle.failure(attempt)
+        return user if ok else None

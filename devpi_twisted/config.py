@@ -45,6 +45,8 @@ class ServerConfig:
     maxUpstreamFetches: int = 32
     loginMaxFailures: int = 5
     loginWindow: float = 60.0
+    loginMaxUserFailures: int = 50
+    loginMaxAddressFailures: int = 100
     trustedProxies: tuple[str, ...] = ()
     accessLog: bool = True
     jsonLog: str | None = None

@@ -99,7 +99,13 @@ class Options(usage.Options):
         ["max-connections", None, 500, "Most client connections open at once; more are answered 503.", int],
         ["max-upstream-fetches", None, 32, "Most requests to upstream indexes running at once.", int],
         ["login-max-failures", None, 5,
-         "Failed logins per user and per address within --login-window before 429 (0: no throttling).", int],
+         "Failed logins of one user from one address within --login-window before 429 (0: no throttling).", int],
+        ["login-user-failures", None, 50,
+         "Failed logins of one user from all addresses within --login-window before 429, except from "
+         "addresses the user has logged in from (0: no such limit).", int],
+        ["login-addr-failures", None, 100,
+         "Failed logins from one address (IPv6: one /64) for all users within --login-window before 429, "
+         "except for users who have logged in from there (0: no such limit).", int],
         ["login-window", None, 60.0, "Seconds a failed login counts for throttling.", float],
         ["trusted-proxies", None, None,
          "Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client."],
@@ -177,8 +183,9 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["blob-collect-interval"] < 0:
             raise usage.UsageError("--blob-collect-interval must not be negative")
-        if self["login-max-failures"] < 0:
-            raise usage.UsageError("--login-max-failures must not be negative")
+        for name in ("login-max-failures", "login-user-failures", "login-addr-failures"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
         self._checkReplication()
         for description in self["listen"]:
             if description.startswith("ssl:") and "sslmethod=" in description:
@@ -242,6 +249,8 @@ class Options(usage.Options):
             maxUpstreamFetches=self["max-upstream-fetches"],
             loginMaxFailures=self["login-max-failures"],
             loginWindow=self["login-window"],
+            loginMaxUserFailures=self["login-user-failures"],
+            loginMaxAddressFailures=self["login-addr-failures"],
             trustedProxies=tuple(p.strip() for p in (self["trusted-proxies"] or "").split(",") if p.strip()),
             accessLog=not self["no-access-log"],
             jsonLog=self["json-log"],
@@ -540,7 +549,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except ServerDirError as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
-    throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow)
+    throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow,
+                             config.loginMaxUserFailures, config.loginMaxAddressFailures)
     auth = Authenticator(storage, runner.runFile, secret, reactor, throttle=throttle)
     upstreamStats = UpstreamStats(config.maxUpstreamFetches)
     feed = ChangelogFeed(storage, blobs, secret, reactor)

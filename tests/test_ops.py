@@ -37,7 +37,6 @@ from zope.interface import directlyProvides
 
 from devpi_twisted import cli, genconfig, tap
 from devpi_twisted.auth import Authenticator
-from devpi_twisted.errors import TooManyRequests
 from devpi_twisted.logs import JSONLinesObserver, JSONLogService, jsonRecord
 from devpi_twisted.model.acl import Policy
 from devpi_twisted.redact import scrubRequestURI, scrubText, scrubURL
@@ -530,57 +529,7 @@ class RedactTests(SynchronousTestCase):
 # ---------------------------------------------------------------- throttling
 
 
-class ThrottleTests(SynchronousTestCase):
-    """L{LoginThrottle} on a L{Clock}."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.throttle = LoginThrottle(self.clock, maxFailures=5, window=60)
-
-    def test_limit(self) -> None:
-        """Five failures are allowed; then the user is refused with the seconds to wait."""
-        for i in range(5):
-            self.throttle.check("alice", "127.0.0.2")
-            self.throttle.failure("alice", "127.0.0.2")
-            self.clock.advance(1)
-        error = self.assertRaises(TooManyRequests, self.throttle.check, "alice", "127.0.0.3")
-        self.assertEqual(error.status, 429)
-        self.assertEqual(error.retryAfter, 55)
-        self.assertIn("user", error.message)
-
-    def test_windowSlides(self) -> None:
-        """When the oldest failure leaves the window, one more attempt is allowed."""
-        for _ in range(5):
-            self.throttle.failure("alice", "127.0.0.2")
-        self.clock.advance(59)
-        self.assertRaises(TooManyRequests, self.throttle.check, "alice", None)
-        self.clock.advance(1)
-        self.throttle.check("alice", None)
-
-    def test_perAddress(self) -> None:
-        """Failures for many user names from one address block that address, not the names."""
-        for i in range(5):
-            self.throttle.failure(f"user{i}", "127.0.0.2")
-        error = self.assertRaises(TooManyRequests, self.throttle.check, "other", "127.0.0.2")
-        self.assertIn("address", error.message)
-        self.throttle.check("other", "127.0.0.3")
-        self.throttle.check("user1", "127.0.0.3")
-
-    def test_successForgetsUser(self) -> None:
-        """A correct password clears the user's failures."""
-        for _ in range(4):
-            self.throttle.failure("alice", None)
-        self.throttle.success("alice", None)
-        for _ in range(4):
-            self.throttle.failure("alice", None)
-        self.throttle.check("alice", None)
-
-    def test_off(self) -> None:
-        """With a limit of 0 nothing is ever refused."""
-        throttle = LoginThrottle(self.clock, maxFailures=0)
-        for _ in range(100):
-            throttle.failure("alice", "127.0.0.2")
-        throttle.check("alice", "127.0.0.2")
+# LoginThrottle itself is tested in tests.test_throttle.
 
 
 def throttledHarness(testCase: SynchronousTestCase, maxFailures: int = 5) -> tuple[APIHarness, LoginThrottle]:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from ..auth import Authenticator
-from ..errors import BadRequest, DevpiError
+from ..errors import BadRequest, DevpiError, Unauthorized
 from ..interfaces import IBlobStore, IBlobWriter
 from ..model import distfile
 from ..model.attestations import checkAttestations
@@ -27,7 +27,7 @@ from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartPars
 from ..model.names import normalizeProject
 from ..releases import Documentation, Releases, UploadedFile
 from ..storage import newHashes
-from .context import requesterOf
+from .context import hasCredentials, requesterOf
 from .responses import withLength
 
 READ_SIZE = 1024 * 1024
@@ -123,7 +123,12 @@ class UploadViews:
 
     async def _submit(self, request: IRequest, user: str, index: str) -> bytes:
         requester = await requesterOf(request, self._auth)
-        config = await self._releases.checkCanUpload(requester, user, index)
+        try:
+            config = await self._releases.checkCanUpload(requester, user, index)
+        except Unauthorized as error:
+            if requester is None and hasCredentials(request):
+                error.message = "the user name or password is wrong (or the login token expired)"
+            raise
         form = await self._readForm(request)
         try:
             action = form.first(":action")
