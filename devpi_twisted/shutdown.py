@@ -116,7 +116,14 @@ class ExitZeroOnSIGTERM(Service):
         log.info("Received SIGTERM, shutting down.")
         self._reactor.callFromThread(self._stop)
 
+    _stopping = False
+
     def _stop(self) -> None:
-        if self._reactor.running:
-            self._reactor.stop()
+        # A second SIGTERM while the first one's shutdown runs changes
+        # nothing: the reactor stays "running" until it is done, and a
+        # second stop() would raise ReactorNotRunning.
+        if self._stopping or not self._reactor.running:
+            return
+        self._stopping = True
+        self._reactor.stop()
 

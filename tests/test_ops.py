@@ -1014,6 +1014,18 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(reactor.stops, 1)
         self.assertIsNone(reactor._exitSignal)
 
+    def test_secondSIGTERMWhileStopping(self) -> None:
+        """A second SIGTERM during the shutdown the first one began stops the reactor only once."""
+        reactor = FakeReactor()
+        installed: dict[int, Any] = {signal.SIGTERM: reactor.sigTerm}
+        service = ExitZeroOnSIGTERM(reactor, installSignal=installed.__setitem__, getSignal=installed.get)
+        service.startService()
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+        for f in reactor.fromThread:
+            f()
+        self.assertEqual(reactor.stops, 1)
+
     def test_leavesOtherHandlers(self) -> None:
         """Without the reactor's own SIGTERM handler (no signal handling) nothing is installed."""
         reactor = FakeReactor()
