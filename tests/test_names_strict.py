@@ -113,6 +113,11 @@ class StrictUploadTests(SynchronousTestCase):
         self.refuse(buildSdist("six", "1.0", filename="six-1.0.0.tar.gz"), "does not match version '1.0'")
         self.refuse(buildSdist("six", "1.0", filename="six-1.0-evil.tar.gz"), "does not match version '1.0'")
 
+    def test_longFilename(self) -> None:
+        """A file name too long to be one path segment (of an export, say) is refused."""
+        self.refuse(buildSdist("six", "1.0", filename="six" + "-" * 250 + "-1.0.tar.gz"),
+                    "filename is longer than 255 bytes")
+
     def test_goodNamesAccepted(self) -> None:
         """Names compare normalised, versions in their PEP 440 normal form; legacy sdists still work."""
         accepted = [

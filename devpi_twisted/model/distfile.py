@@ -82,6 +82,9 @@ MAX_ARCHIVE_ENTRIES = 100_000
 MAX_TAR_RATIO = 100
 MIN_TAR_SCAN = 512 * 1024 * 1024
 
+# One path segment on every common file system (an export writes it as one).
+MAX_FILENAME = 255
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION_ESCAPE = re.compile(r"[^\w\d.]+")
 
@@ -135,6 +138,8 @@ def checkFilename(filename: str, name: str | None, version: str | None) -> None:
         raise BadRequest(f"{filename!r} is not a plain file name")
     if filename.startswith("."):
         raise BadRequest(f"{filename!r} must not start with '.'")
+    if len(filename.encode("utf-8")) > MAX_FILENAME:
+        raise BadRequest(f"filename is longer than {MAX_FILENAME} bytes")
     spellings = _versionSpellings(version) if version is not None else set()
     if version is not None and not any(s in filename for s in spellings):
         raise BadRequest(f"filename {filename!r} does not contain version {version!r}")
