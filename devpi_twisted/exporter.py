@@ -19,6 +19,13 @@ export.
 
 L{planExport} is pure (a read view in, the JSON and a list of files to copy
 out); L{exportServerDir} runs it on a locked, stopped server directory.
+
+Records that older versions let in and that cannot be written safely (a
+project name that is not ASCII PEP 508, a version or file name that is not
+one plain path segment, such as C{1.0/../../tmp/pwn}) are left out and
+listed in the summary (L{recordProblem}); they never stop the export, and
+nothing is written outside the export directory.  Versions that are merely
+not PEP 440 (legacy releases, devpi's own exports) are kept.
 """
 
 import json
@@ -37,6 +44,7 @@ from .interfaces import IReadView
 from .model import keys
 from .model.distfile import splitArchiveName
 from .model.indexconfig import MIRROR
+from .model.names import isValidProjectName
 from .serverdir import ServerDir, builtInPlace
 from .storage.plugin import findBackend
 from .storage.threads import SynchronousRunner
@@ -65,6 +73,7 @@ class ExportSummary:
     configOnly: list[str] = field(default_factory=list)  # mirrors without their files
     size: int = 0
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # bad records left out
 
     def describe(self) -> str:
         lines = [f"  users: {len(self.users)} ({', '.join(self.users)})",
@@ -78,6 +87,7 @@ class ExportSummary:
         lines.append(f"  projects: {sum(p for p, _ in self.indexes.values())}")
         lines.append(f"  files: {total}{f' ({kinds})' if kinds else ''}, {self.size} bytes")
         lines += [f"  WARNING: {w}" for w in self.warnings]
+        lines += [f"  SKIPPED: {s}" for s in self.skipped]
         return "\n".join(lines) + "\n"
 
 
@@ -113,8 +123,23 @@ def safeSegment(value: Any) -> bool:
     """Whether C{value} can be one path segment of the export."""
     return (
         isinstance(value, str) and value not in ("", ".", "..")
-        and "/" not in value and "\\" not in value and "\0" not in value
+        and "/" not in value and "\\" not in value and value.isprintable()
     )
+
+
+def recordProblem(project: Any, version: Any = None, filename: Any = None) -> str | None:
+    """
+    Why a stored (or exported) record of C{project}, C{version} and
+    C{filename} cannot be exported or imported, or C{None} if it can.
+    Only what is given is checked.
+    """
+    if not (safeSegment(project) and isValidProjectName(project)):
+        return f"project name {project!r} is not a valid project name (ASCII, PEP 508)"
+    if version is not None and not safeSegment(version):
+        return f"version {version!r} of {project} is not a plain path segment"
+    if filename is not None and not safeSegment(filename):
+        return f"file name {filename!r} of {project} is not a plain path segment"
+    return None
 
 
 def _fileOrder(entry: dict[str, Any]) -> tuple[str, str, int, str]:
@@ -135,16 +160,26 @@ def _fileExtras(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: dict[str, Any],
-               copies: list[FileCopy], warnings: list[str]) -> None:
+               copies: list[FileCopy], warnings: list[str], skipped: list[str]) -> None:
     name = f"{user}/{index}"
     projects: dict[str, dict[str, Any]] = {}
     projectConfigs: dict[str, Any] = {}
+
+    def bad(what: str, problem: str | None) -> bool:
+        if problem is not None:
+            skipped.append(f"{name}: {what} not exported: {problem}")
+        return problem is not None
+
     prefix = keys.projectsPrefix(user, index)
     for key, config in view.items(prefix):
-        projectConfigs[key[len(prefix):]] = config
+        project = key[len(prefix):]
+        if not bad(f"project {project!r}", recordProblem(project)):
+            projectConfigs[project] = config
     versionsPrefix = f"version/{user}/{index}/"
     for key, metadata in view.items(versionsPrefix):
         project, _, version = key[len(versionsPrefix):].partition("/")
+        if bad(f"release {project!r} {version!r}", recordProblem(project, version)):
+            continue
         projects.setdefault(project, {})[version] = {k: v for k, v in metadata.items() if not k.startswith("+")}
     entries = [entry for _, entry in view.items(f"file/{user}/{index}/")]
     byRelpath = {entry["relpath"]: entry for entry in entries}
@@ -153,8 +188,8 @@ def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: d
         rel = entry.get("rel", "releasefile")
         project, filename, sha = entry["project"], entry["filename"], entry["sha256"]
         version = entry.get("version") or versionFromFilename(filename) or "0"
-        if not (safeSegment(project) and safeSegment(version) and safeSegment(filename)):
-            raise ExportError(f"{name}: cannot export {filename!r} of {project!r} {version!r}: unsafe path")
+        if bad(f"file {filename!r}", recordProblem(project, version, filename)):
+            continue
         desc: dict[str, Any] = {"type": rel, "projectname": project, "version": version}
         if rel == "releasefile":
             path = f"{name}/{project}/{version}/{filename}"
@@ -196,14 +231,15 @@ def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: d
     extras: dict[str, Any] = {}
     if projectConfigs:
         extras["projects"] = projectConfigs
-    deleted = _deletedPaths(view, user, index, set(byRelpath))
+    deleted = _deletedPaths(view, user, index, set(byRelpath), skipped)
     if deleted:
         extras["deleted"] = deleted
     if extras:
         dumped[EXTRA] = extras
 
 
-def _deletedPaths(view: IReadView, user: str, index: str, live: set[str]) -> list[dict[str, Any]]:
+def _deletedPaths(view: IReadView, user: str, index: str, live: set[str],
+                  skipped: list[str]) -> list[dict[str, Any]]:
     """
     The stable paths of deleted files (C{<h3>/<h13>/<filename>}), so they
     answer 410, not 404, after an import; devpi has no place for them.
@@ -212,19 +248,25 @@ def _deletedPaths(view: IReadView, user: str, index: str, live: set[str]) -> lis
     deleted = []
     for key, value in view.items(prefix):
         path = key[len(prefix):]
+        parts = path.split("/")
+        if len(parts) != 3 or not all(safeSegment(part) for part in parts):
+            skipped.append(f"{user}/{index}: deleted file path {path!r} not exported: not three plain segments")
+            continue
         if f"{user}/{index}/+f/{path}" not in live:
             deleted.append({"path": path, "project": value.get("project")})
     return sorted(deleted, key=lambda d: d["path"])
 
 
-def planExport(view: IReadView, includeMirrored: bool = False,
-               warnings: list[str] | None = None) -> tuple[dict[str, Any], list[FileCopy]]:
+def planExport(view: IReadView, includeMirrored: bool = False, warnings: list[str] | None = None,
+               skipped: list[str] | None = None) -> tuple[dict[str, Any], list[FileCopy]]:
     """
     The C{dataindex.json} content of the state in C{view}, and the files to
     copy beside it.  Mirror indexes are exported with their configuration
-    only, unless C{includeMirrored}.
+    only, unless C{includeMirrored}.  Records that cannot be exported
+    (L{recordProblem}) are left out and described in C{skipped}.
     """
     warnings = [] if warnings is None else warnings
+    skipped = [] if skipped is None else skipped
     users = {}
     for key, config in view.items(keys.USER):
         name = key[len(keys.USER):]
@@ -238,7 +280,7 @@ def planExport(view: IReadView, includeMirrored: bool = False,
         isMirror = config.get("type") == MIRROR
         if isMirror and not includeMirrored:
             continue
-        _dumpIndex(view, user, index, isMirror, dumped, copies, warnings)
+        _dumpIndex(view, user, index, isMirror, dumped, copies, warnings, skipped)
     data = {
         "dumpversion": DUMPVERSION,
         "pythonversion": list(sys.version_info),
@@ -276,7 +318,8 @@ def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: boo
     """
     checkExportTarget(target)
     summary = ExportSummary()
-    data, copies = syncResult(storage.read(lambda view: planExport(view, includeMirrored, summary.warnings)))
+    data, copies = syncResult(storage.read(
+        lambda view: planExport(view, includeMirrored, summary.warnings, summary.skipped)))
     with builtInPlace(target, "export") as building:
         for copy in copies:
             source = syncResult(blobs.open(copy.sha256))

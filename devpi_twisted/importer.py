@@ -16,7 +16,11 @@ The import works like C{devpi-import}:
     are recomputed from the content's sha256; wheels' METADATA is extracted
     for PEP 658;
   - configuration keys devpi plugins added, which devpi-twisted does not
-    know, are dropped with a warning.
+    know, are dropped with a warning;
+  - records that cannot be stored safely (a project name that is not ASCII
+    PEP 508, a version or file name that is not one plain path segment, see
+    L{devpi_twisted.exporter.recordProblem}) are skipped and listed in the
+    summary; they do not stop the import.
 
 Everything is built in a temporary directory that is renamed into place at
 the end (as C{init} does), so a failed import leaves no server directory.
@@ -39,7 +43,7 @@ from twisted.python.filepath import FilePath
 
 from .auth import PasswordHashing
 from .errors import BadRequest, DevpiError, ServerDirError
-from .exporter import EXTRA, safeSegment, syncResult, versionFromFilename
+from .exporter import EXTRA, recordProblem, safeSegment, syncResult, versionFromFilename
 from .initstate import PYPI_URL, rootPypiConfig
 from .interfaces import IWriteTransaction
 from .model import indexconfig, keys
@@ -74,6 +78,7 @@ class ImportSummary:
     size: int = 0
     unverified: int = 0
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # bad records left out
 
     def describe(self) -> str:
         lines = [f"  from: {self.source}",
@@ -91,6 +96,7 @@ class ImportSummary:
                      f"{checked} verified against the export's hashes"
                      + (f", {self.unverified} had none to check" if self.unverified else ""))
         lines += [f"  WARNING: {w}" for w in self.warnings]
+        lines += [f"  SKIPPED: {s}" for s in self.skipped]
         return "\n".join(lines) + "\n"
 
 
@@ -232,6 +238,12 @@ class Importer:
 
     def warn(self, message: str) -> None:
         self.summary.warnings.append(message)
+
+    def _skipped(self, what: str, problem: str | None) -> bool:
+        """Whether to skip the record C{what} for C{problem}; report it if so."""
+        if problem is not None:
+            self.summary.skipped.append(f"{what} not imported: {problem}")
+        return problem is not None
 
     def _write(self, function: Any) -> Any:
         return syncResult(self._storage.write(function))
@@ -420,8 +432,8 @@ class Importer:
             rel, version = desc["type"], desc["version"]
             filename = desc["relpath"].rsplit("/", 1)[-1]
             where = f"{name}: {desc['relpath']}"
-            if not safeSegment(version):
-                raise ImportFailed(f"{where}: version {version!r} cannot be stored")
+            if self._skipped(where, recordProblem(project, version, filename)):
+                continue
             if isMirror and rel != "releasefile":
                 self.warn(f"{where}: a {rel} on a mirror index; not imported")
                 continue
@@ -471,10 +483,14 @@ class Importer:
         for projectName, versions in (exported.get("projects") or {}).items():
             if not isinstance(versions, dict):
                 raise ImportFailed(f"{name}: project {projectName!r} is not an object of versions")
+            # The name as exported: a look-alike may normalise to a valid name.
+            if self._skipped(f"{name}: project {projectName!r}", recordProblem(projectName)):
+                continue
             merged = projects.setdefault(normalizeProject(projectName), {})
             for version, metadata in versions.items():
-                if not safeSegment(version):
-                    raise ImportFailed(f"{name}: {projectName} version {version!r} cannot be stored")
+                if self._skipped(f"{name}: release {projectName} {version!r}",
+                                 recordProblem(projectName, version)):
+                    continue
                 metadata = {k: v for k, v in (metadata or {}).items()
                             if not k.startswith("+") and k != ":action"}
                 if not metadata.get("version"):
@@ -485,7 +501,10 @@ class Importer:
         for desc in exported.get("files") or []:
             if desc.get("type") not in FILE_TYPES:
                 raise ImportFailed(f"{name}: {desc.get('relpath')}: unknown file type {desc.get('type')!r}")
-            files.setdefault(normalizeProject(str(desc.get("projectname", ""))), []).append(desc)
+            projectName = str(desc.get("projectname", ""))
+            if self._skipped(f"{name}: {desc['relpath']}", recordProblem(projectName)):
+                continue
+            files.setdefault(normalizeProject(projectName), []).append(desc)
         extras = exported.get(EXTRA) if isinstance(exported.get(EXTRA), dict) else {}
         projectConfigs = extras.get("projects") or {}
         count = 0
@@ -494,8 +513,6 @@ class Importer:
             self.summary.configOnly.append(name)
             return
         for project in names:
-            if not safeSegment(project):
-                raise ImportFailed(f"{name}: project name {project!r} cannot be stored")
             count += self._importProject(user, index, isMirror, project, projects.get(project, {}),
                                          files.get(project, []), projectConfigs.get(project))
         self._importDeleted(name, extras.get("deleted") or [])

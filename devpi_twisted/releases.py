@@ -17,6 +17,7 @@ from .interfaces import IReadView, IStorage, IWriteTransaction
 from .model import keys
 from .model.acl import mayUpload
 from .model.indexconfig import MIRROR
+from .model.names import checkProjectName, checkVersion
 from .storage import BLOB_REF, BlobInfo
 
 PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
@@ -99,6 +100,7 @@ class Releases:
         @return: C{True} if stored, C{False} when the identical file was
             there already (an idempotent re-upload).
         """
+        checkRelease(upload.project, upload.version)
         now = self._clock()
 
         def _store(txn: IWriteTransaction) -> bool:
@@ -172,6 +174,7 @@ class Releases:
     async def register(self, requester: str | None, user: str, index: str, project: str,
                        displayName: str, version: str, metadata: dict[str, Any]) -> None:
         """The legacy C{:action=submit}: set a release's metadata without a file."""
+        checkRelease(project, version)
 
         def _register(txn: IWriteTransaction) -> None:
             checkUploadRights(txn, requester, user, index)
@@ -282,6 +285,16 @@ class Releases:
 
         _, relpath = await self._storage.write(_delete)
         return relpath
+
+
+def checkRelease(project: str, version: str) -> None:
+    """
+    @raise BadRequest: a new release would be stored under a project name or
+        version the one rule of L{devpi_twisted.model.names} refuses (both
+        become storage keys and export paths).
+    """
+    checkProjectName(project)
+    checkVersion(version)
 
 
 def checkTakesUploads(projectConfig: dict[str, Any], project: str) -> None:

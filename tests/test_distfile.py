@@ -138,7 +138,9 @@ class CheckFilenameTests(SynchronousTestCase):
         error = self.assertRaises(
             BadRequest, checkFilename, "demo_pkg-1.0.1-py3-none-any.whl", "demo-pkg", "1.0")
         self.assertIn("does not match version '1.0'", error.message)
-        checkFilename("demo_pkg-1.0-py3-none-any.whl", "demo-pkg", "1")
+        # PEP 440 says 1 == 1.0, but the file names another release.
+        self.assertRaises(BadRequest, checkFilename, "demo_pkg-1.0-py3-none-any.whl", "demo-pkg", "1")
+        checkFilename("demo_pkg-1.0a1-py3-none-any.whl", "demo-pkg", "1.0-alpha1")
 
 
 class FileTypeTests(SynchronousTestCase):
@@ -441,13 +443,13 @@ class ParseUploadMetadataTests(SynchronousTestCase):
             self.assertIn("is not a valid project name", error.message)
 
     def test_invalidVersion(self) -> None:
-        """Empty, blank and versions with devpi's forbidden characters are refused."""
-        for bad in ([], [""], ["  "], ["1<2"], ['1"'], ["1%"]):
+        """Empty, blank and versions that are not PEP 440 are refused."""
+        for bad in ([], [""], ["  "], ["1<2"], ['1"'], ["1%"], ["1 1"]):
             error = self.assertRaises(
                 BadRequest, parseUploadMetadata, {"name": ["demo"], "version": bad})
             self.assertTrue(error.message.startswith("invalid metadata: "))
         self.assertEqual(
-            parseUploadMetadata({"name": ["demo"], "version": ["1 1"]})["version"], "1 1")
+            parseUploadMetadata({"name": ["demo"], "version": ["1.0-alpha1"]})["version"], "1.0-alpha1")
 
     def test_protocolVersion(self) -> None:
         """Protocol version 1, or none, is accepted; any other is refused."""

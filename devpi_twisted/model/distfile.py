@@ -24,6 +24,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion, Version
 
 from ..errors import BadRequest
+from .names import normalizeVersion, projectNameProblem, versionProblem
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -81,6 +82,9 @@ MAX_ARCHIVE_ENTRIES = 100_000
 MAX_TAR_RATIO = 100
 MIN_TAR_SCAN = 512 * 1024 * 1024
 
+# One path segment on every common file system (an export writes it as one).
+MAX_FILENAME = 255
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION_ESCAPE = re.compile(r"[^\w\d.]+")
 
@@ -109,11 +113,22 @@ def _suffix(filename: str) -> str:
 
 def checkFilename(filename: str, name: str | None, version: str | None) -> None:
     """
-    Apply devpi's checks to an uploaded file's name.
+    Check that an uploaded file's name is safe and names C{name}'s release
+    C{version}, as the packaging specifications define file names.
+
+    Wheels are parsed with C{packaging}; other archives must be
+    C{<name>-<version><suffix>}, where the name part normalises (PEP 503) to
+    the project's and, for sdists, the version part is the release's version
+    (as given, escaped with C{_} or in its PEP 440 normal form, compared
+    normalised); legacy built archives (eggs, installers) may go on after
+    the version with C{-} or a C{.} that does not begin another version
+    part (C{demo-1.0-py3.9.egg}, C{demo-1.0.win32.exe}).  Versions are the
+    same when their normal forms are (L{normalizeVersion}), so C{1} does
+    not name a file of C{1.0}.
 
     The order is devpi's, so a name that breaks several rules gets the same
     message as from devpi: version, archive type, project name; then the
-    wheel-specific rules.
+    exact match of name and version.
 
     @raise BadRequest: the name is unsafe or does not fit C{name}/C{version}.
     """
@@ -123,28 +138,70 @@ def checkFilename(filename: str, name: str | None, version: str | None) -> None:
         raise BadRequest(f"{filename!r} is not a plain file name")
     if filename.startswith("."):
         raise BadRequest(f"{filename!r} must not start with '.'")
-    if version is not None:
-        escaped = _VERSION_ESCAPE.sub("_", version)
-        if version not in filename and escaped not in filename:
-            raise BadRequest(f"filename {filename!r} does not contain version {version!r}")
+    if len(filename.encode("utf-8")) > MAX_FILENAME:
+        raise BadRequest(f"filename is longer than {MAX_FILENAME} bytes")
+    spellings = _versionSpellings(version) if version is not None else set()
+    if version is not None and not any(s in filename for s in spellings):
+        raise BadRequest(f"filename {filename!r} does not contain version {version!r}")
     split = splitArchiveName(filename)
     if split is None:
         raise BadRequest(f"{filename!r} is not a valid archive name")
     stem, suffix = split
-    if name is not None:
-        if not canonicalize_name(stem).startswith(canonicalize_name(name)):
-            raise BadRequest(f"filename {filename!r} does not match project name {name!r}")
-    if suffix.lower() != ".whl":
+    suffix = suffix.lower()
+    if suffix == ".whl":
+        _checkWheelFilename(filename, name, version)
         return
+    if name is None:
+        return
+    project = canonicalize_name(name)
+    rests = [stem[i + 1:] for i, c in enumerate(stem) if c == "-" and canonicalize_name(stem[:i]) == project]
+    if not rests:
+        raise BadRequest(f"filename {filename!r} does not match project name {name!r}")
+    if version is None:
+        return
+    exact = _FILE_TYPES[suffix] == "sdist"
+    if not any(_namesVersion(rest, version, spellings, exact) for rest in rests):
+        raise BadRequest(
+            f"filename {filename!r} does not match version {version!r}: it names another version")
+
+
+def _checkWheelFilename(filename: str, name: str | None, version: str | None) -> None:
     try:
         wheelName, wheelVersion, _, _ = parse_wheel_filename(filename)
     except InvalidWheelFilename as e:
         raise BadRequest(f"invalid wheel filename {filename!r}: {_oneLine(e)}") from None
     if name is not None and wheelName != canonicalize_name(name):
         raise BadRequest(f"filename {filename!r} does not match project name {name!r}")
-    if version is not None and not _sameVersion(str(wheelVersion), version):
+    if version is not None and str(wheelVersion) != normalizeVersion(version):
         raise BadRequest(
             f"wheel version {str(wheelVersion)!r} in {filename!r} does not match version {version!r}")
+
+
+def _versionSpellings(version: str) -> set[str]:
+    """How a file name may spell C{version}: as given, escaped, normalised."""
+    spellings = {version, _VERSION_ESCAPE.sub("_", version)}
+    normal = normalizeVersion(version)
+    if normal is not None:
+        spellings |= {normal, _VERSION_ESCAPE.sub("_", normal)}
+    return spellings
+
+
+def _namesVersion(rest: str, version: str, spellings: set[str], exact: bool) -> bool:
+    """
+    Whether C{rest}, what follows C{<name>-} in a file name's stem, is
+    C{version}; unless C{exact}, C{rest} may go on after it with C{-}, or
+    with C{.} and no digit (C{1.0.win32}, but not C{1} in C{1.0}).
+    """
+    if rest in spellings:
+        return True
+    normal = normalizeVersion(version)
+    if exact:
+        return normal is not None and normalizeVersion(rest) == normal
+    for spelling in spellings:
+        after = rest[len(spelling):] if rest.startswith(spelling) else None
+        if after and (after[0] == "-" or (after[0] == "." and not after[1:2].isdigit())):
+            return True
+    return False
 
 
 def fileType(filename: str) -> str:
@@ -182,7 +239,11 @@ def _oneLine(error: BaseException) -> str:
 
 
 def _sameVersion(a: str, b: str) -> bool:
-    """PEP 440 equality, or string equality if either does not parse."""
+    """
+    PEP 440 equality, or string equality if either does not parse, as uv
+    compares a wheel's METADATA with its file name.  (The file name itself
+    must spell the release's version exactly: L{checkFilename}.)
+    """
     try:
         return Version(a) == Version(b)
     except InvalidVersion:
@@ -537,8 +598,6 @@ _LIST_ALIASES = {
     "import_namespaces": "import_namespaces",
 }
 _OPTIONAL_LIST_KEYS = ("import_names", "import_namespaces")
-_PROJECT_NAME = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE)
-_BAD_VERSION_CHARS = re.compile(r'[<>%#"]')
 
 
 def presentMetadataKeys(fields: dict[str, list[str]]) -> set[str]:
@@ -563,7 +622,8 @@ def parseUploadMetadata(fields: dict[str, list[str]]) -> dict[str, object]:
     Unknown fields are ignored.
 
     @raise BadRequest: bad protocol version, NUL bytes, or an invalid
-        name or version.
+        name (not ASCII PEP 508) or version (not PEP 440, see
+        L{devpi_twisted.model.names.versionProblem}).
     """
     for key, values in fields.items():
         for value in values:
@@ -596,11 +656,7 @@ def parseUploadMetadata(fields: dict[str, list[str]]) -> dict[str, object]:
     assert isinstance(name, str) and isinstance(version, str)
     if not name:
         raise BadRequest("invalid metadata: name is required")
-    if not _PROJECT_NAME.fullmatch(name):
-        raise BadRequest(f"invalid metadata: name {name!r} is not a valid project name")
-    if not version.strip():
-        raise BadRequest("invalid metadata: version is required")
-    if _BAD_VERSION_CHARS.search(version):
-        raise BadRequest(
-            f"invalid metadata: version {version!r} contains one of the characters <>%#\"")
+    problem = projectNameProblem(name, "name") or versionProblem(version)
+    if problem is not None:
+        raise BadRequest(f"invalid metadata: {problem}")
     return metadata

@@ -34,6 +34,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from .names import isValidProjectName
 from .simplepage import SimpleFile
 
 __all__ = [
@@ -76,7 +77,6 @@ _HEX = re.compile(r"[0-9a-fA-F]+\Z")
 _UPLOAD_TIME = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?Z\Z", re.ASCII
 )
-_PROJECT_NAME = re.compile(r"([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])\Z", re.I | re.ASCII)
 _BAD_FILENAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 _SDIST_EXTENSIONS = (".tar.gz", ".zip", ".tgz", ".tar.bz2")
 
@@ -711,9 +711,9 @@ def toSimpleFile(link: UpstreamLink, url: str) -> SimpleFile:
 
 
 def _validName(name: str) -> str | None:
-    """C{name} stripped, if it is a valid project name (PEP 508)."""
+    """C{name} stripped, if it is a valid project name (the one rule, PEP 508)."""
     name = name.strip()
-    return name if _PROJECT_NAME.match(name) else None
+    return name if isValidProjectName(name) else None
 
 
 def parseProjectList(body: bytes, contentType: str | None) -> list[str]:

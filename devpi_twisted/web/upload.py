@@ -24,7 +24,7 @@ from ..model.attestations import checkAttestations
 from ..model.doczip import DocLimits, checkDocZip
 from ..model.names import isValidProjectName
 from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
-from ..model.names import normalizeProject
+from ..model.names import checkVersion, normalizeProject
 from ..releases import Documentation, Releases, UploadedFile
 from ..storage import newHashes
 from .context import hasCredentials, requesterOf
@@ -255,7 +255,10 @@ class UploadViews:
         if not name or not isValidProjectName(name):
             raise BadRequest("doc_upload needs a valid 'name'")
         project = normalizeProject(name)
-        version = await self._docs.docVersion(user, index, project, form.first("version") or None)
+        given = form.first("version") or None
+        if given is not None:
+            checkVersion(given)
+        version = await self._docs.docVersion(user, index, project, given)
         info = await form.writer.close()
         files = await form.writer.read(lambda f: checkDocZip(f, self._docLimits))
         await self._docs.checkNoConflict(user, index, project, version, info.sha256)
