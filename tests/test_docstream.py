@@ -21,10 +21,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from devpi_twisted.releases import Documentation
-from devpi_twisted.storage.doczip import CHUNK
+from devpi_twisted.storage.doczip import CHUNK, DocMemberError
 from devpi_twisted.testing import MemoryBlobStore
 
-from .helpers import APIHarness
+from .distbuilder import buildWheel, uploadBody
+from .helpers import APIHarness, basicAuth, merge
 
 BIG = 50 * 1024 * 1024
 BIG_PATH = "/alice/dev/bigdocs/1.0/+doc/big.html"
@@ -97,11 +98,15 @@ class DocHarness(APIHarness):
         self.createIndex("alice", "dev")
         # Stored as an older server or an import may have stored it: the
         # upload's ratio check would refuse so well compressed a member.
+        self.storeDoc("bigdocs", bigZip())
+
+    def storeDoc(self, project: str, data: bytes) -> None:
+        """Store C{data} as the documentation of C{project} 1.0 in alice/dev, bypassing the upload's checks."""
         writer = self.blobs.openWriter()
-        testCase.successResultOf(writer.write(bigZip()))
-        info = testCase.successResultOf(writer.commit())
-        testCase.successResultOf(Documentation(self.storage, self.clock.seconds).storeDoc(
-            "alice", "alice", "dev", "bigdocs", "bigdocs", "1.0", info))
+        self.testCase.successResultOf(writer.write(data))
+        info = self.testCase.successResultOf(writer.commit())
+        self.testCase.successResultOf(Documentation(self.storage, self.clock.seconds).storeDoc(
+            "alice", "alice", "dev", project, project, "1.0", info))
         self.runner.calls.clear()
 
     def checkCommon(self, answer: Any) -> None:
@@ -225,3 +230,35 @@ class DocStreamTests(SynchronousTestCase):
         reads = self.server.runner.count("_read")
         transport.drain()
         self.assertEqual(self.server.runner.count("_read"), reads)
+
+    def test_damagedMemberCutsConnection(self) -> None:
+        """A member whose data fails its check cuts the connection: never a short body taken as whole."""
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("page.html", b"A" * (4 * CHUNK + 10))
+        self.server.storeDoc("broken", out.getvalue().replace(b"A" * 16, b"B" * 16, 1))
+        channel, transport = connect(self.server)
+        channel.dataReceived(b"GET /alice/dev/broken/1.0/+doc/page.html HTTP/1.1\r\nHost: devpi.test\r\n\r\n")
+        received = b""
+        for _ in range(10):
+            received += transport.drain()
+        self.assertIn(b"Content-Length: %d" % (4 * CHUNK + 10), received)
+        self.assertTrue(transport.disconnected)
+        self.assertLess(len(received.split(b"\r\n\r\n", 1)[1]), 4 * CHUNK + 10)
+        self.assertTrue(self.server.blobs.opened[-1].closed)
+        self.assertEqual(len(self.flushLoggedErrors(DocMemberError)), 1)
+
+    def test_toxresultReadInRunner(self) -> None:
+        """A posted tox result is read and parsed by the file runner, not on the reactor."""
+        upload = uploadBody(buildWheel("demo-pkg", "1.0"))
+        answer = self.server.request("POST", "/alice/dev/", body=upload.body,
+                                     headers=merge(upload.headers, basicAuth("alice", "secret")))
+        self.assertEqual(answer.code, 200, answer.body)
+        links = self.server.get("/alice/dev/demo-pkg/1.0").json["result"]["+links"]
+        url = "/" + next(link["href"] for link in links if link["rel"] == "releasefile").split("/", 3)[3]
+        self.server.runner.calls.clear()
+        answer = self.server.post(url, json={"testenvs": {}}, headers=basicAuth("alice", "secret"))
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertIn("_readToxresult", self.server.runner.calls)
+        bad = self.server.post(url, body=b"{nope", headers=basicAuth("alice", "secret"))
+        self.assertEqual(bad.code, 400)
