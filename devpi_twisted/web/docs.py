@@ -2,6 +2,10 @@
 Documentation and tox results: serving a release's docs from its stored zip
 (C{/user/index/project/version/+doc/...}, as devpi-web), downloading the zip
 (C{+doczip}), and accepting tox results posted to a release file's URL.
+
+A page is streamed out of the zip (L{devpi_twisted.storage.doczip} reads it
+in the file threads) no faster than the client takes it: a small zip may
+hold a page of hundreds of megabytes.
 """
 
 import json
@@ -29,6 +33,7 @@ from .files import FileResponse
 from .pages import redirect
 from .responses import jsonBody
 
+MAX_TOXRESULT = 64 * 1024 * 1024
 DOC_POLICY = b"sandbox allow-scripts allow-popups allow-forms; default-src 'self' 'unsafe-inline' data:"
 
 log = Logger()
@@ -48,9 +53,6 @@ def _findDoc(view: IReadView, user: str, index: str, project: str, version: str)
         if entry is not None:
             return entry
     return None
-
-
-MAX_TOXRESULT = 64 * 1024 * 1024
 
 
 def _readToxresult(content: BinaryIO) -> bytes:
