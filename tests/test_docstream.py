@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from devpi_twisted.releases import Documentation
-from devpi_twisted.storage.doczip import CHUNK, DocMemberError
+from devpi_twisted.storage.doczip import CHUNK, DocMemberError, DocZipReader
 from devpi_twisted.testing import MemoryBlobStore
 
 from .distbuilder import buildWheel, uploadBody
@@ -262,3 +262,48 @@ class DocStreamTests(SynchronousTestCase):
         self.assertIn("_readToxresult", self.server.runner.calls)
         bad = self.server.post(url, body=b"{nope", headers=basicAuth("alice", "secret"))
         self.assertEqual(bad.code, 400)
+
+
+class QueuedRunner:
+    """A C{runFile} whose calls wait until the test runs them, as a busy thread pool would."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        d: "Deferred[Any]" = Deferred()
+        self.queue.append((f, args, d))
+        return d
+
+    def runAll(self) -> None:
+        while self.queue:
+            f, args, d = self.queue.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+
+class DocZipReaderTests(SynchronousTestCase):
+    """L{DocZipReader} on its own, with file work that finishes later."""
+
+    def test_cancelledOpenClosesZip(self) -> None:
+        """A client gone while the zip's directory is read: the member is closed when it arrives."""
+        runner = QueuedRunner()
+        file = io.BytesIO(bigZip())
+        opening = DocZipReader(runner).openMember(file, "index.html")
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        runner.runAll()
+        self.assertTrue(file.closed)
+
+    def test_closeWaitsForRead(self) -> None:
+        """Closing while a chunk is being read closes only after that read, never beside it."""
+        runner = QueuedRunner()
+        file = io.BytesIO(bigZip())
+        opening = DocZipReader(runner).openMember(file, "big.html")
+        runner.runAll()
+        member = self.successResultOf(opening)
+        reading = member.read()
+        member.close()
+        self.assertEqual([f.__name__ for f, _, _ in runner.queue], ["_read"])
+        runner.runAll()
+        self.assertEqual(len(self.successResultOf(reading)), CHUNK)
+        self.assertTrue(file.closed)
