@@ -597,6 +597,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics=MetricsView(metrics, registry),
         changelog=feed,
         replication=replica,
+        runFile=runner.runFile,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,

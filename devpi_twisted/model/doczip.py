@@ -1,6 +1,7 @@
 """
 Documentation zips: checked once at upload, then served member by member
-straight from the stored zip (nothing is unpacked to disk).
+straight from the stored zip (nothing is unpacked to disk; the reading is
+L{devpi_twisted.storage.doczip}'s, this module only decides).
 
 A zip is refused when an entry could escape the documentation root (an
 absolute name, C{..}, a drive letter, a backslash path), is a symlink or
@@ -12,6 +13,7 @@ import posixpath
 import stat
 import zipfile
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from ..errors import BadRequest, TooLarge
@@ -66,28 +68,22 @@ def checkDocZip(fileobj: BinaryIO, limits: DocLimits) -> int:
     return files
 
 
-def readDocMember(fileobj: BinaryIO, path: str, maxSize: int) -> tuple[str, bytes] | None:
+def findDocMember(names: Iterable[str], path: str) -> str | None:
     """
-    The member at C{path} (a directory gives its C{index.html}), as
-    C{(name, bytes)}, or C{None}.  Reads are capped at C{maxSize}.
+    The name of the member a documentation URL path asks for (a directory
+    gives its C{index.html}), among a zip's C{names}, or C{None}.  Pure, so
+    the zip is read (off the reactor) by whoever serves it.
     """
+    known = set(names)
     path = posixpath.normpath("/" + path).lstrip("/")
-    try:
-        archive = zipfile.ZipFile(fileobj)
-    except zipfile.BadZipFile:
-        return None
-    names = set(archive.namelist())
     # Tools zip docs either at the top or inside one directory.
     prefixes = [""]
-    tops = {n.split("/", 1)[0] for n in names if "/" in n}
-    if len(tops) == 1 and not any("/" not in n for n in names if not n.endswith("/")):
+    tops = {n.split("/", 1)[0] for n in known if "/" in n}
+    if len(tops) == 1 and not any("/" not in n for n in known if not n.endswith("/")):
         prefixes.append(tops.pop() + "/")
     for prefix in prefixes:
         for candidate in (prefix + path, posixpath.join(prefix + path, "index.html")):
             candidate = candidate.lstrip("/")
-            if candidate in names and not candidate.endswith("/"):
-                info = archive.getinfo(candidate)
-                if info.file_size > maxSize:
-                    return None
-                return candidate, archive.read(info)
+            if candidate in known and not candidate.endswith("/"):
+                return candidate
     return None

@@ -2,28 +2,41 @@
 Documentation and tox results: serving a release's docs from its stored zip
 (C{/user/index/project/version/+doc/...}, as devpi-web), downloading the zip
 (C{+doczip}), and accepting tox results posted to a release file's URL.
+
+A page is streamed out of the zip (L{devpi_twisted.storage.doczip} reads it
+in the file threads) no faster than the client takes it: a small zip may
+hold a page of hundreds of megabytes.
 """
 
+import json
 import mimetypes
-from typing import Any
+from typing import Any, BinaryIO
 
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from ..auth import Authenticator
 from ..errors import BadRequest, NotFound
 from ..interfaces import IBlobStore, IReadView, IStorage
 from ..model import keys
-from ..model.doczip import readDocMember
 from ..model.names import isValidProjectName, normalizeProject
 from ..releases import Documentation, latestVersion
 from ..simple import orderOf
+from ..storage.doczip import DocMember, DocZipReader, RunFile
 from .context import requesterOf
 from .files import FileResponse
 from .pages import redirect
-from .responses import jsonBody, withLength
+from .responses import jsonBody
 
-MAX_DOC_MEMBER = 256 * 1024 * 1024
+MAX_TOXRESULT = 64 * 1024 * 1024
 DOC_POLICY = b"sandbox allow-scripts allow-popups allow-forms; default-src 'self' 'unsafe-inline' data:"
+
+log = Logger()
 
 
 def _findDoc(view: IReadView, user: str, index: str, project: str, version: str) -> dict[str, Any] | None:
@@ -42,8 +55,131 @@ def _findDoc(view: IReadView, user: str, index: str, project: str, version: str)
     return None
 
 
+def _readToxresult(content: BinaryIO) -> bytes:
+    """A posted tox result's bytes, checked to be JSON (run off the reactor: it may be large)."""
+    content.seek(0)
+    raw = content.read(MAX_TOXRESULT + 1)
+    if len(raw) > MAX_TOXRESULT:
+        raise BadRequest("tox result larger than 64 MiB")
+    try:
+        json.loads(raw)
+    except ValueError:
+        raise BadRequest("tox result must be JSON")
+    return raw
+
+
+@implementer(IPushProducer)
+class _MemberProducer:
+    """
+    Sends a documentation member as the transport asks for it: one chunk
+    is read (in a file thread) at a time, and none while the transport is
+    paused, so a client that does not read holds a few chunks, not the
+    member.
+    """
+
+    def __init__(self, request: IRequest, member: DocMember) -> None:
+        self._request = request
+        self._member = member
+        self._paused = False
+        self._reading = False
+        self._looping = False
+        self._done = False
+
+    def start(self) -> None:
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._request.registerProducer(self, True)
+        self._readNext()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._readNext()
+
+    def stopProducing(self) -> None:
+        """The client went away: stop reading and close the zip."""
+        if not self._done:
+            self._done = True
+            self._member.close()
+
+    def _readNext(self) -> None:
+        # A loop, not recursion: a runner that answers at once (tests, a
+        # blob store in memory) would otherwise recurse once per chunk.
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while not (self._paused or self._reading or self._done):
+                self._reading = True
+                self._member.read().addCallbacks(self._gotChunk, self._failed)
+        finally:
+            self._looping = False
+
+    def _gotChunk(self, data: bytes) -> None:
+        self._reading = False
+        if self._done:
+            return
+        if not data:
+            self._done = True
+            self._member.close()
+            self._request.unregisterProducer()
+            self._request.finish()
+            return
+        # May pause us at once, when the transport's buffer is full.
+        self._request.write(data)
+        self._readNext()
+
+    def _failed(self, failure: Failure) -> None:
+        self._reading = False
+        if self._done:
+            return
+        log.failure("serving documentation member {name}", failure, name=self._member.name)
+        self.stopProducing()
+        # Headers promised the whole member: a cut connection, never a short body.
+        channel = self._request.channel
+        if channel is not None:
+            self._request.unregisterProducer()
+            channel.transport.abortConnection()
+
+
+class _MemberResponse(Resource):
+    """A one-off resource that streams an open member (see L{FileResponse})."""
+
+    isLeaf = True
+
+    def __init__(self, member: DocMember, etag: bytes) -> None:
+        super().__init__()
+        self._member = member
+        self._etag = etag
+
+    def render(self, request: IRequest) -> Any:
+        member = self._member
+        contentType, _ = mimetypes.guess_type(member.name)
+        request.setHeader(b"Content-Type", (contentType or "application/octet-stream").encode("ascii"))
+        # Docs are uploaded content: keep their scripts away from this origin.
+        request.setHeader(b"Content-Security-Policy", DOC_POLICY)
+        request.setHeader(b"ETag", self._etag)
+        # DocMember delivers exactly its declared size or fails (and the
+        # connection is cut), so the declared size is a true length.
+        request.setHeader(b"Content-Length", str(member.size).encode("ascii"))
+        if request.method == b"HEAD" or member.size == 0 or request.channel is None:
+            member.close()
+            return b"" if request.channel is not None else NOT_DONE_YET
+        _MemberProducer(request, member).start()
+        return NOT_DONE_YET
+
+
 class DocViews:
-    def __init__(self, storage: IStorage, blobs: IBlobStore, auth: Authenticator, docs: Documentation) -> None:
+    """
+    @param runFile: runs blocking file work (reading documentation zips and
+        tox results) off the reactor: the storage runner's C{runFile}.
+    """
+
+    def __init__(self, storage: IStorage, blobs: IBlobStore, auth: Authenticator, docs: Documentation,
+                 runFile: RunFile) -> None:
+        self._runFile = runFile
+        self._reader = DocZipReader(runFile)
         self._storage = storage
         self._blobs = blobs
         self._auth = auth
@@ -65,17 +201,10 @@ class DocViews:
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound("documentation content is missing on this server")
-        with file:
-            member = readDocMember(file, path, MAX_DOC_MEMBER)
+        member = await self._reader.openMember(file, path)
         if member is None:
             raise NotFound(f"no {path!r} in the documentation of {entry['project']} {entry['version']}")
-        memberName, data = member
-        contentType, _ = mimetypes.guess_type(memberName)
-        request.setHeader(b"Content-Type", (contentType or "application/octet-stream").encode("ascii"))
-        # Docs are uploaded content: keep their scripts away from this origin.
-        request.setHeader(b"Content-Security-Policy", DOC_POLICY)
-        request.setHeader(b"ETag", b'"' + entry["sha256"].encode("ascii") + b'"')
-        return withLength(request, data)
+        return _MemberResponse(member, b'"' + entry["sha256"].encode("ascii") + b'"')
 
     async def doczip(self, request: IRequest, user: str, index: str, name: str, version: str) -> Any:
         entry = await self._entry(user, index, name, version)
@@ -90,18 +219,9 @@ class DocViews:
 
     async def postToxresult(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         """devpi-client's C{test}: attach a tox result (any JSON, stored verbatim) to a release file."""
-        import json
-
         requester = await requesterOf(request, self._auth)
         release = await self._docs.checkToxresultRights(requester, user, index, relpath)
-        request.content.seek(0)
-        raw = request.content.read(64 * 1024 * 1024 + 1)
-        if len(raw) > 64 * 1024 * 1024:
-            raise BadRequest("tox result larger than 64 MiB")
-        try:
-            json.loads(raw)
-        except ValueError:
-            raise BadRequest("tox result must be JSON")
+        raw = await self._runFile(_readToxresult, request.content)
         writer = self._blobs.openWriter()
         try:
             await writer.write(raw)

@@ -11,6 +11,7 @@ contain C{+}, so they never collide.
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.internet.defer import maybeDeferred
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -253,6 +254,7 @@ def makeWebResource(
     changelog: ChangelogFeed | None = None,
     replication: Any = None,
     metrics: Any = None,
+    runFile: Callable[..., Any] = maybeDeferred,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -260,6 +262,9 @@ def makeWebResource(
     @param changelog: the replication feed, when this server may be followed.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
+    @param runFile: runs blocking file work (documentation zips) off the
+        reactor: the storage runner's C{runFile}; inline by default, for
+        tests over memory storage.
     """
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
@@ -272,7 +277,7 @@ def makeWebResource(
         ProjectViews(config, storage, blobs, auth, releases, mirrors, knownFiles),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
-        DocViews(storage, blobs, auth, documentation),
+        DocViews(storage, blobs, auth, documentation, runFile),
         changelog,
         metrics,
     )
