@@ -6,6 +6,8 @@ turns them into HTTP answers.  Each carries the HTTP status it stands for so
 the mapping stays a table, not a chain of special cases.
 """
 
+import errno
+
 
 class DevpiError(Exception):
     """Base of every error that has a meaning for a client."""
@@ -79,6 +81,47 @@ class TooManyRequests(DevpiError):
     def __init__(self, message: str, retryAfter: int = 1) -> None:
         super().__init__(message)
         self.retryAfter = retryAfter
+
+
+class InsufficientStorage(DevpiError):
+    """
+    The disk (or the user's quota) is full: nothing of the request was kept,
+    and the same request succeeds once space is freed, without a restart.
+    """
+
+    status = 507
+    reasonPhrase = True  # twine shows the reason phrase, not the body
+
+    def __init__(self, message: str = "the server's disk is full; nothing was stored") -> None:
+        super().__init__(message)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def diskFullError(error: BaseException) -> InsufficientStorage | None:
+    """
+    The L{InsufficientStorage} that C{error} stands for, if it comes from a
+    full disk: an C{OSError} of C{ENOSPC} or C{EDQUOT}, also when it is the
+    cause of another error or one of several gathered ones
+    (L{twisted.internet.defer.FirstError}).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, InsufficientStorage):
+            return current
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            found = InsufficientStorage()
+            found.__cause__ = current
+            return found
+        subFailure = getattr(current, "subFailure", None)  # FirstError
+        todo += [current.__cause__, current.__context__, getattr(subFailure, "value", None)]
+    return None
 
 
 class UpstreamError(DevpiError):

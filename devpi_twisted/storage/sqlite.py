@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from ..errors import InsufficientStorage
 from ..interfaces import IReadView, IStorage, IWriteTransaction
 from . import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
 from .threads import Runner
@@ -52,6 +53,21 @@ CREATE INDEX IF NOT EXISTS kv_blob ON kv (blob) WHERE blob IS NOT NULL;
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+_SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)
+
+
+def _diskFull(failure: Any) -> Any:
+    """
+    A write SQLite could not make because the disk is full becomes the
+    domain's L{InsufficientStorage}; the transaction was rolled back, so
+    the database is as before and later writes work once there is space.
+    """
+    error = failure.value
+    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL:
+        raise InsufficientStorage() from error
+    return failure
 
 
 def _storeChanges(conn: sqlite3.Connection, serial: int, at: float, changes: dict[str, Any]) -> None:
@@ -246,11 +262,11 @@ class SqliteStorage:
         return ChangeRecord(record.serial, record.time, changes), record.serial
 
     def applyChange(self, record: ChangeRecord) -> Deferred[int]:
-        d = self._runner.runWrite(self._applyRecord, record)
+        d = self._runner.runWrite(self._applyRecord, record).addErrback(_diskFull)
         return d.addCallback(self._committed).addCallback(lambda outcome: outcome[0])
 
     def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
-        d = self._runner.runWrite(self._write, function)
+        d = self._runner.runWrite(self._write, function).addErrback(_diskFull)
         return d.addCallback(self._committed)
 
     def _committed(self, outcome: tuple[ChangeRecord | None, T]) -> tuple[int, T]:

@@ -9,6 +9,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from twisted.web.iweb import IRequest
 
 from ..auth import Authenticator, parseBasic
+from .headers import isValidHost
 
 _REQUESTER = "_devpiRequester"
 
@@ -67,12 +68,9 @@ def outsideURL(request: IRequest, configured: str | None) -> str:
     The server's base URL as clients see it, without a trailing slash:
     C{X-Outside-Url}, then C{--outside-url}, then the request's own host.
     """
-    header = request.getHeader(b"x-outside-url")
-    if header:
-        text = header.decode("utf-8", "replace") if isinstance(header, bytes) else header
-        parts = urlsplit(text)
-        if parts.scheme in ("http", "https") and parts.netloc:
-            return text.rstrip("/")
+    header = _baseURL(request.getHeader(b"x-outside-url"))
+    if header is not None:
+        return header
     if configured:
         return configured
     scheme = "https" if request.isSecure() else "http"
@@ -83,3 +81,24 @@ def outsideURL(request: IRequest, configured: str | None) -> str:
             return f"{scheme}://{hostText}"
     address: Any = request.getHost()
     return f"{scheme}://{address.host}:{address.port}"
+
+
+def _baseURL(value: bytes | str | None) -> str | None:
+    """
+    C{value} without its trailing slash if it is a usable base URL: http or
+    https, a valid host, no user, query or fragment.  Anything else (absent,
+    not ASCII, unparsable such as C{http://[::1}) is ignored.
+    """
+    if not value:
+        return None
+    try:
+        text = value.decode("ascii") if isinstance(value, bytes) else value
+        parts = urlsplit(text)
+        parts.port  # raises for a port that is not a number
+    except (UnicodeError, ValueError):
+        return None
+    if parts.scheme not in ("http", "https") or "@" in parts.netloc or parts.query or parts.fragment:
+        return None
+    if not isValidHost(parts.netloc.encode("ascii")):
+        return None
+    return text.rstrip("/")

@@ -2,6 +2,7 @@
 The one place that maps errors to HTTP.
 
 Domain errors carry their status; routing misses from Werkzeug carry theirs;
+a full disk is 507 (logged in one line: the operator must free space);
 anything else is a bug: logged with its traceback, answered with a plain 500
 and no traceback.  Every error body is JSON C{{"message": ...}}.
 """
@@ -13,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from ..errors import DevpiError, TooManyRequests, Unauthorized
+from ..errors import DevpiError, InsufficientStorage, TooManyRequests, Unauthorized, diskFullError
 from .responses import jsonBody
 
 log = Logger()
@@ -28,6 +29,8 @@ def _reason(message: str) -> bytes:
 def renderDevpiError(request: IRequest, failure: Failure) -> bytes:
     error = failure.value
     assert isinstance(error, DevpiError)
+    if isinstance(error, InsufficientStorage):
+        _logDiskFull(request, failure)
     body = jsonBody(request, error.status, message=error.message)
     if getattr(error, "reasonPhrase", False):
         # twine and setuptools show the reason phrase, not the body.
@@ -52,7 +55,21 @@ def renderHTTPException(request: IRequest, failure: Failure) -> bytes:
     return jsonBody(request, code, message=messages.get(code, error.name))
 
 
+def _logDiskFull(request: IRequest, failure: Failure) -> None:
+    cause = failure.value.__cause__ or failure.value
+    log.error(
+        "disk full: {method} {path} stored nothing ({cause})",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace"),
+        cause=str(cause),
+    )
+
+
 def renderUnexpected(request: IRequest, failure: Failure) -> bytes:
+    diskFull = diskFullError(failure.value)
+    if diskFull is not None:
+        # An OSError from a file write (blobs, docs), maybe among gathered ones.
+        return renderDevpiError(request, Failure(diskFull))
     log.failure(
         "unexpected error for {method} {path}",
         failure=failure,

@@ -1,7 +1,9 @@
 """
-The headers devpi puts on every response, errors and files included.
+The headers devpi puts on every response, errors and files included, and
+the checks of a request's head that every request passes before routing.
 """
 
+import re
 from typing import Any
 
 from urllib.parse import unquote_to_bytes
@@ -68,3 +70,48 @@ def _serialWhenAnswered(request: IRequest, storage: Any) -> None:
 
 def setSerial(request: IRequest, serial: int) -> None:
     request.setHeader(b"X-Devpi-Serial", str(serial).encode("ascii"))
+
+
+METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"PUSH", b"OPTIONS"})
+"""Every method a route serves (methods are case-sensitive: C{get} is not one)."""
+
+_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
+_IP_LITERAL = re.compile(rb"\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{0,5})?")
+_PORT = re.compile(rb"[0-9]{0,5}")
+
+
+def isValidHost(host: bytes) -> bool:
+    """
+    Whether C{host} is C{host [":" port]} as a name can be: an IP literal in
+    brackets, or labels of 1 to 63 ASCII letters, digits, C{-} or C{_}
+    (IPv4 addresses included), at most 253 characters in all.  Anything else
+    cannot name this server, and would fail later where the name is encoded
+    (IDNA, when URLs are built).
+    """
+    if host.startswith(b"["):
+        return _IP_LITERAL.fullmatch(host) is not None
+    name, _, port = host.partition(b":")
+    if name.endswith(b"."):
+        name = name[:-1]
+    return (0 < len(name) <= 253 and _PORT.fullmatch(port) is not None
+            and all(_LABEL.fullmatch(label) for label in name.split(b".")))
+
+
+def headProblem(request: IRequest) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+    """
+    What is wrong with the request's method or C{Host}, as the status, a
+    message and extra headers for the answer; C{None} when nothing is.
+    Checked once, before any resource sees the request, so no view or
+    library below has to cope with such values.
+    """
+    if request.method not in METHODS:
+        method = request.method.decode("ascii", "replace")
+        return 405, (f"the method {method} is not supported here (methods are case-sensitive)"), [
+            (b"Allow", b", ".join(sorted(METHODS)))]
+    hosts = request.requestHeaders.getRawHeaders(b"host")
+    if hosts is not None:
+        if len(hosts) != 1:
+            return 400, "more than one Host header", []
+        if not isValidHost(hosts[0]):
+            return 400, "the Host header is not a valid host name", []
+    return None

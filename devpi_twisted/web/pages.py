@@ -16,7 +16,7 @@ from ..simple import IndexListing, RenderedPage, SimplePages
 from .listing import StreamedList
 from .context import outsideURL
 from .files import etagMatches
-from .responses import withLength
+from .responses import redirect, withLength
 
 _INSTALLER = re.compile(rb"([^ ]* )*(distribute|setuptools|pip|pex|uv)/.*")
 PAGE_CACHE_CONTROL = b"max-age=0, must-revalidate"
@@ -26,12 +26,6 @@ def isInstaller(request: IRequest) -> bool:
     """devpi's test: a User-Agent naming an installer gets simple pages directly."""
     agent = request.getHeader(b"user-agent")
     return bool(agent and _INSTALLER.match(agent))
-
-
-def redirect(request: IRequest, location: str, status: int = 302) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Location", location.encode("utf-8"))
-    return withLength(request, b"")
 
 
 class CachedAnswersFirst(Resource):

@@ -6,11 +6,13 @@ devpi-client checks C{Content-Type} for the exact string C{application/json}
 """
 
 import json
+import re
 from typing import Any
 
 from twisted.web.iweb import IRequest
 
 JSON = b"application/json"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def jsonBody(request: IRequest, status: int = 200, *, result: Any = None, type: str | None = None,
@@ -32,6 +34,38 @@ def withLength(request: IRequest, body: bytes) -> bytes:
     """Set Content-Length so the answer is not chunked (and HEAD tells the size)."""
     request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
     return body
+
+
+def redirect(request: IRequest, location: str, status: int = 302) -> bytes:
+    """Redirect to C{location}, a path on this server (see L{localLocation})."""
+    request.setResponseCode(status)
+    request.setHeader(b"Location", localLocation(location).encode("utf-8"))
+    return withLength(request, b"")
+
+
+def localLocation(location: str) -> str:
+    """
+    C{location} as a path-absolute reference, which stays on this server.
+    Redirects are built from the request's path, and a path such as
+    C{//evil.example/...} (or C{/\\evil.example}, which browsers treat
+    alike, or an absolute-form request target) would otherwise send the
+    client to another host.
+    """
+    if not location.startswith("/"):
+        location = _SCHEME.sub("", location, count=1)
+    return "/" + location.lstrip("/\\")
+
+
+def rawAnswer(status: int, reason: bytes, message: str, extraHeaders: tuple[bytes, ...] = ()) -> bytes:
+    """
+    A whole HTTP/1.1 answer with a JSON message that closes the connection,
+    for the channel to write when there is no request object to answer with
+    (a malformed or oversized request head).
+    """
+    body = (json.dumps({"message": message}, indent=2) + "\n").encode("utf-8")
+    head = [b"HTTP/1.1 %d %s" % (status, reason), b"Connection: close", b"Content-Type: " + JSON,
+            b"X-Content-Type-Options: nosniff", b"Content-Length: %d" % len(body), *extraHeaders]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def readJSON(request: IRequest, limit: int = 10 * 1024 * 1024) -> Any:

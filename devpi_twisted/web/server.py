@@ -33,7 +33,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from .headers import headProblem
 from .limits import LimitedRequest
+from .responses import jsonBody, rawAnswer
 
 log = Logger()
 
@@ -111,6 +113,21 @@ class DevpiRequest(LimitedRequest):
             self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             self.channel.persistent = False
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        problem = headProblem(self)
+        if problem is None:
+            super().process()
+        else:
+            self._answerMalformed(*problem)
+
+    def _answerMalformed(self, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+        """Answer a request whose method or Host no resource should see."""
+        self.site = self.channel.site
+        for name, value in headers:
+            self.setHeader(name, value)
+        self.write(jsonBody(self, status, message=message))
+        self.finish()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -220,6 +237,31 @@ class DevpiChannel(HTTPChannel):
         )
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         self.timeoutConnection()
+
+    # A malformed head: Twisted's answer is a bare 400 (and for a line over
+    # its fixed limit of 16384 bytes, none at all); ours says what is wrong.
+
+    @property  # type: ignore[override]
+    def MAX_LENGTH(self) -> int:
+        """One request or header line may be as long as the whole head may be."""
+        return self.totalHeadersSize
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._badHead(f"a request or header line is longer than the limit of {self.totalHeadersSize} bytes "
+                      f"(--max-header-size)")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize:
+            message = f"the request head is larger than the limit of {self.totalHeadersSize} bytes (--max-header-size)"
+        elif getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders:
+            message = f"the request has more than {self.maxHeaders} header lines"
+        else:
+            message = "malformed request: its request line, a header or its chunked body is not valid HTTP/1.1"
+        self._badHead(message)
+
+    def _badHead(self, message: str) -> None:
+        self.transport.write(rawAnswer(400, b"Bad Request", message))
+        self.loseConnection()
 
     _secure: bool | None = None
 
