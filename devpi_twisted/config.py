@@ -46,6 +46,7 @@ class ServerConfig:
     loginMaxFailures: int = 5
     loginWindow: float = 60.0
     trustedProxies: tuple[str, ...] = ()
+    pageCacheSize: int = 256 * 1024 * 1024
     accessLog: bool = True
     jsonLog: str | None = None
 

@@ -103,6 +103,9 @@ class Options(usage.Options):
         ["login-window", None, 60.0, "Seconds a failed login counts for throttling.", float],
         ["trusted-proxies", None, None,
          "Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client."],
+        ["page-cache-size", None, 256 * 1024 ** 2,
+         "Most bytes of rendered simple pages and project lists kept in memory (least recently used "
+         "go first; a page larger than this is rendered for each request).", int],
         ["json-log", None, None, "Also log JSON lines to this file ('-': standard output)."],
         ["blob-collect-interval", None, 3600.0,
          "Seconds between passes that free the disk space of files nothing refers to any more "
@@ -179,6 +182,8 @@ class Options(usage.Options):
             raise usage.UsageError("--blob-collect-interval must not be negative")
         if self["login-max-failures"] < 0:
             raise usage.UsageError("--login-max-failures must not be negative")
+        if self["page-cache-size"] < 0:
+            raise usage.UsageError("--page-cache-size must not be negative")
         self._checkReplication()
         for description in self["listen"]:
             if description.startswith("ssl:") and "sslmethod=" in description:
@@ -243,6 +248,7 @@ class Options(usage.Options):
             loginMaxFailures=self["login-max-failures"],
             loginWindow=self["login-window"],
             trustedProxies=tuple(p.strip() for p in (self["trusted-proxies"] or "").split(",") if p.strip()),
+            pageCacheSize=self["page-cache-size"],
             accessLog=not self["no-access-log"],
             jsonLog=self["json-log"],
             primaryURL=self["primary-url"],
@@ -562,7 +568,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     mirrors = CountingMirrors(realMirrors, metrics)
     nodeinfo = serverdir.nodeinfo()
     registry = makeRegistry(metrics)
-    pages = SimplePages(storage, mirrors)
+    pages = SimplePages(storage, mirrors, runner, config.pageCacheSize)
     if replica is not None:
         # Pages of mirror-backed indexes list the files not here yet only
         # while the primary can serve them: rendered pages are redone then.

@@ -141,6 +141,12 @@ class Mirrors(MultiService):
     async def projectNameFile(self, stage: Stage) -> Any:
         return await self.names.open(stage)
 
+    async def projectNameList(self, stage: Stage) -> Any:
+        return await self.names.openCurrent(stage)
+
+    def projectNamesFresh(self, stage: Stage) -> bool:
+        return self.names.isFresh(stage)
+
     async def projectStatus(self, stage: Stage, project: str) -> dict[str, Any] | None:
         cached = await self.pages.cached(stage, project)
         if cached is None or not cached.status:
