@@ -292,8 +292,6 @@ class SimplePages:
             if kind in ("index", "user"):
                 self.invalidateAll()
                 return
-            if kind == "mirrornames":
-                self._invalidateLists()
             if kind in _PROJECT_KINDS:
                 if kind == "project":
                     self._invalidateLists()
