@@ -6,13 +6,15 @@ served with ETag, 304 and gzip.
 
 import gzip
 import json as jsonlib
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted import simple
+from devpi_twisted import simple, tap
 from devpi_twisted.simple import PageCache, SimplePages
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
@@ -79,8 +81,14 @@ class HostVariantsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.h = ServerHarness(self, rootPypi=False)
         self.h.createIndex("alice", "dev", auth=self.h.alice)
-        self.limit = 64 * 1024
-        self.h.pages.cache.maxBytes = self.limit
+        self.renders: list[Any] = []
+        real = self.h.pages.projectPage
+
+        def counting(*args: Any, **kw: Any) -> Any:
+            self.renders.append(args)
+            return real(*args, **kw)
+
+        self.patch(self.h.pages, "projectPage", counting)
 
     def get(self, host: str, path: str = PAGE) -> Any:
         answer = self.h.get(f"http://{host}{path}", {b"Accept": [PIP_ACCEPT], b"User-Agent": [PIP_AGENT]})
@@ -93,6 +101,7 @@ class HostVariantsTests(SynchronousTestCase):
         first = self.get("devpi.test")
         for n in range(300):
             self.assertEqual(self.get(f"h{n}.example").body, first.body)
+        self.assertEqual(len(self.renders), 1)
         self.assertEqual(len(self.h.pages.cache), 1)
 
     def test_absoluteLinksBoundedByBytes(self) -> None:
@@ -100,25 +109,19 @@ class HostVariantsTests(SynchronousTestCase):
         A page with absolute links (provenance) is kept per Host, but never
         past the byte limit, and a page in steady use stays cached.
         """
+        limit = 64 * 1024
+        self.h.pages.cache.maxBytes = limit
         wheel = buildWheel()
         self.h.mustUpload("alice/dev", wheel, attestations=[attestationFor(wheel)])
         self.h.mustUpload("alice/dev", buildWheel(name="popular-pkg"))
         popular = "/alice/dev/+simple/popular-pkg/"
         self.get("devpi.test", popular)
-        renders = []
-        real = self.h.pages.projectPage
-
-        def counting(*args: Any, **kw: Any) -> Any:
-            renders.append(args)
-            return real(*args, **kw)
-
-        self.patch(self.h.pages, "projectPage", counting)
         for n in range(400):
             answer = self.get(f"h{n}.example")
             self.assertIn(f"http://h{n}.example/".encode(), answer.body)
             self.get("devpi.test", popular)
-            self.assertLessEqual(self.h.pages.cache.size, self.limit)
-        self.assertEqual(len(renders), 400, "the popular page was never rendered again")
+            self.assertLessEqual(self.h.pages.cache.size, limit)
+        self.assertEqual(len(self.renders), 401, "the popular page was never rendered again")
         self.assertGreater(len(self.h.pages.cache), 10)
 
 
@@ -295,3 +298,22 @@ class MirrorListTests(SynchronousTestCase):
         self.assertLess(len(packed.body), len(plain.body) / 4)
         self.assertEqual(packed.header("Content-Type"), JSON_TYPE)
         self.assertEqual(self.renders.count, 1)
+
+
+class PageCacheOptionTests(SynchronousTestCase):
+    """C{--page-cache-size}: bytes of rendered pages kept."""
+
+    def parse(self, *argv: str) -> tap.Options:
+        self.patch(os, "environ", {})
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaultAndSet(self) -> None:
+        """256 MiB by default; the option sets it."""
+        self.assertEqual(self.parse().toConfig().pageCacheSize, 256 * 1024 * 1024)
+        self.assertEqual(self.parse("--page-cache-size", "1000").toConfig().pageCacheSize, 1000)
+
+    def test_negative(self) -> None:
+        """A negative size is refused."""
+        self.assertRaises(usage.UsageError, self.parse, "--page-cache-size", "-1")

@@ -3,7 +3,7 @@ A mirror's project list, without holding upstream's whole list in memory.
 
 Upstream's root page (hundreds of thousands of names for PyPI) is scanned as
 it arrives and written to the blob store as one name per line; the list page
-is then streamed from that file.  It is refreshed after the index's
+is rendered from that file, once per file (L{devpi_twisted.simple}).  It is refreshed after the index's
 C{mirror_cache_expiry}; when upstream fails the last list is used, and
 without any the locally cached project names stand in.
 """
@@ -155,11 +155,6 @@ class MirrorNames:
         if stored is None:
             return None
         return stored[BLOB_REF], await self._blobs.open(stored[BLOB_REF])
-
-    async def open(self, stage: Stage) -> BinaryIO | None:
-        """A file of the mirror's project names, one per line, or C{None}."""
-        opened = await self.openCurrent(stage)
-        return None if opened is None else opened[1]
 
     async def _refresh(self, stage: Stage, stored: dict[str, Any] | None) -> dict[str, Any] | None:
         status = self._pages.state(stage).status

@@ -138,9 +138,6 @@ class Mirrors(MultiService):
     async def projectNames(self, stage: Stage) -> list[str]:
         return await self.pages.knownNames(stage)
 
-    async def projectNameFile(self, stage: Stage) -> Any:
-        return await self.names.open(stage)
-
     async def projectNameList(self, stage: Stage) -> Any:
         return await self.names.openCurrent(stage)
 
