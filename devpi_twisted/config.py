@@ -48,6 +48,7 @@ class ServerConfig:
     loginMaxUserFailures: int = 50
     loginMaxAddressFailures: int = 100
     trustedProxies: tuple[str, ...] = ()
+    pageCacheSize: int = 256 * 1024 * 1024
     accessLog: bool = True
     jsonLog: str | None = None
 

@@ -5,14 +5,27 @@ A page depends on the index's resolution order and on what its stages hold
 of one project.  Rendered bodies are kept with their ETag until a change to
 that project (in any index) or to any index configuration arrives from the
 storage changelog; a page request is then a dictionary lookup.
+
+Project lists are rendered whole, in a thread (a list with PyPI's names is
+tens of megabytes), with a gzip copy, once per change of the names: a
+private project added or removed, or a mirror's list of names fetched anew.
+
+What is kept is bounded by bytes, least recently used first out, so requests
+that make many variants of a page (another Host, another installer) cannot
+grow the memory or push out everyone's pages at once.
 """
 
+import gzip
 import hashlib
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Hashable, Iterable, Iterator, Protocol
+
+from packaging.utils import canonicalize_name
 
 from twisted.logger import Logger
 
+from .coalesce import Coalescer
 from .errors import NotFound, UpstreamError
 from .interfaces import IReadView, IStorage
 from .model import keys
@@ -27,19 +40,94 @@ from .model.simplepage import (
     renderProjectJSON,
 )
 from .storage import ChangeRecord
+from .storage.threads import Runner, SynchronousRunner
 
 _PROJECT_KINDS = {"project", "version", "file", "simple"}
-_MAX_CACHED = 20000
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+# What a cached page costs besides its bodies (key, entry, objects).
+_ENTRY_OVERHEAD = 512
+_NAMES_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class RenderedPage:
-    """A page ready to send."""
+    """
+    A page ready to send.
+
+    @ivar gzipped: the body gzip-compressed, for clients that accept it
+        (project lists only), or C{None}.
+    """
 
     body: bytes
     etag: bytes
     contentType: bytes
     lastSerial: int
+    gzipped: bytes | None = None
+
+    @property
+    def gzipETag(self) -> bytes:
+        """The strong ETag of the compressed body (another representation, so another tag)."""
+        return self.etag[:-1] + b'-gzip"'
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.gzipped or b"") + _ENTRY_OVERHEAD
+
+
+class PageCache:
+    """
+    Cached pages under hashable keys, at most C{maxBytes} of them in all;
+    the least recently used leave first.  Entries are grouped, so all pages
+    of one project (or all project lists) can be dropped at once.
+    """
+
+    def __init__(self, maxBytes: int) -> None:
+        self.maxBytes = maxBytes
+        self.size = 0
+        self._entries: OrderedDict[Hashable, tuple[Any, int, Hashable]] = OrderedDict()
+        self._groups: dict[Hashable, set[Hashable]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> Any:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Hashable, group: Hashable, value: Any, size: int) -> None:
+        """Keep C{value}; one larger than the whole cache is not kept."""
+        self.remove(key)
+        if size > self.maxBytes:
+            return
+        self._entries[key] = (value, size, group)
+        self._groups.setdefault(group, set()).add(key)
+        self.size += size
+        while self.size > self.maxBytes:
+            self.remove(next(iter(self._entries)))
+
+    def remove(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        _, size, group = entry
+        self.size -= size
+        members = self._groups.get(group)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self._groups[group]
+
+    def dropGroup(self, group: Hashable) -> None:
+        for key in list(self._groups.get(group, ())):
+            self.remove(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._groups.clear()
+        self.size = 0
 
 
 class MirrorSource(Protocol):
@@ -51,11 +139,17 @@ class MirrorSource(Protocol):
     async def projectNames(self, stage: Stage) -> list[str]:
         """The names the mirror can list without fetching upstream's whole list."""
 
+    async def projectNameList(self, stage: Stage) -> tuple[str, BinaryIO] | None:
+        """
+        The identity (content hash) of upstream's list of names, fetched
+        anew when due, with an open file of it (one name a line); or C{None}.
+        """
+
+    def projectNamesFresh(self, stage: Stage) -> bool:
+        """Whether the last list of names may be used without asking upstream (no I/O)."""
+
     async def refresh(self, stage: Stage, project: str) -> None:
         """Forget the cached links of C{project}."""
-
-    async def projectNameFile(self, stage: Stage) -> Any:
-        """An open file of upstream's project names, one per line, or C{None}."""
 
     def isFresh(self, stage: Stage, project: str) -> bool:
         """Whether what the mirror has of C{project} may be served without asking upstream."""
@@ -66,6 +160,71 @@ class MirrorSource(Protocol):
 
 def _etag(body: bytes) -> bytes:
     return b'"' + hashlib.sha256(body).hexdigest()[:32].encode("ascii") + b'"'
+
+
+def _listedNames(privateNames: list[str], sources: list[Any]) -> Iterator[str]:
+    """
+    The private names, then each mirror's names that are not private: from
+    a list, or from an open file of names (one a line), which is closed.
+    """
+    seen = {canonicalize_name(n) for n in privateNames}
+    yield from privateNames
+    for source in sources:
+        if isinstance(source, list):
+            batch = [n for n in source if canonicalize_name(n) not in seen]
+            seen.update(canonicalize_name(n) for n in batch)
+            yield from batch
+            continue
+        # Upstream's list has no duplicates, so its names are not remembered.
+        rest = b""
+        while True:
+            data = source.read(_NAMES_CHUNK)
+            if not data:
+                break
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                name = line.decode("utf-8", "replace")
+                if name and canonicalize_name(name) not in seen:
+                    yield name
+        if rest:
+            name = rest.decode("utf-8", "replace")
+            if canonicalize_name(name) not in seen:
+                yield name
+
+
+def _closeSources(sources: Iterable[Any]) -> None:
+    for source in sources:
+        if not isinstance(source, list):
+            source.close()
+
+
+def renderProjectList(privateNames: list[str], sources: list[Any], mediaType: str, title: str,
+                      serial: int) -> RenderedPage:
+    """
+    The whole project list with its ETag and gzip copy; blocking (reads the
+    mirrors' name files, and compresses), so it runs in a thread.
+    """
+    try:
+        names = _listedNames(privateNames, sources)
+        if mediaType == JSON:
+            body = renderIndexJSON(names, serial)
+        else:
+            body = renderIndexHTML(names, title)
+    finally:
+        _closeSources(sources)
+    return RenderedPage(body, _etag(body), mediaType.encode("ascii"), serial,
+                        gzip.compress(body, compresslevel=6, mtime=0))
+
+
+@dataclass(frozen=True)
+class _CachedList:
+    """A rendered project list and the versions of the mirrors' names it shows."""
+
+    page: RenderedPage
+    mirrors: tuple[Stage, ...]
+    # per mirror: ("file", hash of the names file) or ("known", names)
+    sources: tuple[tuple[Any, ...], ...] = field(default=())
 
 
 def orderOf(view: IReadView, user: str, index: str) -> list[Stage]:
@@ -111,12 +270,20 @@ class SimplePages:
 
     log = Logger()
 
-    def __init__(self, storage: IStorage, mirrors: MirrorSource | None = None) -> None:
+    def __init__(self, storage: IStorage, mirrors: MirrorSource | None = None, runner: Runner | None = None,
+                 cacheBytes: int = DEFAULT_CACHE_BYTES) -> None:
+        """
+        @param runner: runs the rendering of project lists off the reactor.
+        @param cacheBytes: most bytes of rendered pages kept.
+        """
         self._storage = storage
         self._mirrors = mirrors
-        self._projectPages: dict[str, dict[tuple[Any, ...], tuple[RenderedPage, list[Stage]]]] = {}
-        self._indexPages: dict[tuple[Any, ...], RenderedPage] = {}
-        self._cachedCount = 0
+        self._runner: Runner = runner if runner is not None else SynchronousRunner()
+        self.cache = PageCache(cacheBytes)
+        # Raised by every change that may change a project list: a list
+        # rendered meanwhile is sent but not kept.
+        self._listGeneration = 0
+        self._listBuilds: Coalescer[RenderedPage] = Coalescer()
         storage.subscribe(self._changed)
 
     def _changed(self, record: ChangeRecord) -> None:
@@ -127,35 +294,35 @@ class SimplePages:
                 return
             if kind in _PROJECT_KINDS:
                 if kind == "project":
-                    self._indexPages.clear()
+                    self._invalidateLists()
                 if project is not None:
-                    dropped = self._projectPages.pop(project, None)
-                    if dropped:
-                        self._cachedCount -= len(dropped)
+                    self.invalidateProject(project)
+
+    def _invalidateLists(self) -> None:
+        self._listGeneration += 1
+        self.cache.dropGroup(_LISTS)
 
     def invalidateAll(self) -> None:
-        self._projectPages.clear()
-        self._indexPages.clear()
-        self._cachedCount = 0
+        self._listGeneration += 1
+        self.cache.clear()
 
     def invalidateProject(self, project: str) -> None:
         """Forget pages of one project (mirror code calls this after a refresh)."""
-        dropped = self._projectPages.pop(project, None)
-        if dropped:
-            self._cachedCount -= len(dropped)
+        self.cache.dropGroup(("project", project))
 
     def cachedProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage | None:
         """
         The rendered page if it is cached and still valid, without any I/O.
 
         @param cacheKey: C{(user, index, mediaType, rootPrefix, installer, baseURL)}.
+            Most pages do not depend on the base URL (their links are
+            relative): those are kept once for every base URL.
         """
-        pages = self._projectPages.get(project)
-        if pages is None:
-            return None
-        hit = pages.get(cacheKey)
+        hit = self.cache.get(("project", project, *cacheKey[:-1], None))
         if hit is None:
-            return None
+            hit = self.cache.get(("project", project, *cacheKey))
+            if hit is None:
+                return None
         if self._mirrors is not None and not all(self._mirrors.isFresh(stage, project) for stage in hit[1]):
             return None
         return hit[0]
@@ -230,10 +397,10 @@ class SimplePages:
         # Keep it only if nothing changed while it was built; a page with
         # mirror content is used while the mirrors' data stays fresh.
         if self._storage.currentSerial() == serialBefore:
-            if self._cachedCount >= _MAX_CACHED:
-                self.invalidateAll()
-            self._projectPages.setdefault(project, {})[cacheKey] = (rendered, collected.mirrors)
-            self._cachedCount += 1
+            # Only absolute links (provenance) tie a page to the base URL.
+            usesBase = any(f.provenanceURL is not None and f.provenanceURL.startswith(baseURL) for f in files)
+            key = ("project", project, *cacheKey[:-1], baseURL if usesBase else None)
+            self.cache.put(key, ("project", project), (rendered, collected.mirrors), rendered.size)
         return rendered
 
     def _collect(self, view: IReadView, user: str, index: str, project: str, rootPrefix: str,
@@ -274,16 +441,29 @@ class SimplePages:
                     await self._mirrors.refresh(stage, project)
         self.invalidateProject(project)
 
-    async def indexPage(self, user: str, index: str, mediaType: str) -> "RenderedPage | IndexListing":
+    async def indexPage(self, user: str, index: str, mediaType: str) -> RenderedPage:
         """
-        The project list: rendered and cached when only private indexes
-        contribute; an L{IndexListing} to stream when mirrors do.
+        The project list: the cached rendering while the names are the same,
+        else rendered anew in a thread (concurrent requests share one).
         """
-        cacheKey = (user, index, mediaType)
-        page = self._indexPages.get(cacheKey)
-        if page is not None:
-            return page
-        serialBefore = self._storage.currentSerial()
+        key = (_LISTS, user, index, mediaType)
+        cached = self.cache.get(key)
+        if cached is not None and self._listFresh(cached):
+            return cached.page
+        generation = self._listGeneration
+        return await self._listBuilds.run((key, generation), lambda: self._buildList(key, generation))
+
+    def _listFresh(self, cached: _CachedList) -> bool:
+        """Whether every mirror's names in C{cached} are still current, without any I/O."""
+        if not cached.mirrors:
+            return True
+        if self._mirrors is None:
+            return False
+        return all(source[0] == "file" and self._mirrors.projectNamesFresh(stage)
+                   for stage, source in zip(cached.mirrors, cached.sources))
+
+    async def _buildList(self, key: tuple[Any, ...], generation: int) -> RenderedPage:
+        _, user, index, mediaType = key
 
         def _names(view: IReadView) -> tuple[list[str], list[Stage], int]:
             names: dict[str, str] = {}
@@ -293,34 +473,42 @@ class SimplePages:
                     mirrors.append(stage)
                     continue
                 prefix = keys.projectsPrefix(stage.user, stage.index)
-                for key, config in view.items(prefix):
-                    names.setdefault(key[len(prefix):], config.get("name") or key[len(prefix):])
+                for k, config in view.items(prefix):
+                    names.setdefault(k[len(prefix):], config.get("name") or k[len(prefix):])
             return sorted(names.values(), key=str.lower), mirrors, view.serial
 
         names, mirrors, serial = await self._storage.read(_names)
-        if mirrors and self._mirrors is not None:
-            sources: list[Any] = []
-            for stage in mirrors:
-                nameFile = await self._mirrors.projectNameFile(stage)
-                sources.append(nameFile if nameFile is not None else await self._mirrors.projectNames(stage))
-            return IndexListing(names, sources, serial)
-        if mediaType == JSON:
-            body = renderIndexJSON(names, serial)
-        else:
-            body = renderIndexHTML(names, f"{user}/{index}: simple list (including inherited indices)")
-        rendered = RenderedPage(body, _etag(body), mediaType.encode("ascii"), serial)
-        if self._storage.currentSerial() == serialBefore:
-            self._indexPages[cacheKey] = rendered
+        sources: list[Any] = []
+        versions: list[tuple[Any, ...]] = []
+        stages: list[Stage] = []
+        try:
+            if self._mirrors is not None:
+                for stage in mirrors:
+                    opened = await self._mirrors.projectNameList(stage)
+                    if opened is not None:
+                        ref, nameFile = opened
+                        sources.append(nameFile)
+                        versions.append(("file", ref))
+                    else:
+                        known = await self._mirrors.projectNames(stage)
+                        sources.append(known)
+                        versions.append(("known", tuple(known)))
+                    stages.append(stage)
+        except BaseException:
+            _closeSources(sources)
+            raise
+        cached = self.cache.get(key)
+        if cached is not None and cached.sources == tuple(versions) and cached.mirrors == tuple(stages):
+            # The same names: revalidated, not rendered again.
+            _closeSources(sources)
+            return cached.page
+        title = f"{user}/{index}: simple list (including inherited indices)"
+        rendered = await self._runner.runFile(renderProjectList, names, sources, mediaType, title, serial)
+        if self._listGeneration == generation:
+            self.cache.put(key, _LISTS, _CachedList(rendered, tuple(stages), tuple(versions)), rendered.size)
+        self.log.info("rendered the project list of {user}/{index} ({mediaType}): {size} bytes",
+                      user=user, index=index, mediaType=mediaType, size=len(rendered.body))
         return rendered
 
 
-@dataclass(frozen=True)
-class IndexListing:
-    """
-    A project list with mirror names to stream: the private names, then for
-    each mirror either an open file of names (one per line) or a list.
-    """
-
-    privateNames: list[str]
-    mirrorSources: list[Any]
-    lastSerial: int
+_LISTS = "lists"

@@ -109,6 +109,9 @@ class Options(usage.Options):
         ["login-window", None, 60.0, "Seconds a failed login counts for throttling.", float],
         ["trusted-proxies", None, None,
          "Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client."],
+        ["page-cache-size", None, 256 * 1024 ** 2,
+         "Most bytes of rendered simple pages and project lists kept in memory (least recently used "
+         "go first; a page larger than this is rendered for each request).", int],
         ["json-log", None, None, "Also log JSON lines to this file ('-': standard output)."],
         ["blob-collect-interval", None, 3600.0,
          "Seconds between passes that free the disk space of files nothing refers to any more "
@@ -186,6 +189,8 @@ class Options(usage.Options):
         for name in ("login-max-failures", "login-user-failures", "login-addr-failures"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
+        if self["page-cache-size"] < 0:
+            raise usage.UsageError("--page-cache-size must not be negative")
         self._checkReplication()
         for description in self["listen"]:
             if description.startswith("ssl:") and "sslmethod=" in description:
@@ -252,6 +257,7 @@ class Options(usage.Options):
             loginMaxUserFailures=self["login-user-failures"],
             loginMaxAddressFailures=self["login-addr-failures"],
             trustedProxies=tuple(p.strip() for p in (self["trusted-proxies"] or "").split(",") if p.strip()),
+            pageCacheSize=self["page-cache-size"],
             accessLog=not self["no-access-log"],
             jsonLog=self["json-log"],
             primaryURL=self["primary-url"],
@@ -572,7 +578,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     mirrors = CountingMirrors(realMirrors, metrics)
     nodeinfo = serverdir.nodeinfo()
     registry = makeRegistry(metrics)
-    pages = SimplePages(storage, mirrors)
+    pages = SimplePages(storage, mirrors, runner, config.pageCacheSize)
     if replica is not None:
         # Pages of mirror-backed indexes list the files not here yet only
         # while the primary can serve them: rendered pages are redone then.

@@ -3,7 +3,7 @@ A mirror's project list, without holding upstream's whole list in memory.
 
 Upstream's root page (hundreds of thousands of names for PyPI) is scanned as
 it arrives and written to the blob store as one name per line; the list page
-is then streamed from that file.  It is refreshed after the index's
+is rendered from that file, once per file (L{devpi_twisted.simple}).  It is refreshed after the index's
 C{mirror_cache_expiry}; when upstream fails the last list is used, and
 without any the locally cached project names stand in.
 """
@@ -127,23 +127,35 @@ class MirrorNames:
         self._fetchedAt: dict[str, float] = {}
         self._refreshes: Coalescer[dict[str, Any] | None] = Coalescer()
 
-    async def open(self, stage: Stage) -> BinaryIO | None:
-        """A file of the mirror's project names, one per line, or C{None}."""
-        if stage.config.get("mirror_no_project_list") or self._pages.offlineMode:
-            # Only the names with cached pages are listed (by the caller).
+    def _listed(self, stage: Stage) -> bool:
+        # Only the names with cached pages are listed (by the caller) otherwise.
+        return not (stage.config.get("mirror_no_project_list") or self._pages.offlineMode)
+
+    def isFresh(self, stage: Stage) -> bool:
+        """Whether the stored list may be used without asking upstream; no I/O."""
+        fetchedAt = self._fetchedAt.get(stage.name)
+        expiry = float(stage.config.get("mirror_cache_expiry", 1800))
+        return self._listed(stage) and fetchedAt is not None and self._clock.seconds() - fetchedAt < expiry
+
+    async def current(self, stage: Stage) -> dict[str, Any] | None:
+        """The stored record of the mirror's list, fetched anew first when due, or C{None}."""
+        if not self._listed(stage):
             return None
         key = namesKey(stage)
         stored = await self._storage.read(lambda view: view.get(key))
-        expiry = float(stage.config.get("mirror_cache_expiry", 1800))
-        fetchedAt = self._fetchedAt.get(stage.name)
-        fresh = stored is not None and fetchedAt is not None and self._clock.seconds() - fetchedAt < expiry
+        fresh = stored is not None and self.isFresh(stage)
         status = self._pages.state(stage).status
         if not fresh and status.mayAskUpstream():
             current = stored
             stored = await self._refreshes.run(stage.name, lambda: self._refresh(stage, current))
+        return stored
+
+    async def openCurrent(self, stage: Stage) -> tuple[str, BinaryIO] | None:
+        """The current list's content hash and an open file of its names, one per line; or C{None}."""
+        stored = await self.current(stage)
         if stored is None:
             return None
-        return await self._blobs.open(stored[BLOB_REF])
+        return stored[BLOB_REF], await self._blobs.open(stored[BLOB_REF])
 
     async def _refresh(self, stage: Stage, stored: dict[str, Any] | None) -> dict[str, Any] | None:
         status = self._pages.state(stage).status

@@ -138,8 +138,11 @@ class Mirrors(MultiService):
     async def projectNames(self, stage: Stage) -> list[str]:
         return await self.pages.knownNames(stage)
 
-    async def projectNameFile(self, stage: Stage) -> Any:
-        return await self.names.open(stage)
+    async def projectNameList(self, stage: Stage) -> Any:
+        return await self.names.openCurrent(stage)
+
+    def projectNamesFresh(self, stage: Stage) -> bool:
+        return self.names.isFresh(stage)
 
     async def projectStatus(self, stage: Stage, project: str) -> dict[str, Any] | None:
         cached = await self.pages.cached(stage, project)

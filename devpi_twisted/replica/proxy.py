@@ -330,8 +330,8 @@ class ReplicaProxyResource(Resource):
         for name, values in request.requestHeaders.getAllRawHeaders():
             if name.lower() not in _NOT_FORWARDED:
                 headers.setRawHeaders(name, values)
-        if not headers.hasHeader(b"x-outside-url"):
-            headers.setRawHeaders(b"X-Outside-Url", [outsideURL(request, self._outsideURL).encode("utf-8")])
+        # A client's own X-Outside-Url counts only from this replica's trusted proxies.
+        headers.setRawHeaders(b"X-Outside-Url", [outsideURL(request, self._outsideURL).encode("utf-8")])
         client = request.getClientAddress()
         forwarded = headers.getRawHeaders(b"x-forwarded-for", [])
         headers.setRawHeaders(b"X-Forwarded-For", [b", ".join(

@@ -63,12 +63,27 @@ def hasCredentials(request: IRequest) -> bool:
     return bool(request.getHeader(b"x-devpi-auth") or request.getHeader(b"authorization"))
 
 
+def fromTrustedProxy(request: IRequest) -> bool:
+    """
+    Whether the connection's peer is one of the site's C{--trusted-proxies}
+    (the peer itself, not whom C{X-Forwarded-For} names).
+    """
+    channel = getattr(request, "channel", None)
+    limits = getattr(getattr(channel, "site", None), "limits", None)
+    proxies = getattr(limits, "trustedProxies", None)
+    if not proxies or channel is None or channel.transport is None:
+        return False
+    return getattr(channel.transport.getPeer(), "host", None) in proxies
+
+
 def outsideURL(request: IRequest, configured: str | None) -> str:
     """
     The server's base URL as clients see it, without a trailing slash:
-    C{X-Outside-Url}, then C{--outside-url}, then the request's own host.
+    C{X-Outside-Url} when a trusted proxy sent it (anyone else could aim
+    the server's links, and vary its cached pages, at will), then
+    C{--outside-url}, then the request's own host.
     """
-    header = _baseURL(request.getHeader(b"x-outside-url"))
+    header = _baseURL(request.getHeader(b"x-outside-url")) if fromTrustedProxy(request) else None
     if header is not None:
         return header
     if configured:

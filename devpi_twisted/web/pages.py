@@ -12,8 +12,7 @@ from twisted.web.resource import Resource
 from ..errors import NotAcceptable, NotFound
 from ..model.names import isValidProjectName, normalizeProject
 from ..model.negotiation import chooseSimpleFormat
-from ..simple import IndexListing, RenderedPage, SimplePages
-from .listing import StreamedList
+from ..simple import RenderedPage, SimplePages
 from .context import outsideURL
 from .files import etagMatches
 from .responses import redirect, withLength
@@ -26,6 +25,29 @@ def isInstaller(request: IRequest) -> bool:
     """devpi's test: a User-Agent naming an installer gets simple pages directly."""
     agent = request.getHeader(b"user-agent")
     return bool(agent and _INSTALLER.match(agent))
+
+
+def acceptsGzip(request: IRequest) -> bool:
+    """Whether C{Accept-Encoding} allows gzip (named, or C{*}, with a q-value above 0)."""
+    header = request.getHeader(b"accept-encoding")
+    if not header:
+        return False
+    named: dict[bytes, bool] = {}
+    for item in header.split(b","):
+        coding, _, params = item.partition(b";")
+        coding = coding.strip().lower()
+        allowed = True
+        for param in params.split(b";"):
+            name, _, value = param.partition(b"=")
+            if name.strip().lower() == b"q":
+                try:
+                    allowed = float(value.strip()) > 0
+                except ValueError:
+                    allowed = False
+        named[coding] = allowed
+    if b"gzip" in named:
+        return named[b"gzip"]
+    return named.get(b"x-gzip", named.get(b"*", False))
 
 
 class CachedAnswersFirst(Resource):
@@ -100,24 +122,34 @@ class PageViews:
         return mediaType
 
     def _send(self, request: IRequest, page: RenderedPage) -> bytes:
-        request.setHeader(b"Vary", b"Accept, User-Agent")
-        request.setHeader(b"ETag", page.etag)
+        """
+        The page, or 304 when the client has it.  A page with a gzip copy
+        (a project list) goes compressed to clients that accept it, under
+        its own ETag; the other representation's ETag also answers 304.
+        """
+        body, etag = page.body, page.etag
+        if page.gzipped is not None:
+            request.setHeader(b"Vary", b"Accept, User-Agent, Accept-Encoding")
+            if acceptsGzip(request):
+                body, etag = page.gzipped, page.gzipETag
+                request.setHeader(b"Content-Encoding", b"gzip")
+        else:
+            request.setHeader(b"Vary", b"Accept, User-Agent")
+        request.setHeader(b"ETag", etag)
         request.setHeader(b"Cache-Control", PAGE_CACHE_CONTROL)
         request.setHeader(b"X-PyPI-Last-Serial", str(page.lastSerial).encode("ascii"))
-        if etagMatches(request, page.etag):
+        if etagMatches(request, page.etag) or (page.gzipped is not None and etagMatches(request, page.gzipETag)):
             request.setResponseCode(304)
+            request.responseHeaders.removeHeader(b"Content-Encoding")
             return b""
         request.setHeader(b"Content-Type", page.contentType)
-        return withLength(request, page.body)
+        return withLength(request, body)
 
     async def indexList(self, request: IRequest, user: str, index: str, slash: bool) -> Any:
         mediaType = self._mediaType(request)
         if not slash and not isInstaller(request) and "json" not in mediaType:
             return redirect(request, request.uri.decode("latin-1").split("?")[0] + "/", 301)
         page = await self._pages.indexPage(user, index, mediaType)
-        if isinstance(page, IndexListing):
-            title = f"{user}/{index}: simple list (including inherited indices)"
-            return StreamedList(page, mediaType, title)
         return self._send(request, page)
 
     async def project(self, request: IRequest, user: str, index: str, name: str, slash: bool) -> bytes:
