@@ -22,7 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from devpi_twisted.errors import InsufficientStorage
 from devpi_twisted.storage.sqlite import SqliteStorage
 from devpi_twisted.storage.threads import SynchronousRunner
-from devpi_twisted.web.context import outsideURL
+from devpi_twisted.web.context import _baseURL
 from devpi_twisted.web.headers import METHODS, isValidHost
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.responses import localLocation
@@ -32,7 +32,7 @@ from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 from .distbuilder import buildWheel
 from .helpers import APIHarness
 from .releaseharness import ServerHarness
-from .test_ops import Connection
+from .test_ops import PEER, Connection
 
 DISK_FULL = "the server's disk is full; nothing was stored"
 
@@ -103,7 +103,8 @@ class MalformedHeadTests(SynchronousTestCase):
             self.assertIn(b"GET", headers[b"allow"].split(b", "))
 
     def test_outsideURLUnparsable(self) -> None:
-        """C{X-Outside-Url: http://[::1} is ignored: the answer uses the request's own host."""
+        """C{X-Outside-Url: http://[::1}, even from a trusted proxy, is ignored: the answer uses the request's own host."""
+        self.site.limits = SiteLimits(trustedProxies=frozenset([PEER]))
         status, _, body = self.answer(
             b"GET /+api HTTP/1.1\r\nHost: devpi.test\r\nAccept: application/json\r\n"
             b"X-Outside-Url: http://[::1\r\n\r\n")
@@ -185,18 +186,11 @@ class HostAndLocationTests(SynchronousTestCase):
         self.assertEqual(localLocation("/root/dev/+simple/six/"), "/root/dev/+simple/six/")
 
     def test_outsideURLValues(self) -> None:
-        """Only an http(s) base URL with a valid host is taken from X-Outside-Url."""
-        def outside(value: bytes) -> str:
-            request = DummyRequest([b""])
-            request.requestHeaders.setRawHeaders(b"host", [b"devpi.test"])
-            request.requestHeaders.setRawHeaders(b"x-outside-url", [value])
-            request.isSecure = lambda: False  # type: ignore[method-assign]
-            return outsideURL(request, None)
-
-        self.assertEqual(outside(b"https://proxy.test/prefix/"), "https://proxy.test/prefix")
+        """Only an http(s) base URL with a valid host is taken from X-Outside-Url (whose sender is checked apart)."""
+        self.assertEqual(_baseURL(b"https://proxy.test/prefix/"), "https://proxy.test/prefix")
         for bad in (b"http://[::1", b"http://x:notaport/", b"ftp://x/", b"http://\xff/", b"http://user@evil/",
                     b"http://" + b"a" * 64 + b"/"):
-            self.assertEqual(outside(bad), "http://devpi.test", bad)
+            self.assertIsNone(_baseURL(bad), bad)
 
 
 class DiskFullTests(SynchronousTestCase):
