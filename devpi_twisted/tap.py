@@ -14,7 +14,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     ContentDecoderAgent,
     GzipDecoder,
     HTTPConnectionPool,
@@ -33,6 +32,7 @@ from .indexes import Indexes
 from .initstate import PYPI_URL, createReplicaDir, createServerDir
 from .mirror.service import Mirrors
 from .mirror.upstream import UpstreamClient, upstreamTLSPolicy
+from .push import pushClient
 from .model.acl import Policy
 from .serverdir import ServerDir, loadSecretFile
 from .storage.collector import BlobCollector
@@ -582,7 +582,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         releases=Releases(storage, reactor.seconds),
         pages=pages,
         mirrors=mirrors,
-        pushAgent=RedirectAgent(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS())),
+        pushAgent=pushClient(reactor),
         version=__version__,
         metrics=MetricsView(metrics, registry),
         changelog=feed,
