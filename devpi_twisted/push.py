@@ -240,15 +240,17 @@ class Pusher:
             for entry in ordered:
                 rel = entry.get("rel", "releasefile")
                 existing = existingFile(txn, config, tuser, tindex, project, entry["filename"], entry["sha256"])
+                overwrite = []
                 if existing is not None:
                     if existing["sha256"] == entry["sha256"]:
                         renamed[entry["relpath"]] = existing["relpath"]
                         actions.append([200, f"store_{rel}", f"{existing['relpath']} (already there)"])
                         continue
                     _removeFile(txn, tuser, tindex, existing)
+                    overwrite = [_overwriteEntry(existing, now)]
                 copy = dict(entry)
                 copy.pop("url", None)
-                copy["log"] = [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
+                copy["log"] = overwrite + [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
                 sha = entry["sha256"]
                 if rel == "toxresult":
                     release = renamed.get(entry.get("for_relpath", ""))
@@ -354,6 +356,13 @@ class Pusher:
         log.warn("external push to {url} answered {code}: {reply!r}", url=url, code=response.code,
                  reply=reply[:2000].decode("utf-8", "replace"))
         return response.code, _statusLine(response)
+
+
+def _overwriteEntry(replaced: dict[str, Any], now: float) -> dict[str, Any]:
+    """devpi's record of a replaced file: the how-many-th replacement under this name it is (an
+    upload's record without a count is one)."""
+    count = sum(e.get("count", 1) for e in replaced.get("log", []) if e.get("what") == "overwrite")
+    return logEntry("overwrite", None, now, count=count + 1)
 
 
 def _statusLine(response: IResponse) -> str:

@@ -33,8 +33,10 @@ from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
 from .distbuilder import buildWheel, uploadBody
 from .helpers import basicAuth
+from .releaseharness import ServerHarness, combine
 from .serverprocess import Foreground, freePort, tool, waitForAnswer
 
+JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 WHEEL = "demo_pkg-1.0-py3-none-any.whl"
 DATA = b"wheel bytes " * 100
 
@@ -256,11 +258,10 @@ class RealServerPushTests(_ReceiverCase):
         http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
         server = Foreground(self, workdir, "--listen", f"tcp:{port}:interface=127.0.0.1")
         await waitForAnswer(self, http, url + "/+api", server.alive, server.output)
-        jsonHeaders = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
 
         async def call(method: str, path: str, body: Any, auth: Any) -> tuple[int, Any]:
             response = await http.request(method, url + path, data=json.dumps(body).encode(),
-                                          headers={**jsonHeaders, **(auth or {})}, timeout=60)
+                                          headers={**JSON_HEADERS, **(auth or {})}, timeout=60)
             return response.code, json.loads(await response.content())
 
         alice = basicAuth("alice", "alicepw")
@@ -283,3 +284,38 @@ class RealServerPushTests(_ReceiverCase):
         code, answer = await call("PUSH", "/alice/dev", body("/ok"), alice)
         self.assertEqual((code, answer["result"][0][0]), (200, 200), answer)
         self.assertEqual(self.receiver.paths(), ["/redirect", "/ok"])
+
+
+class PushOverwriteLogTests(SynchronousTestCase):
+    """A push over other bytes on a volatile index says so in the file's log, as devpi does."""
+
+    def setUp(self) -> None:
+        self.server = ServerHarness(self, rootPypi=False)
+        self.server.createIndex("alice", "dev")
+        self.server.createIndex("alice", "prod")
+        self.server.mustUpload("alice/dev", buildWheel("demo-pkg", "1.0"))
+        self.server.mustUpload("alice/prod", buildWheel("demo-pkg", "1.0", summary="other bytes"))
+
+    def pushAndLog(self) -> list[dict[str, Any]]:
+        answer = self.server.request("PUSH", "/alice/dev", combine(JSON_HEADERS, self.server.alice),
+                                     json={"name": "demo-pkg", "version": "1.0", "targetindex": "alice/prod"})
+        self.assertEqual(answer.code, 200, answer.body)
+        links = self.server.request("GET", "/alice/prod/demo-pkg/1.0", JSON_HEADERS).json["result"]["+links"]
+        [link] = [link for link in links if link["rel"] == "releasefile"]
+        return link["log"]
+
+    def test_overwriteLogged(self) -> None:
+        """overwrite (with its count), the source's upload, then the push."""
+        log = self.pushAndLog()
+        self.assertEqual([e["what"] for e in log], ["overwrite", "upload", "push"])
+        self.assertEqual((log[0]["who"], log[0]["count"]), (None, 1))
+        self.assertEqual(len(log[0]["when"]), 6)
+        self.assertEqual((log[2]["who"], log[2]["src"], log[2]["dst"]), ("alice", "alice/dev", "alice/prod"))
+
+    def test_countGrows(self) -> None:
+        """A second push over other bytes counts two overwrites; the source's own overwrite is not copied."""
+        self.pushAndLog()
+        self.server.mustUpload("alice/dev", buildWheel("demo-pkg", "1.0", summary="third bytes"))
+        log = self.pushAndLog()
+        self.assertEqual([e["what"] for e in log], ["overwrite", "upload", "push"])
+        self.assertEqual(log[0]["count"], 2)
