@@ -93,9 +93,10 @@ def listenSyntaxError(description: str, error: Exception) -> str:
         return (f"--listen {description!r} is a port without an endpoint type: write "
                 f"tcp:{description}:interface=127.0.0.1 (this machine only) or tcp:{description} (every interface)")
     hostPort = _HOST_PORT.match(description)
-    if hostPort and not description.startswith(tuple(t + ":" for t in _TCP_LIKE + ("tls", "systemd", "unix"))):
-        host, port = hostPort.groups()
-        interface = host.replace(":", "\\:")
+    host = hostPort.group(1) if hostPort else ""
+    if host == "localhost" or "." in host or ":" in host:  # not a misspelt type like http:3142
+        port = hostPort.group(2)
+        interface = "127.0.0.1" if host == "localhost" else host.replace(":", "\\:")
         return (f"--listen {description!r} is an address, not an endpoint: write "
                 f"tcp:{port}:interface={interface}" + (" (a colon in the address escaped as \\:)" if ":" in host else ""))
     args, _ = _parts(description)
