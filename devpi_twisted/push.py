@@ -46,12 +46,12 @@ _KEYS = {"name", "version", "targetindex", "no_docs", "only_docs", "posturl", "u
          "register_project"}
 _RELS = ("releasefile", "doczip", "toxresult")
 
-#: What the client is told when an external push got no usable answer: the
-#: same words whatever went wrong (refused, timed out, unknown host, TLS), so
-#: the answer cannot be used to probe the network behind this server.
 CONNECT_TIMEOUT = 10.0
 TOTAL_TIMEOUT = 300.0  # one request, its file upload included
 MAX_REPLY = 64 * 1024
+#: What the client is told when an external push got no usable answer: the
+#: same words whatever went wrong (refused, timed out, unknown host, TLS), so
+#: the answer cannot be used to probe the network behind this server.
 PUSH_FAILED = "no answer from the upload URL (the details are in the server's log)"
 
 
@@ -104,7 +104,7 @@ class _Capped(Protocol):
             self.done.callback(b"".join(self._chunks))
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
