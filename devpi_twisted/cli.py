@@ -98,7 +98,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is required")
+            raise usage.UsageError("a command is required: " + ", ".join(c[0] for c in self.subCommands))
 
 
 def _init(options: InitOptions, out: TextIO) -> None:
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        err.write(f"{options}\ndevpi-twisted: {e}\n")
+        # One line, not the whole --help above it.
+        command = f" {options.subCommand}" if options.subCommand else ""
+        err.write(f"devpi-twisted: {e} (see 'devpi-twisted{command} --help')\n")
         return 2
     try:
         if options.subCommand == "init":

@@ -10,8 +10,14 @@ Arguments are those of C{tcp:}: C{PORT[:interface=ADDRESS][:backlog=N]}; an
 interface with a colon (escaped as C{\\:}) listens on IPv6.  Linux and the
 BSDs have C{SO_REUSEPORT}; elsewhere C{listen} fails saying so.  With systemd,
 socket activation (C{systemd:domain=INET:index=0}) shares one socket instead.
+
+Also here: what C{twistd devpi} says, in one line, about a C{--listen} it
+cannot use (L{listenSyntaxError}, L{bindProblem}), before it touches the
+server directory.
 """
 
+import errno
+import re
 import socket
 from typing import Any
 
@@ -61,3 +67,110 @@ class ReusePortParser:
 
 
 reusePortParser = ReusePortParser()
+
+
+ENDPOINT_SYNTAX = (
+    "an endpoint is TYPE:ARGUMENTS, e.g. tcp:3141:interface=127.0.0.1 (this machine only), tcp:3141 "
+    "(every interface), ssl:443:privateKey=key.pem:certKey=cert.pem, tls:/etc/devpi-twisted/tls:port=443 "
+    "or systemd:domain=INET:index=0"
+)
+_TCP_LIKE = ("tcp", "tcp6", "ssl", "reuseport")
+_HOST_PORT = re.compile(r"^\[?([0-9A-Za-z.:%-]*?)\]?:(\d{1,5})$")
+
+
+def _parts(description: str) -> tuple[list[str], dict[str, str]]:
+    from .tlsdir import parseDescription
+
+    return parseDescription(description)
+
+
+def listenSyntaxError(description: str, error: Exception) -> str:
+    """
+    One line on a C{--listen} that Twisted could not parse: what is wrong,
+    the endpoint syntax, and the endpoint the user most likely meant.
+    """
+    if description.isdigit():
+        return (f"--listen {description!r} is a port without an endpoint type: write "
+                f"tcp:{description}:interface=127.0.0.1 (this machine only) or tcp:{description} (every interface)")
+    hostPort = _HOST_PORT.match(description)
+    host = hostPort.group(1) if hostPort else ""
+    if host == "localhost" or "." in host or ":" in host:  # not a misspelt type like http:3142
+        port = hostPort.group(2)
+        interface = "127.0.0.1" if host == "localhost" else host.replace(":", "\\:")
+        return (f"--listen {description!r} is an address, not an endpoint: write "
+                f"tcp:{port}:interface={interface}" + (" (a colon in the address escaped as \\:)" if ":" in host else ""))
+    args, _ = _parts(description)
+    kind = args[0] if args else ""
+    unknown = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    if unknown and kind in _TCP_LIKE:
+        return (f"--listen {description!r}: {kind}: has no parameter {unknown.group(1)!r}; it takes "
+                f"PORT[:interface=ADDRESS][:backlog=N]"
+                + (":privateKey=KEY.pem:certKey=CERT.pem" if kind == "ssl" else "")
+                + f", e.g. {kind}:3141:interface=127.0.0.1" + (":privateKey=key.pem:certKey=cert.pem" if kind == "ssl" else ""))
+    if isinstance(error, OSError) and error.filename:
+        reason = f"{error.strerror}: {error.filename}"
+    elif "Unknown endpoint type" in str(error):
+        reason = f"unknown endpoint type {kind!r}"
+    elif "invalid literal for int()" in str(error):
+        reason = "the port (and backlog) must be numbers"
+    else:
+        reason = str(error) or error.__class__.__name__
+    return f"--listen {description!r}: {reason}; {ENDPOINT_SYNTAX}"
+
+
+def listenAddress(description: str) -> tuple[str, int] | None:
+    """
+    The interface and TCP port a C{--listen} binds, or C{None} for the types
+    that bind none themselves (C{systemd:}, C{unix:}).
+    """
+    args, kwargs = _parts(description)
+    kind = args[0] if args else ""
+    if kind in _TCP_LIKE:
+        port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+        interface = kwargs.get("interface", "")
+    elif kind == "tls":
+        port, interface = kwargs.get("port", "443"), kwargs.get("interface", "::")
+    else:
+        return None
+    return interface, int(port)
+
+
+def _withPort(description: str, port: int, new: int) -> str:
+    """C{description} listening on C{new} instead: the user's endpoint, for an example."""
+    return re.sub(rf"(?<=[:=]){port}(?=:|$)", str(new), description, count=1)
+
+
+def bindProblem(description: str) -> str | None:
+    """
+    Why C{--listen description} could not listen now (port in use, a
+    privileged port, an address this machine does not have), in one line
+    that says how to choose another; C{None} when it can.
+
+    A throwaway socket is bound with the options Twisted's (or our
+    C{reuseport:}) listening socket uses, so only a real conflict counts.
+    """
+    address = listenAddress(description)
+    if address is None or address[1] == 0:
+        return None
+    interface, port = address
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if description.startswith("reuseport:") and hasattr(socket, "SO_REUSEPORT"):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"cannot listen on {where}: the port is in use (another server?); choose another "
+                        f"port, e.g. --listen {_withPort(description, port, port + 1 if port < 65535 else 3141)}")
+            if e.errno == errno.EACCES:
+                return (f"cannot listen on {where}: ports below 1024 need privileges; choose a higher "
+                        f"port, e.g. --listen {_withPort(description, port, 8000 + port)}")
+            if e.errno == errno.EADDRNOTAVAIL:
+                return (f"cannot listen on {where}: {host} is not an address of this machine; e.g. "
+                        f"--listen tcp:{port}:interface=127.0.0.1")
+            return f"cannot listen on {where}: {e.strerror}"
+    return None

@@ -18,6 +18,7 @@ from typing import TextIO
 from twisted.python import usage
 
 from .config import DEFAULT_LISTEN
+from .options import Options as TypedOptions
 
 SERVICE = "devpi-twisted.service"
 SOCKET = "devpi-twisted.socket"
@@ -109,6 +110,16 @@ def _underHome(*paths: str) -> bool:
     return any(p == d or p.startswith(d + "/") for p in paths for d in ("/home", "/root", "/run/user"))
 
 
+def underTmp(settings: UnitSettings) -> list[str]:
+    """
+    The server directory and venv that are under C{/tmp} or C{/var/tmp}:
+    with C{PrivateTmp=yes} the service would see an empty private one
+    instead (no twistd to start, the data kept where nobody looks).
+    """
+    paths = (settings.serverdir.rstrip("/") or "/", settings.venv)
+    return [p for p in paths if any(p == d or p.startswith(d + "/") for d in ("/tmp", "/var/tmp"))]
+
+
 def serviceUnit(settings: UnitSettings) -> str:
     _check(settings)
     serverdir = settings.serverdir.rstrip("/") or "/"
@@ -165,7 +176,8 @@ def serviceUnit(settings: UnitSettings) -> str:
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         f"ProtectHome={'read-only' if _underHome(serverdir, settings.venv) else 'yes'}",
-        "PrivateTmp=yes",
+        *(["# PrivateTmp=no: " + " and ".join(underTmp(settings)) + " would be hidden by a private /tmp",
+           "PrivateTmp=no"] if underTmp(settings) else ["PrivateTmp=yes"]),
         "PrivateDevices=yes",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
@@ -224,7 +236,7 @@ def socketUnit(settings: UnitSettings) -> str | None:
     return "\n".join(unit)
 
 
-class GenConfigOptions(usage.Options):
+class GenConfigOptions(TypedOptions):
     synopsis = ("[--serverdir DIR] [--listen ENDPOINT]... [--socket ADDRESS]... [--user USER] "
                 "[--venv PATH] [--json-log] [--out DIR] [-- SERVER-OPTION...]")
     longdesc = (
@@ -291,6 +303,9 @@ def genConfig(options: GenConfigOptions, out: TextIO) -> list[str]:
     out.write(f"devpi-twisted: wrote {', '.join(written)}\n")
     if not os.access(twistd, os.X_OK):
         out.write(f"devpi-twisted: warning: {twistd} does not exist (yet); install devpi-twisted into {settings.venv}\n")
+    for path in underTmp(settings):
+        out.write(f"devpi-twisted: warning: {path} is under a temporary directory, which the system may empty "
+                  "(at boot or when it is old); the unit has PrivateTmp=no so the service can see it\n")
     socket = bool(settings.sockets)
     out.write(
         "Install them (as root):\n"

@@ -9,7 +9,10 @@ upload rights, 409 for other bytes under a name on a non-volatile index (the
 same bytes are fine, unlike devpi), and volatile replacement.
 
 An external push uploads the files to another index's legacy upload URL
-(e.g. PyPI) with the credentials given, streaming each file from disk.
+(e.g. PyPI) with the credentials given, streaming each file from disk.  A
+client aims that request, so only an authenticated user may cause it, and it
+goes through L{PushClient}: bounded in time and reply size, no redirects, and
+errors that tell the client nothing about the network behind this server.
 """
 
 import base64
@@ -18,10 +21,15 @@ import time
 import uuid
 from typing import Any, BinaryIO, Callable
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from .errors import BadRequest, NotFound, Unauthorized
 from .interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
@@ -37,6 +45,14 @@ log = Logger()
 _KEYS = {"name", "version", "targetindex", "no_docs", "only_docs", "posturl", "username", "password",
          "register_project"}
 _RELS = ("releasefile", "doczip", "toxresult")
+
+CONNECT_TIMEOUT = 10.0
+TOTAL_TIMEOUT = 300.0  # one request, its file upload included
+MAX_REPLY = 64 * 1024
+#: What the client is told when an external push got no usable answer: the
+#: same words whatever went wrong (refused, timed out, unknown host, TLS), so
+#: the answer cannot be used to probe the network behind this server.
+PUSH_FAILED = "no answer from the upload URL (the details are in the server's log)"
 
 
 def _selected(entry: dict[str, Any], noDocs: bool, onlyDocs: bool) -> bool:
@@ -68,13 +84,75 @@ class _Chain:
             part.close()
 
 
+class _Capped(Protocol):
+    """Collects at most C{limit} bytes of a reply body, then drops the connection."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        # cancelled (the deadline passed): drop the connection
+        self.done: Deferred[bytes] = Deferred(lambda _: self.transport.stopProducing())
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        room = self._limit - self._size
+        self._chunks.append(data[:room])
+        self._size += min(len(data), room)
+        if self._size >= self._limit:
+            self.done.callback(b"".join(self._chunks))
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+class PushClient:
+    """
+    The outbound requests of external pushes: the agent given follows no
+    redirects and has a connect timeout; here each request gets a total
+    deadline and at most C{maxReply} bytes of its reply are read.
+    """
+
+    def __init__(self, agent: IAgent, reactor: IReactorTime, timeout: float = TOTAL_TIMEOUT,
+                 maxReply: int = MAX_REPLY) -> None:
+        self._agent = agent
+        self._reactor = reactor
+        self._timeout = timeout
+        self._maxReply = maxReply
+
+    def post(self, url: bytes, headers: Headers, body: IBodyProducer) -> "Deferred[tuple[IResponse, bytes]]":
+        """@return: the response and the start of its body; fails on any error or after the deadline."""
+        d = Deferred.fromCoroutine(self._post(url, headers, body))
+        d.addTimeout(self._timeout, self._reactor)
+        return d
+
+    async def _post(self, url: bytes, headers: Headers, body: IBodyProducer) -> tuple[IResponse, bytes]:
+        response = await self._agent.request(b"POST", url, headers, body)
+        reader = _Capped(self._maxReply)
+        response.deliverBody(reader)
+        return response, await reader.done
+
+
+def pushClient(reactor: Any, timeout: float = TOTAL_TIMEOUT, maxReply: int = MAX_REPLY) -> PushClient:
+    """The client of external pushes: certificates checked, C{CONNECT_TIMEOUT}, and no redirect followed."""
+    agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(), connectTimeout=CONNECT_TIMEOUT)
+    return PushClient(agent, reactor, timeout, maxReply)
+
+
 class Pusher:
-    def __init__(self, storage: IStorage, blobs: IBlobStore, mirrors: Any, agent: IAgent | None,
+    def __init__(self, storage: IStorage, blobs: IBlobStore, mirrors: Any, client: PushClient | None,
                  clock: Callable[[], float] = time.time) -> None:
         self._storage = storage
         self._blobs = blobs
         self._mirrors = mirrors
-        self._agent = agent
+        self._client = client
         self._clock = clock
 
     async def push(self, requester: str | None, user: str, index: str, body: Any) -> tuple[int, list[Any]]:
@@ -90,6 +168,10 @@ class Pusher:
         noDocs, onlyDocs = bool(body.get("no_docs")), bool(body.get("only_docs"))
         if noDocs and onlyDocs:
             raise BadRequest("'no_docs' and 'only_docs' cannot both be set")
+        if "targetindex" not in body and requester is None:
+            # Every index here is readable by anyone; an outside request is
+            # caused only by someone this server knows.
+            raise Unauthorized("pushing to an external URL needs an authenticated user")
         project = normalizeProject(name)
         source = await self._storage.read(lambda view: Stage(user, index, indexConfig(view, user, index)))
         metadata, entries = await self._release(source, project, version)
@@ -158,15 +240,17 @@ class Pusher:
             for entry in ordered:
                 rel = entry.get("rel", "releasefile")
                 existing = existingFile(txn, config, tuser, tindex, project, entry["filename"], entry["sha256"])
+                overwrite = []
                 if existing is not None:
                     if existing["sha256"] == entry["sha256"]:
                         renamed[entry["relpath"]] = existing["relpath"]
                         actions.append([200, f"store_{rel}", f"{existing['relpath']} (already there)"])
                         continue
                     _removeFile(txn, tuser, tindex, existing)
+                    overwrite = [_overwriteEntry(existing, now)]
                 copy = dict(entry)
                 copy.pop("url", None)
-                copy["log"] = [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
+                copy["log"] = overwrite + [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
                 sha = entry["sha256"]
                 if rel == "toxresult":
                     release = renamed.get(entry.get("for_relpath", ""))
@@ -201,7 +285,7 @@ class Pusher:
         posturl, username, password = body.get("posturl"), body.get("username"), body.get("password")
         if not isinstance(posturl, str) or not posturl.startswith(("http://", "https://")):
             raise BadRequest("push needs 'targetindex' or an http(s) 'posturl'")
-        if self._agent is None:
+        if self._client is None:
             raise BadRequest("pushing to external indexes is not enabled")
         auth = b"Basic " + base64.b64encode(f"{username or ''}:{password or ''}".encode("utf-8"))
         actions: list[Any] = []
@@ -259,10 +343,30 @@ class Pusher:
             b"Content-Type": [f"multipart/form-data; boundary={boundary}".encode()],
             b"User-Agent": [b"devpi-twisted push"],
         })
+        assert self._client is not None
         try:
-            response = await self._agent.request(b"POST", url.encode("utf-8"), headers, producer)
-            text = (await readBody(response))[:2000].decode("utf-8", "replace")
+            response, reply = await self._client.post(url.encode("utf-8"), headers, producer)
         except Exception as e:
             chain.close()
-            return -1, f"exception on {url}: {e}"
-        return response.code, text
+            log.warn("external push to {url} failed: {error}", url=url, error=repr(e))
+            return -1, PUSH_FAILED
+        chain.close()
+        if response.code in (200, 201):
+            return response.code, ""
+        log.warn("external push to {url} answered {code}: {reply!r}", url=url, code=response.code,
+                 reply=reply[:2000].decode("utf-8", "replace"))
+        return response.code, _statusLine(response)
+
+
+def _overwriteEntry(replaced: dict[str, Any], now: float) -> dict[str, Any]:
+    """devpi's record of a replaced file: the how-many-th replacement under this name it is (an
+    upload's record without a count is one)."""
+    count = sum(e.get("count", 1) for e in replaced.get("log", []) if e.get("what") == "overwrite")
+    return logEntry("overwrite", None, now, count=count + 1)
+
+
+def _statusLine(response: IResponse) -> str:
+    """What the client learns of a refusal: its status line, in printable ASCII (PyPI puts its reason there)."""
+    phrase = response.phrase.decode("ascii", "replace") if isinstance(response.phrase, bytes) else ""
+    phrase = "".join(c if c.isprintable() else "?" for c in phrase)[:200]
+    return f"HTTP {response.code} {phrase}".rstrip()

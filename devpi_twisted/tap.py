@@ -14,7 +14,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     ContentDecoderAgent,
     GzipDecoder,
     HTTPConnectionPool,
@@ -28,11 +27,14 @@ from treq.client import HTTPClient
 from . import __version__
 from .auth import Authenticator
 from .config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
+from .endpoints import bindProblem, listenSyntaxError
 from .errors import ServerDirError, StorageError
 from .indexes import Indexes
 from .initstate import PYPI_URL, createReplicaDir, createServerDir
 from .mirror.service import Mirrors
 from .mirror.upstream import UpstreamClient, upstreamTLSPolicy
+from .options import Options as TypedOptions
+from .push import pushClient
 from .model.acl import Policy
 from .serverdir import ServerDir, loadSecretFile
 from .storage.collector import BlobCollector
@@ -63,7 +65,7 @@ from .web.server import DevpiRequest, DevpiSite, SiteLimits
 ENV_PREFIX = "DEVPI_TWISTED_"
 
 
-class Options(usage.Options):
+class Options(TypedOptions):
     """Options of C{twistd devpi}; each also reads C{DEVPI_TWISTED_<OPTION>}."""
 
     synopsis = "[options]"
@@ -145,8 +147,15 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def parseOptions(self, options: Any = None) -> None:
-        self._applyEnvironment(os.environ)
-        super().parseOptions(options)
+        try:
+            self._applyEnvironment(os.environ)
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Under twistd, which would print the whole --help above the error.
+            sys.stderr.write(f"devpi-twisted: {e} (see 'twistd devpi --help')\n")
+            raise SystemExit(1)
 
     def _applyEnvironment(self, environ: Any) -> None:
         for long, _, _, _, *coerce in self.optParameters:
@@ -506,8 +515,14 @@ def makeReplica(config: ServerConfig, serverdir: ServerDir, storageService: Stor
     return replica, agent
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """Build the whole server from its options."""
+def makeService(options: Options, reactor: Any = None, checkListen: bool | None = None) -> MultiService:
+    """
+    Build the whole server from its options.  C{checkListen}: first try
+    binding each C{--listen} address (default: when run by twistd, not with
+    a reactor given by a test).
+    """
+    if checkListen is None:
+        checkListen = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     config = options.toConfig()
@@ -522,7 +537,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 listener.endpoint = tlsDirectoryEndpoint(reactor, description)
             listeners.append(listener)
         except Exception as e:
-            sys.stderr.write(f"devpi-twisted: --listen {description!r}: {e.__class__.__name__}: {e}\n")
+            sys.stderr.write(f"devpi-twisted: {listenSyntaxError(description, e)}\n")
+            raise SystemExit(1)
+    # Before the directory is initialised: a first start that cannot listen
+    # must not spend the one showing of root's generated password.
+    for description in config.listen if checkListen else ():
+        problem = bindProblem(description)
+        if problem is not None:
+            sys.stderr.write(f"devpi-twisted: {problem}\n")
             raise SystemExit(1)
     try:
         serverdir = openServerDir(config, noRootPypi=bool(options["no-root-pypi"]))
@@ -598,7 +620,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         releases=Releases(storage, reactor.seconds),
         pages=pages,
         mirrors=mirrors,
-        pushAgent=RedirectAgent(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS())),
+        pushAgent=pushClient(reactor),
         version=__version__,
         metrics=MetricsView(metrics, registry),
         changelog=feed,
