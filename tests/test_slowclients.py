@@ -25,8 +25,10 @@ from devpi_twisted.web.routes import Routes
 from devpi_twisted.web.server import LINGER, DevpiRequest, DevpiSite, SiteLimits
 from devpi_twisted.web.upload import UploadGate
 
+from .distbuilder import buildWheel, moduleName, writeDist
 from .helpers import APIHarness, basicAuth
-from .serverprocess import ROOT_PASSWORD, Foreground, freePort, waitForAnswer
+from .serverprocess import ROOT_PASSWORD, Foreground, freePort, tool, waitForAnswer
+from .test_clients import _ClientCase
 from .test_ops import Connection, Pages
 
 LIMITS = SiteLimits(idleTimeout=None, headerTimeout=30, bodyTimeout=10, minBodyRate=100)
@@ -409,3 +411,32 @@ class SlowClientServerTests(TestCase):
         self.assertIn("bob", json.loads(forbidden.partition(b"\r\n\r\n")[2])["message"])
         self.assertLess(max(tookA, tookB), 5)
         self.assertEqual(os.listdir(os.path.join(self.workdir, "server", "+spool")), [])
+
+
+class LargeUploadClientTests(_ClientCase):
+    """Uploads large enough for the body gate, with the real clients."""
+
+    def bigWheel(self, version: str = "1.0") -> Any:
+        return buildWheel(version=version,
+                          extraFiles={f"{moduleName('demo-pkg')}/blob.bin": os.urandom(400 * 1024)})
+
+    async def test_twineAndUvThroughTheGate(self) -> None:
+        """An upload its head shows permitted goes on as before (twine, then uv publish of another file)."""
+        wheel = self.bigWheel()
+        self.assertSucceeded(await self.twineUpload("alice/dev", wheel))
+        other = self.bigWheel("2.0")
+        self.assertSucceeded(await self.uvPublish("alice/dev", other))
+        self.assertEqual(await self.simpleFiles("alice/dev", "demo-pkg"),
+                         {wheel.filename: wheel.sha256, other.filename: other.sha256})
+
+    async def test_twineWrongPasswordSeesTheAnswer(self) -> None:
+        """A refused large upload is answered at once, and twine shows the 401, not a reset connection."""
+        wheel = self.bigWheel()
+        path = writeDist(wheel, self.distDir("dist-wrong"))
+        result = await self.runClient(
+            tool("twine"), "upload", "--repository-url", f"{self.server.url}/alice/dev/",
+            "-u", "alice", "-p", "wrong", "--non-interactive", "--disable-progress-bar", path,
+        )
+        self.assertNotEqual(result.returncode, 0, result.output)
+        self.assertIn("401", result.output)
+        self.assertIsNone(await self.simpleFiles("alice/dev", "demo-pkg"))
