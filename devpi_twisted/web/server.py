@@ -237,7 +237,7 @@ class DevpiChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self._discarding:
-            self._discard(data)
+            self._discard(len(data))
             return
         if self._headStarted is None and self.headerTimeout and self.line_mode:
             self._headStarted = self.site.reactor.seconds()
@@ -306,19 +306,19 @@ class DevpiChannel(HTTPChannel):
         self._discardLeft = self.length
         self._lingerCall = self.callLater(LINGER, self._closeSoon)
         self._networkProducer.resumeProducing()
-        self._discard(b"\0" * buffered)
+        self._discard(buffered)
 
-    def _discard(self, data: bytes) -> None:
+    def _discard(self, count: int) -> None:
         if self._discardLeft is None:
             return
-        self._discardLeft -= len(data)
+        self._discardLeft -= count
         if self._discardLeft <= 0:
             self._discardLeft = None
             self._closeSoon()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._discarding:
-            self._discard(data)
+            self._discard(len(data))
             return
         if self._gateBuffer is not None:
             self._gateBuffer.append(data)
