@@ -17,8 +17,10 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from devpi_twisted import tap
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.routes import Routes
@@ -284,6 +286,28 @@ class UploadGateTests(SiteMixin, SynchronousTestCase):
         self.assertEqual(connection.transport.value(), b"")
         connection.send(b"x" * 1000)
         self.assertEqual(connection.responses()[0][0], 401)
+
+
+class BodyOptionsTests(SynchronousTestCase):
+    """--body-timeout and --min-body-rate reach the site's limits."""
+
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> tap.Options:
+        self.patch(os, "environ", dict(environ or {}))
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaultsAndSet(self) -> None:
+        config = self.parse().toConfig()
+        self.assertEqual((config.bodyTimeout, config.minBodyRate), (60.0, 8192))
+        config = self.parse("--body-timeout", "5", environ={"DEVPI_TWISTED_MIN_BODY_RATE": "100"}).toConfig()
+        self.assertEqual((config.bodyTimeout, config.minBodyRate), (5.0, 100))
+
+    def test_positive(self) -> None:
+        for argv in (["--body-timeout", "0"], ["--min-body-rate", "-1"]):
+            with self.assertRaises(usage.UsageError) as raised:
+                self.parse(*argv)
+            self.assertIn(argv[0], str(raised.exception))
 
 
 # ---------------------------------------------------------------- the real server
