@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ops -*-
+# -*- test-case-name: tests.test_ops,tests.test_slowclients -*-
 """
 The HTTP server around the routes: limits, security headers, request
 accounting and a graceful drain.
@@ -68,6 +68,7 @@ DOC_CSP = (
     b"frame-ancestors 'self'; sandbox allow-scripts allow-popups allow-popups-to-escape-sandbox"
 )
 HSTS = b"max-age=31536000"
+NOSNIFF = b"nosniff"
 # Seconds the rest of a refused upload body is read and dropped, so that the
 # client sees the answer instead of a reset connection.
 LINGER = 5.0
@@ -79,7 +80,6 @@ Asked when a request head has arrived, with the body's length (C{None}:
 chunked): C{None} to take the body, or a Deferred that fires to take it or
 fails with a L{DevpiError} to answer that instead.
 """
-NOSNIFF = b"nosniff"
 
 
 @dataclass(frozen=True)
