@@ -40,6 +40,8 @@ class ServerConfig:
     shutdownGrace: float = 30.0
     idleTimeout: float = 60.0
     headerTimeout: float = 30.0
+    bodyTimeout: float = 60.0
+    minBodyRate: int = 8192
     maxHeaderSize: int = 16384
     maxConnections: int = 500
     maxUpstreamFetches: int = 32

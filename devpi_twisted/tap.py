@@ -55,6 +55,7 @@ from .web.metrics import (
 )
 from .web.changelog import ChangelogFeed, FeedStopper
 from .web.routes import Routes, makeWebResource
+from .web.upload import UploadGate
 from .replica.client import PrimaryClient
 from .replica.metrics import ReplicationCollector
 from .replica.proxy import ReplicaProxyResource
@@ -97,6 +98,11 @@ class Options(TypedOptions):
          "Seconds requests in flight may take to finish after SIGTERM before they are cut off.", float],
         ["idle-timeout", None, 60.0, "Seconds a connection may stay silent between requests.", float],
         ["header-timeout", None, 30.0, "Seconds a client may take to send a request's line and headers.", float],
+        ["body-timeout", None, 60.0,
+         "Seconds a request body gets; it gets more while it keeps coming at --min-body-rate, "
+         "else 408.", float],
+        ["min-body-rate", None, 8192,
+         "Bytes a second a request body must keep coming at, over each --body-timeout.", int],
         ["max-header-size", None, 16384, "Largest request line plus headers, in bytes.", int],
         ["max-connections", None, 500, "Most client connections open at once; more are answered 503.", int],
         ["max-upstream-fetches", None, 32, "Most requests to upstream indexes running at once.", int],
@@ -187,10 +193,10 @@ class Options(TypedOptions):
             raise usage.UsageError("--request-timeout must be positive")
         if self["upstream-ca"] is not None and not os.path.isfile(self["upstream-ca"]):
             raise usage.UsageError(f"--upstream-ca: no such file {self['upstream-ca']!r}")
-        for name in ("shutdown-grace", "idle-timeout", "header-timeout", "login-window"):
+        for name in ("shutdown-grace", "idle-timeout", "header-timeout", "body-timeout", "login-window"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-        for name in ("max-header-size", "max-connections", "max-upstream-fetches"):
+        for name in ("max-header-size", "max-connections", "max-upstream-fetches", "min-body-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if self["blob-collect-interval"] < 0:
@@ -258,6 +264,8 @@ class Options(TypedOptions):
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],
             headerTimeout=self["header-timeout"],
+            bodyTimeout=self["body-timeout"],
+            minBodyRate=self["min-body-rate"],
             maxHeaderSize=self["max-header-size"],
             maxConnections=self["max-connections"],
             maxUpstreamFetches=self["max-upstream-fetches"],
@@ -609,6 +617,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         registry.register(ReplicationCollector(replica))  # type: ignore[arg-type]
     if collector is not None:
         registry.register(BlobCollectorMetrics(collector))  # type: ignore[arg-type]
+    releases = Releases(storage, reactor.seconds)
+    # A replica forwards uploads to its primary, which decides.
+    bodyGate = UploadGate(auth, releases, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
         config=config,
         nodeinfo=nodeinfo,
@@ -617,7 +628,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         auth=auth,
         users=Users(storage, auth, config.policy),
         indexes=Indexes(storage, config.policy, config.mirrorCacheExpiry),
-        releases=Releases(storage, reactor.seconds),
+        releases=releases,
         pages=pages,
         mirrors=mirrors,
         pushAgent=pushClient(reactor),
@@ -640,11 +651,12 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     limits = SiteLimits(
         idleTimeout=config.idleTimeout, headerTimeout=config.headerTimeout, maxHeaderSize=config.maxHeaderSize,
         maxConnections=config.maxConnections, trustedProxies=frozenset(config.trustedProxies),
+        bodyTimeout=config.bodyTimeout, minBodyRate=config.minBodyRate,
     )
     observers: list[Any] = [metrics]
     if config.accessLog:
         observers.append(AccessLog())
-    site = DevpiSite(resource, reactor, limits, requestClass, observers)  # type: ignore[arg-type]
+    site = DevpiSite(resource, reactor, limits, requestClass, observers, bodyGate)  # type: ignore[arg-type]
     metrics.site = site
     web = WebService(DrainService(site, config.shutdownGrace))
     for listener in listeners:

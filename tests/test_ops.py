@@ -230,9 +230,16 @@ class SiteLimitTests(SiteTestMixin, SynchronousTestCase):
         self.assertTrue(connection.transport.value().startswith(b"HTTP/1.1 400 "))
 
     def test_maxConnections(self) -> None:
-        """Past the connection limit a new connection is answered 503 and closed; a freed slot is reused."""
+        """
+        Past the connection limit, while every connection is being answered,
+        a new connection is answered 503 and closed; a freed slot is reused.
+        (A connection waiting for its client would give up its slot instead:
+        tests.test_slowclients.)
+        """
         self.makeSite(SiteLimits(maxConnections=2))
         first, second = self.connect(), self.connect()
+        first.get(b"/slow")
+        second.get(b"/slow")
         third = self.connect()
         self.assertTrue(third.transport.value().startswith(b"HTTP/1.1 503 "))
         self.assertIn(b"Retry-After: 5", third.transport.value())

@@ -8,16 +8,26 @@ limit, and closes the connection without reading the rest.  Large bodies
 are spooled in C{spoolDirectory} (in the server directory) instead of the
 system's temporary directory, which is often a RAM-backed tmpfs: a
 multi-gigabyte upload must cost disk, not memory.
+
+L{LimitedRequest.refuse} is the one way a request is answered before its
+body is read (413 here, and the channel's 408 for a body that comes too
+slowly, 503 for a connection given up for a newer one, 401/403 for an upload
+its head already shows to be refused): it writes a complete answer with a
+JSON message straight to the transport, since the request never reaches a
+resource.
 """
 
-import json
 import tempfile
 from typing import Any
 
 from twisted.web.server import Request
 
-# twisted.web keeps bodies below this many bytes in memory
-_IN_MEMORY = 100000
+from .responses import rawAnswer
+
+# twisted.web keeps bodies below this many bytes in memory; larger ones
+# (and chunked ones, whose size is unknown) are spooled to disk.
+SPOOL_THRESHOLD = 100000
+_IN_MEMORY = SPOOL_THRESHOLD
 
 
 class LimitedRequest(Request):
@@ -28,6 +38,7 @@ class LimitedRequest(Request):
     spoolDirectory: str | None = None
 
     _refused = False
+    _refusedCode = 413
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
@@ -57,17 +68,23 @@ class LimitedRequest(Request):
         super().requestReceived(command, path, version)
 
     def _refuse(self) -> None:
+        self.refuse(413, f"request body larger than the limit of {self.maxBodySize} bytes (--max-upload-size)")
+
+    def refuse(self, status: int, message: str, headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+               reason: bytes | None = None, close: bool = True) -> None:
+        """
+        Answer C{status} now, before (the rest of) the body, and unless
+        C{close} is false close the connection; what the client still sends
+        is not read into the body.
+        """
         if self._refused:
             return
         self._refused = True
-        message = f"request body larger than the limit of {self.maxBodySize} bytes (--max-upload-size)"
-        body = (json.dumps({"message": message}, indent=2) + "\n").encode("utf-8")
-        head = [b"HTTP/1.1 413 " + message.encode("ascii"), b"Content-Type: application/json",
-                b"Content-Length: %d" % len(body), b"Connection: close"]
-        head += [name + b": " + value for name, value in self.extraHeaders]
+        self._refusedCode = status
         transport: Any = self.channel.transport
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.channel.loseConnection()
+        transport.write(rawAnswer(status, message, list(headers) + self.extraHeaders, reason))
+        if close:
+            self.channel.loseConnection()
 
 
 def limitedRequestFactory(maxBodySize: int, extraHeaders: list[tuple[bytes, bytes]],

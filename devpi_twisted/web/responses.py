@@ -7,7 +7,7 @@ devpi-client checks C{Content-Type} for the exact string C{application/json}
 
 import json
 import re
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.web.iweb import IRequest
 
@@ -56,15 +56,21 @@ def localLocation(location: str) -> str:
     return "/" + location.lstrip("/\\")
 
 
-def rawAnswer(status: int, reason: bytes, message: str, extraHeaders: tuple[bytes, ...] = ()) -> bytes:
+def rawAnswer(status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = (),
+              reason: bytes | None = None) -> bytes:
     """
     A whole HTTP/1.1 answer with a JSON message that closes the connection,
-    for the channel to write when there is no request object to answer with
-    (a malformed or oversized request head).
+    for the channel to write when no resource will answer: a malformed or
+    oversized head, a body refused or too slow, a connection given up.  The
+    message is also the reason phrase (unless C{reason} is given), since
+    some clients (twine) show only that.
     """
     body = (json.dumps({"message": message}, indent=2) + "\n").encode("utf-8")
-    head = [b"HTTP/1.1 %d %s" % (status, reason), b"Connection: close", b"Content-Type: " + JSON,
-            b"X-Content-Type-Options: nosniff", b"Content-Length: %d" % len(body), *extraHeaders]
+    if reason is None:
+        reason = " ".join(message.split()).encode("ascii", "replace")[:200]
+    head = [b"HTTP/1.1 %d " % status + reason, b"Connection: close", b"Content-Type: " + JSON,
+            b"X-Content-Type-Options: nosniff", b"Content-Length: %d" % len(body)]
+    head += [name + b": " + value for name, value in headers]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 

@@ -1,13 +1,33 @@
-# -*- test-case-name: tests.test_ops -*-
+# -*- test-case-name: tests.test_ops,tests.test_slowclients -*-
 """
 The HTTP server around the routes: limits, security headers, request
 accounting and a graceful drain.
 
 L{DevpiSite} is a L{twisted.web.server.Site} that
-  - refuses connections beyond C{maxConnections} with a 503;
   - bounds the request head (C{maxHeaderSize}, C{maxHeaders}) and the time a
     client may take to send it (C{headerTimeout}, L{DevpiChannel}); the idle
     timeout of keep-alive connections is Twisted's own C{timeOut};
+  - bounds how slowly a body may come (C{bodyTimeout}, C{minBodyRate}): each
+    C{bodyTimeout} seconds of a body must bring at least C{minBodyRate}
+    bytes a second, else the client gets 408 and the connection closes.  A
+    small body must so arrive within C{bodyTimeout}; a multi-gigabyte upload
+    on any working link goes on as long as it keeps coming; a body dripped a
+    byte at a time holds its connection for C{bodyTimeout} at most;
+  - keeps C{maxConnections} slots, and when they are all taken gives a new
+    connection the slot of the connection that has waited longest for its
+    client: idle between requests, or still sending a request head or body
+    (the slow client, answered 503 and closed).  Connections whose request
+    is being answered, and uploads whose credentials and permission were
+    checked from their head (the body gate, below), are never given up; only
+    when every slot is such a connection is the new one answered 503.  So
+    clients that have not authenticated can take every free slot, but never
+    keep a new client out: a normal request, sent at once, is answered while
+    any number of slow clients hold connections;
+  - asks a body gate (L{devpi_twisted.web.upload.UploadGate}), once a
+    request's head has arrived, whether its body may come in: a large upload
+    from a client that may not upload is answered 401/403 at once, with the
+    transport paused while the credentials are checked, so nothing of the
+    body is spooled;
   - keeps track of open connections and requests, so a shutdown can stop
     accepting, let the requests in flight finish within a grace period
     (L{DevpiSite.drain}), and only then stop the storage;
@@ -21,7 +41,7 @@ Content-Security-Policy to HTML answers and, on TLS connections, HSTS.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol as TypingProtocol
+from typing import Any, Callable, Iterable, Protocol as TypingProtocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -33,6 +53,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ..errors import DevpiError, TooManyRequests, Unauthorized
 from .headers import headProblem
 from .limits import LimitedRequest
 from .responses import jsonBody, rawAnswer
@@ -50,6 +71,17 @@ DOC_CSP = (
 )
 HSTS = b"max-age=31536000"
 NOSNIFF = b"nosniff"
+# Seconds the rest of a refused upload body is read and dropped, so that the
+# client sees the answer instead of a reset connection.
+LINGER = 5.0
+EVICTED = "the server is full: this connection waited longest for its client; try again"
+
+BodyGate = Callable[["DevpiRequest", int | None], "Deferred[None] | None"]
+"""
+Asked when a request head has arrived, with the body's length (C{None}:
+chunked): C{None} to take the body, or a Deferred that fires to take it or
+fails with a L{DevpiError} to answer that instead.
+"""
 
 
 @dataclass(frozen=True)
@@ -63,8 +95,12 @@ class SiteLimits:
         last header line; a client that drips its head is cut off with 408.
     @ivar maxHeaderSize: bytes of request line plus headers; more is a 400.
     @ivar maxHeaders: number of header lines; more is a 400.
-    @ivar maxConnections: open connections at once; more are answered 503
-        and closed.
+    @ivar maxConnections: open connections at once; past it a new connection
+        takes the slot of the one that waited longest for its client, or is
+        answered 503 and closed when none is waiting.
+    @ivar bodyTimeout: seconds a request body gets; see C{minBodyRate}.
+    @ivar minBodyRate: bytes a second a body must keep coming at, measured
+        over each C{bodyTimeout} seconds, to get another C{bodyTimeout}.
     @ivar trustedProxies: addresses of reverse proxies whose
         C{X-Forwarded-For} names the real client.
     """
@@ -74,6 +110,8 @@ class SiteLimits:
     maxHeaderSize: int = 16384
     maxHeaders: int = 100
     maxConnections: int = 500
+    bodyTimeout: float | None = 60.0
+    minBodyRate: int = 8192
     trustedProxies: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -181,7 +219,7 @@ class DevpiRequest(LimitedRequest):
         self._completed = True
         self.aborted = aborted
         if self._refused:
-            self.code = 413
+            self.code = self._refusedCode
         if self._site is not None:
             self.duration = max(0.0, self._site.reactor.seconds() - self.startedAt)
             self._site._requestDone(self)
@@ -189,7 +227,8 @@ class DevpiRequest(LimitedRequest):
 
 class DevpiChannel(HTTPChannel):
     """
-    An HTTP/1.1 channel with a deadline for the request head.
+    An HTTP/1.1 channel with deadlines for the request head and body, a
+    body gate, and a slot its site may give to a newer connection.
 
     Twisted's idle timeout is reset by every byte, so a client that sends its
     headers one byte at a time could hold a connection forever; this channel
@@ -200,11 +239,23 @@ class DevpiChannel(HTTPChannel):
     """
 
     headerTimeout: float | None = None
+    bodyTimeout: float | None = None
+    minBodyRate = 0
     site: "DevpiSite"
     _headerCall: IDelayedCall | None = None
     _headStarted: float | None = None
+    _bodyCall: IDelayedCall | None = None
+    _bodyBytes = 0
+    _gateBuffer: list[bytes] | None = None
+    _discardLeft: int | None = None
+    _discarding = False
+    _lingerCall: IDelayedCall | None = None
+    _gone = False
 
     def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            self._discard(len(data))
+            return
         if self._headStarted is None and self.headerTimeout and self.line_mode:
             self._headStarted = self.site.reactor.seconds()
             if self._headerCall is None:
@@ -221,7 +272,132 @@ class DevpiChannel(HTTPChannel):
         if uri is not None:
             request.uri = uri
             request.path = uri.split(b"?", 1)[0]
+        gate = self.site.bodyGate
+        check = gate(request, self.length) if gate is not None and self.length != 0 else None
+        if check is None:
+            self._takeBody()
+            return
+        # Decide before reading any of the body: what already arrived waits
+        # in _gateBuffer, the rest in the client's socket.
+        self._gateBuffer = []
+        self._networkProducer.pauseProducing()
+        check.addCallbacks(lambda _: self._gatePassed(), self._gateRefused)
+
+    def _takeBody(self) -> None:
+        """Let the body in (Twisted's C{gotLength}, 100-continue) and start its deadline."""
         super().allHeadersReceived()
+        if self.bodyTimeout and self.length != 0 and not self._gone:
+            self._bodyBytes = 0
+            self._bodyCall = self.callLater(self.bodyTimeout, self._checkBody)
+
+    def _gatePassed(self) -> None:
+        if self._gone or self._gateBuffer is None:
+            return
+        buffered, self._gateBuffer = b"".join(self._gateBuffer), None
+        self.site._notWaiting(self)  # an upload its head shows allowed is not given up for others
+        self._takeBody()
+        self._networkProducer.resumeProducing()
+        if buffered:
+            self.rawDataReceived(buffered)
+
+    def _gateRefused(self, failure: Failure) -> None:
+        if self._gone or self._gateBuffer is None:
+            return
+        if not failure.check(DevpiError):
+            log.failure("checking an upload before its body failed; the body is taken",
+                        failure=failure)
+            self._gatePassed()
+            return
+        error: Any = failure.value
+        headers: list[tuple[bytes, bytes]] = []
+        if isinstance(error, Unauthorized) and getattr(error, "challenge", False):
+            headers.append((b"WWW-Authenticate", b'Basic realm="pypi"'))
+        if isinstance(error, TooManyRequests):
+            headers.append((b"Retry-After", str(error.retryAfter).encode("ascii")))
+        buffered, self._gateBuffer = sum(map(len, self._gateBuffer)), None
+        self.requests[-1].refuse(error.status, error.message, headers, close=False)
+        # Read and drop what the client still sends of the body (for LINGER
+        # seconds at most), so it reads the answer rather than a reset.
+        self.persistent = False
+        self._discarding = True
+        self._discardLeft = self.length
+        self._lingerCall = self.callLater(LINGER, self._closeSoon)
+        self._networkProducer.resumeProducing()
+        self._discard(buffered)
+
+    def _discard(self, count: int) -> None:
+        if self._discardLeft is None:
+            return
+        self._discardLeft -= count
+        if self._discardLeft <= 0:
+            self._discardLeft = None
+            self._closeSoon()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            self._discard(len(data))
+            return
+        if self._gateBuffer is not None:
+            self._gateBuffer.append(data)
+            return
+        if self._bodyCall is not None:
+            self._bodyBytes += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stopBodyCall()
+        self.site._notWaiting(self)
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        if self.persistent:
+            # Waiting for the client again (any pipelined request is parsed next).
+            self.site._waitingOn(self)
+        super().requestDone(request)
+
+    def _checkBody(self) -> None:
+        self._bodyCall = None
+        if self._gone or not self.requests or self.requests[-1]._refused:
+            return
+        assert self.bodyTimeout is not None
+        if self._bodyBytes >= self.minBodyRate * self.bodyTimeout:
+            self._bodyBytes = 0
+            self._bodyCall = self.callLater(self.bodyTimeout, self._checkBody)
+            return
+        log.info(
+            "closing the connection from {peer}: request body slower than {rate} bytes/s over {timeout}s",
+            peer=str(self.transport.getPeer()), rate=self.minBodyRate, timeout=self.bodyTimeout,
+        )
+        self.requests[-1].refuse(
+            408, f"request body not received in time: it must come at {self.minBodyRate} bytes a second "
+                 f"or more, measured over {self.bodyTimeout:g}s (--body-timeout, --min-body-rate)",
+            close=False,
+        )
+        self._closeSoon()
+
+    def _stopBodyCall(self) -> None:
+        if self._bodyCall is not None and self._bodyCall.active():
+            self._bodyCall.cancel()
+        self._bodyCall = None
+
+    def evict(self) -> None:
+        """Give up this connection for a newer one: a request in progress gets 503."""
+        self._stopBodyCall()
+        retry = [(b"Retry-After", b"5")]
+        if self._gateBuffer is not None or (self.requests and not self.line_mode and not self._handlingRequest):
+            self._gateBuffer = None
+            self.requests[-1].refuse(503, EVICTED, retry, close=False)
+        elif self.requests or self._headStarted is not None:
+            self.transport.write(rawAnswer(503, EVICTED, retry))
+        self._closeSoon()
+
+    def _closeSoon(self) -> None:
+        """Close once the answer is sent; cut off a client that does not read it."""
+        if self._gone or self.transport.disconnecting:
+            return
+        self._discarding = True
+        self.loseConnection()
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     def _checkHead(self) -> None:
         self._headerCall = None
@@ -235,7 +411,8 @@ class DevpiChannel(HTTPChannel):
             "closing the connection from {peer}: no complete request head within {timeout}s",
             peer=str(self.transport.getPeer()), timeout=self.headerTimeout,
         )
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.transport.write(rawAnswer(408, f"no complete request head within {self.headerTimeout} seconds "
+                                            f"(--header-timeout)", reason=b"Request Timeout"))
         self.timeoutConnection()
 
     # A malformed head: Twisted's answer is a bare 400 (and for a line over
@@ -260,7 +437,7 @@ class DevpiChannel(HTTPChannel):
         self._badHead(message)
 
     def _badHead(self, message: str) -> None:
-        self.transport.write(rawAnswer(400, b"Bad Request", message))
+        self.transport.write(rawAnswer(400, message, reason=b"Bad Request"))
         self.loseConnection()
 
     _secure: bool | None = None
@@ -272,6 +449,10 @@ class DevpiChannel(HTTPChannel):
         return self._secure
 
     def connectionLost(self, reason: Failure) -> None:
+        self._gone = True
+        self._stopBodyCall()
+        if self._lingerCall is not None and self._lingerCall.active():
+            self._lingerCall.cancel()
         if self._headerCall is not None and self._headerCall.active():
             self._headerCall.cancel()
         self._headerCall = None
@@ -290,12 +471,8 @@ class _Refused(Protocol):
         self._abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        body = b'{"message": "' + self._message.encode("ascii") + b'"}\n'
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\n"
-            b"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
+        self.transport.write(rawAnswer(503, self._message, [(b"Retry-After", b"5")],
+                                       reason=b"Service Unavailable"))
         self.transport.loseConnection()
         self._abort = self._site.reactor.callLater(10, self.transport.abortConnection)
 
@@ -313,6 +490,8 @@ class DevpiSite(Site):
     @param limits: what a client may take.
     @param requestFactory: a L{DevpiRequest} subclass (e.g. with its body limit).
     @param observers: told of each request when it ends.
+    @param bodyGate: asked whether a request's body may come in, once its
+        head has arrived (see L{BodyGate}).
     """
 
     protocol = DevpiChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
@@ -320,14 +499,20 @@ class DevpiSite(Site):
 
     def __init__(self, resource: Resource, reactor: Any, limits: SiteLimits = SiteLimits(),
                  requestFactory: type[DevpiRequest] = DevpiRequest,
-                 observers: Iterable[RequestObserver] = ()) -> None:
+                 observers: Iterable[RequestObserver] = (), bodyGate: BodyGate | None = None) -> None:
         super().__init__(resource, requestFactory=requestFactory, reactor=reactor,
                          timeout=limits.idleTimeout, parsePOSTFormSubmission=False)
         self.limits = limits
         self.observers = list(observers)
         self.channels: set[DevpiChannel] = set()
         self.active: set[DevpiRequest] = set()
+        self.bodyGate = bodyGate
         self.refusedConnections = 0
+        self.evictedConnections = 0
+        # Channels waiting for their client (idle, or sending a head or
+        # body), longest waiting first: the ones given up when all are taken.
+        self._waiting: dict[DevpiChannel, None] = {}
+        self._lastEvictionLog = -1e9
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._lastRefusalLog = -1e9
@@ -344,6 +529,8 @@ class DevpiSite(Site):
         pass
 
     def buildProtocol(self, addr: Any) -> Any:
+        if not self.draining and len(self.channels) >= self.limits.maxConnections and self._waiting:
+            self._evict(next(iter(self._waiting)))
         if self.draining or len(self.channels) >= self.limits.maxConnections:
             self.refusedConnections += 1
             now = self.reactor.seconds()
@@ -362,8 +549,27 @@ class DevpiSite(Site):
         channel.totalHeadersSize = self.limits.maxHeaderSize
         channel.maxHeaders = self.limits.maxHeaders
         channel.headerTimeout = self.limits.headerTimeout
+        channel.bodyTimeout = self.limits.bodyTimeout
+        channel.minBodyRate = self.limits.minBodyRate
         self.channels.add(channel)
+        self._waitingOn(channel)
         return channel
+
+    def _evict(self, channel: DevpiChannel) -> None:
+        """Free the slot of C{channel} at once; it closes as soon as its answer is out."""
+        self._waiting.pop(channel, None)
+        self.channels.discard(channel)
+        self.evictedConnections += 1
+        now = self.reactor.seconds()
+        if now - self._lastEvictionLog >= 10:
+            self._lastEvictionLog = now
+            log.warn(
+                "all {limit} connections taken (--max-connections): closing the ones that waited longest "
+                "for their client to make room ({evicted} so far)",
+                limit=self.limits.maxConnections, evicted=self.evictedConnections,
+            )
+        if channel.transport is not None:
+            channel.evict()
 
     # bookkeeping, called by requests and channels
 
@@ -378,7 +584,16 @@ class DevpiSite(Site):
             except Exception:
                 log.failure("request observer {observer} failed", observer=observer)
 
+    def _waitingOn(self, channel: DevpiChannel) -> None:
+        self._waiting.pop(channel, None)
+        if channel in self.channels:
+            self._waiting[channel] = None
+
+    def _notWaiting(self, channel: DevpiChannel) -> None:
+        self._waiting.pop(channel, None)
+
     def _channelClosed(self, channel: DevpiChannel) -> None:
+        self._waiting.pop(channel, None)
         self.channels.discard(channel)
         if self.draining and not self.channels:
             self._fireDrained()

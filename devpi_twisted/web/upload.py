@@ -7,11 +7,20 @@ parsed incrementally and the file part streamed into the blob store, so
 memory stays flat for any size.  Every check runs before the blob is
 committed; a refused upload stores nothing.  Errors carry their message in
 the reason phrase too, because twine shows only that.
+
+L{UploadGate} runs earlier, when the head of a large upload has arrived:
+it checks the credentials and the index's upload permission from the
+headers, so an upload that would be refused is answered 401/403 before its
+body is read, and no anonymous client can fill the spool directory.
 """
 
 import json
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -28,6 +37,7 @@ from ..model.names import checkVersion, normalizeProject
 from ..releases import Documentation, Releases, UploadedFile
 from ..storage import newHashes
 from .context import hasCredentials, requesterOf
+from .limits import SPOOL_THRESHOLD
 from .responses import withLength
 
 READ_SIZE = 1024 * 1024
@@ -50,6 +60,49 @@ def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
         for h in hashers.values():
             h.update(chunk)
     return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+"""The content types that make a POST to an index an upload (the others are a push)."""
+
+
+class UploadGate:
+    """
+    Decides from the head of a large upload (what the site's body gate asks)
+    whether its body may come in: C{POST /user/index/} with a form body of
+    at least C{minSize} bytes, or chunked.  The requester found here is kept
+    on the request (L{requesterOf}), so the view does not check the password
+    again; the view still checks the permission, which may change meanwhile.
+
+    @param urlMap: the routes' map, to find the index route as the routes do.
+    """
+
+    def __init__(self, auth: Authenticator, releases: Releases, urlMap: Map,
+                 endpoint: str = "index", minSize: int = SPOOL_THRESHOLD) -> None:
+        self._auth = auth
+        self._releases = releases
+        self._adapter = urlMap.bind("localhost", "/")
+        self._endpoint = endpoint
+        self._minSize = minSize
+
+    def __call__(self, request: IRequest, length: int | None) -> "Deferred[None] | None":
+        if request.method != b"POST" or (length is not None and length < self._minSize):
+            return None
+        contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if contentType not in FORM_TYPES:
+            return None
+        try:
+            endpoint, values = self._adapter.match(
+                unquote((request.path or b"").decode("utf-8", "replace")), method="POST")
+        except HTTPException:
+            return None
+        if endpoint != self._endpoint or any(str(v).startswith("+") for v in values.values()):
+            return None
+        return ensureDeferred(self._check(request, values["user"], values["index"]))
+
+    async def _check(self, request: IRequest, user: str, index: str) -> None:
+        requester = await requesterOf(request, self._auth)
+        await self._releases.checkCanUpload(requester, user, index)
 
 
 class _ContentSink:
