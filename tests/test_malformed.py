@@ -238,3 +238,32 @@ class DiskFullTests(SynchronousTestCase):
         serial, _ = self.successResultOf(storage.write(lambda txn: txn.set("big", "x" * 1_000_000)))
         self.assertEqual(serial, 1)
         self.successResultOf(storage.close())
+
+
+class SpoolDiskFullTests(SynchronousTestCase):
+    """A body that cannot be spooled because the disk is full is 507, before any view runs."""
+
+    def test_spoolWriteENOSPC(self) -> None:
+        import devpi_twisted.web.limits as limits
+
+        class FullFile:
+            def write(self, data: bytes) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def close(self) -> None:
+                pass
+
+        self.patch(limits.tempfile, "TemporaryFile", lambda dir=None: FullFile())
+        errors = _LoggedErrors(self)
+        harness = APIHarness(self)
+        request = limitedRequestFactory(10 ** 9, [], base=DevpiRequest, spoolDirectory=self.mktemp())
+        site = DevpiSite(harness.resource, Clock(), SiteLimits(), request, [])
+        connection = Connection(site)
+        self.addCleanup(connection.close)
+        connection.send(b"POST /+login HTTP/1.1\r\nHost: devpi.test\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 200000\r\n\r\n" + b"x" * 1000)
+        [(status, headers, body)] = connection.responses()
+        self.assertEqual(status, 507)
+        self.assertEqual(json.loads(body)["message"], DISK_FULL)
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertEqual(errors.events, [])

@@ -20,9 +20,13 @@ resource.
 import tempfile
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.server import Request
 
+from ..errors import diskFullError
 from .responses import rawAnswer
+
+log = Logger()
 
 # twisted.web keeps bodies below this many bytes in memory; larger ones
 # (and chunked ones, whose size is unknown) are spooled to disk.
@@ -47,7 +51,10 @@ class LimitedRequest(Request):
             return
         if self.spoolDirectory is not None and (length is None or length >= _IN_MEMORY):
             # Unnamed (or unlinked at once): a crash leaves nothing behind.
-            self.content = tempfile.TemporaryFile(dir=self.spoolDirectory)
+            try:
+                self.content = tempfile.TemporaryFile(dir=self.spoolDirectory)
+            except OSError as e:
+                self._spoolFailed(e)
             return
         super().gotLength(length)
 
@@ -58,7 +65,21 @@ class LimitedRequest(Request):
         if self.maxBodySize is not None and self._received > self.maxBodySize:
             self._refuse()
             return
-        super().handleContentChunk(data)
+        try:
+            super().handleContentChunk(data)
+        except OSError as e:
+            self._spoolFailed(e)
+
+    def _spoolFailed(self, error: OSError) -> None:
+        """The body cannot be spooled (a full disk, most often): say so, keep nothing."""
+        full = diskFullError(error)
+        if full is None:
+            log.error("cannot spool a request body in {directory}: {error}",
+                      directory=self.spoolDirectory, error=str(error))
+            self.refuse(500, "the server could not store the request body; nothing was stored")
+            return
+        log.warn("cannot spool a request body in {directory}: the disk is full", directory=self.spoolDirectory)
+        self.refuse(full.status, full.message)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # A refused body can still end (a chunked one does): the 413 is the
