@@ -22,7 +22,7 @@ setup(
         "argon2-cffi>=23.1",
         "prometheus-client>=0.20",
     ],
-    entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.cli:main"]},
+    entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.admin.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from twisted.python.filepath import FilePath
 
-from .model.acl import Policy
+from devpi_twisted.model.acl import Policy
 
 DEFAULT_LISTEN = "tcp:3141:interface=127.0.0.1"
 DEFAULT_SERVERDIR = os.path.join("~", ".devpi-twisted", "server")

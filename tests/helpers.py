@@ -1,7 +1,7 @@
 """
 Helpers for driving the real web resource in memory.
 
-L{APIHarness} wires the production pieces as L{devpi_twisted.tap.makeService}
+L{APIHarness} wires the production pieces as L{devpi_twisted.app.tap.makeService}
 does (L{Authenticator}, L{Users}, L{Indexes}, L{makeWebResource}) over a
 L{MemoryStorage}, with everything that would be slow or real made synchronous
 and fake: password checks run inline (C{maybeDeferred}) with a cheap argon2
@@ -26,14 +26,14 @@ from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted.auth import Authenticator, PasswordHashing
+from devpi_twisted.services.auth import Authenticator, PasswordHashing
 from devpi_twisted.config import ServerConfig
-from devpi_twisted.indexes import Indexes
-from devpi_twisted.initstate import PYPI_URL, rootPypiConfig
+from devpi_twisted.services.indexes import Indexes
+from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.users import Users
+from devpi_twisted.services.users import Users
 from devpi_twisted.web.routes import makeWebResource
 
 BASE = "http://devpi.test"
@@ -170,12 +170,12 @@ class APIHarness:
         return arguments
 
     def _releases(self) -> Any:
-        from devpi_twisted.releases import Releases
+        from devpi_twisted.services.releases import Releases
 
         return Releases(self.storage, self.clock.seconds)
 
     def _pages(self) -> Any:
-        from devpi_twisted.simple import SimplePages
+        from devpi_twisted.services.simple import SimplePages
 
         return SimplePages(self.storage)
 

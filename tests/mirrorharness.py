@@ -2,7 +2,7 @@
 The whole server in memory with C{root/pypi} mirroring a L{FakePyPI}.
 
 L{MirrorHarness} extends L{ServerHarness} with the mirror parts wired as
-L{devpi_twisted.tap.makeMirrors} and C{makeService} wire them: an
+L{devpi_twisted.app.tap.makeMirrors} and C{makeService} wire them: an
 L{UpstreamClient} whose agent (a L{RequestTraversalAgent} over the fake's
 resource, behind a L{RedirectAgent}, pages decoded by a
 L{ContentDecoderAgent}) never opens a socket, L{Mirrors}, and
@@ -32,10 +32,10 @@ from twisted.web.server import NOT_DONE_YET
 
 from devpi_twisted.mirror.service import Mirrors
 from devpi_twisted.mirror.upstream import UpstreamClient
-from devpi_twisted.simple import SimplePages
+from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.testing.fakepypi import FakePyPI
-from devpi_twisted.users import Users
-from devpi_twisted.indexes import Indexes
+from devpi_twisted.services.users import Users
+from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.web.routes import makeWebResource
 
 from .releaseharness import (

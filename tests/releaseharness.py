@@ -2,7 +2,7 @@
 The whole server in memory, for tests of uploads, files and simple pages.
 
 L{ServerHarness} wires the production objects the way
-L{devpi_twisted.tap.makeService} does (L{Authenticator}, L{Users},
+L{devpi_twisted.app.tap.makeService} does (L{Authenticator}, L{Users},
 L{Indexes}, L{Releases}, L{SimplePages}, L{makeWebResource}) over a
 L{MemoryStorage} and a L{MemoryBlobStore}.  Password checks run inline with
 a cheap argon2 hasher, time is a L{Clock}, and requests go through
@@ -31,16 +31,16 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from devpi_twisted.auth import Authenticator, PasswordHashing
+from devpi_twisted.services.auth import Authenticator, PasswordHashing
 from devpi_twisted.config import ServerConfig
-from devpi_twisted.indexes import Indexes
-from devpi_twisted.initstate import PYPI_URL, rootPypiConfig
+from devpi_twisted.services.indexes import Indexes
+from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
-from devpi_twisted.releases import Releases
-from devpi_twisted.simple import SimplePages
+from devpi_twisted.services.releases import Releases
+from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.users import Users
+from devpi_twisted.services.users import Users
 from devpi_twisted.web.routes import makeWebResource
 
 from .distbuilder import Dist, UploadBody, uploadBody

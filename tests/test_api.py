@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted.auth import TOKEN_LIFETIME
+from devpi_twisted.services.auth import TOKEN_LIFETIME
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from devpi_twisted.releases import Documentation
+from devpi_twisted.services.releases import Documentation
 from devpi_twisted.storage.doczip import CHUNK, DocMemberError, DocZipReader
 from devpi_twisted.testing import MemoryBlobStore
 

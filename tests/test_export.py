@@ -29,15 +29,15 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from devpi_twisted import cli
-from devpi_twisted.auth import PasswordHashing
+from devpi_twisted.admin import cli
+from devpi_twisted.services.auth import PasswordHashing
 from devpi_twisted.errors import Gone, ServerDirError
-from devpi_twisted.exporter import EXTRA, ExportError, exportServerDir, syncResult
-from devpi_twisted.importer import ImportFailed, importServerDir
-from devpi_twisted.initstate import createServerDir
+from devpi_twisted.admin.exporter import EXTRA, ExportError, exportServerDir, syncResult
+from devpi_twisted.admin.importer import ImportFailed, importServerDir
+from devpi_twisted.admin.initstate import createServerDir
 from devpi_twisted.model import keys
-from devpi_twisted.releases import _removeFile, lookupFile
-from devpi_twisted.serverdir import ServerDir
+from devpi_twisted.services.releases import _removeFile, lookupFile
+from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage.plugin import findBackend
 from devpi_twisted.storage.threads import SynchronousRunner
 

@@ -293,7 +293,7 @@ class UpstreamTLSTests(TestCase):
 
         from devpi_twisted.config import ServerConfig
         from devpi_twisted.model.inheritance import Stage
-        from devpi_twisted.tap import makeMirrors
+        from devpi_twisted.app.tap import makeMirrors
         from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
         config = ServerConfig(serverdir=FilePath(self.dir), listen=(), upstreamCA=caFile, requestTimeout=10)

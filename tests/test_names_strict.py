@@ -17,11 +17,11 @@ from typing import Any
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted.exporter import recordProblem, syncResult
+from devpi_twisted.admin.exporter import recordProblem, syncResult
 from devpi_twisted.model import keys
 from devpi_twisted.model.names import isValidProjectName, normalizeVersion, versionProblem
 from devpi_twisted.model.upstreampage import parseProjectList
-from devpi_twisted.releases import newEntry
+from devpi_twisted.services.releases import newEntry
 from devpi_twisted.storage import BlobInfo
 
 from .distbuilder import Dist, buildSdist, buildWheel, uploadBody

@@ -35,18 +35,22 @@ from twisted.web.server import NOT_DONE_YET
 from OpenSSL.SSL import Connection as TLSConnection
 from zope.interface import directlyProvides
 
-from devpi_twisted import cli, genconfig, tap
-from devpi_twisted.auth import Authenticator
-from devpi_twisted.logs import JSONLinesObserver, JSONLogService, jsonRecord
+from devpi_twisted.admin import cli
+
+from devpi_twisted.admin import genconfig
+
+from devpi_twisted.app import tap
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.app.logs import JSONLinesObserver, JSONLogService, jsonRecord
 from devpi_twisted.model.acl import Policy
-from devpi_twisted.redact import scrubRequestURI, scrubText, scrubURL
-from devpi_twisted.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
-from devpi_twisted.throttle import LoginThrottle
-from devpi_twisted.tlsdir import CertificateDirectory, NoCertificates, parseDescription, tlsDirectoryEndpoint
-from devpi_twisted.upstreamagent import LimitedAgent
-from devpi_twisted.users import Users
+from devpi_twisted.model.redact import scrubRequestURI, scrubText, scrubURL
+from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
+from devpi_twisted.services.throttle import LoginThrottle
+from devpi_twisted.app.tlsdir import CertificateDirectory, NoCertificates, parseDescription, tlsDirectoryEndpoint
+from devpi_twisted.mirror.agent import LimitedAgent
+from devpi_twisted.services.users import Users
 from devpi_twisted.web.accesslog import ACCESS_NAMESPACE, AccessLog
-from devpi_twisted.serverdir import ServerDir
+from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.metrics import (
     CountingMirrors,
@@ -1337,7 +1341,7 @@ class GenConfigTests(SynchronousTestCase):
     def test_jsonLog(self) -> None:
         """--json-log makes twistd log JSON lines to the journal."""
         unit = genconfig.serviceUnit(genconfig.UnitSettings(jsonLog=True))
-        self.assertIn("--logger=devpi_twisted.logs.jsonStdout", unit)
+        self.assertIn("--logger=devpi_twisted.app.logs.jsonStdout", unit)
         self.assertNotIn("--logfile=-", unit)
 
     def test_homeReadOnly(self) -> None:

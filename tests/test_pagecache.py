@@ -14,8 +14,10 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted import simple, tap
-from devpi_twisted.simple import PageCache, SimplePages
+from devpi_twisted.services import simple
+
+from devpi_twisted.app import tap
+from devpi_twisted.services.simple import PageCache, SimplePages
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 

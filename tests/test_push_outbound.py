@@ -26,8 +26,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.model import keys
-from devpi_twisted.push import CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, PushClient, Pusher, pushClient
-from devpi_twisted.releases import addFileEntry, newEntry
+from devpi_twisted.services.push import CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, PushClient, Pusher, pushClient
+from devpi_twisted.services.releases import addFileEntry, newEntry
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 

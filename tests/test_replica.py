@@ -29,8 +29,8 @@ from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from devpi_twisted import tap
-from devpi_twisted.auth import (
+from devpi_twisted.app import tap
+from devpi_twisted.services.auth import (
     Authenticator,
     makeReplicationToken,
     passwordFingerprint,
@@ -43,7 +43,7 @@ from devpi_twisted.replica.files import BlobFetcher, HashMismatch
 from devpi_twisted.replica.proxy import ReplicaProxyResource, mirrorTarget
 from devpi_twisted.replica.service import ReplicaService, waitForSerial
 from devpi_twisted.replica.sync import SyncCore, makeReplicaSync
-from devpi_twisted.serverdir import ServerDir
+from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage import BLOB_REF, ChangeRecord
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 from devpi_twisted.web.changelog import ChangelogFeed

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from devpi_twisted import tap
+from devpi_twisted.app import tap
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.routes import Routes

@@ -13,7 +13,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted import cli
+from devpi_twisted.admin import cli
 
 from .serverprocess import TWISTD, environment, freePort, readText, tool
 

@@ -24,13 +24,15 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted import cli, tap
-from devpi_twisted.auth import PasswordHashing
+from devpi_twisted.admin import cli
+
+from devpi_twisted.app import tap
+from devpi_twisted.services.auth import PasswordHashing
 from devpi_twisted.config import DEFAULT_LISTEN, DEFAULT_SERVERDIR
 from devpi_twisted.errors import ServerDirError, StorageError
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
-from devpi_twisted.serverdir import FORMAT_TEXT, ServerDir
+from devpi_twisted.app.serverdir import FORMAT_TEXT, ServerDir
 from devpi_twisted.storage.plugin import findBackend
 from devpi_twisted.storage.threads import SynchronousRunner
 
@@ -339,7 +341,7 @@ class PluginTests(SynchronousTestCase):
     """The dropins in C{twisted/plugins}."""
 
     def test_serviceMaker(self) -> None:
-        """twistd finds a service maker with tapname 'devpi' built from devpi_twisted.tap."""
+        """twistd finds a service maker with tapname 'devpi' built from devpi_twisted.app.tap."""
         makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "devpi"]
         self.assertEqual(len(makers), 1)
         self.assertIs(makers[0].options, tap.Options)

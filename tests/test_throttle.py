@@ -12,10 +12,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted import tap, throttle as throttleModule
-from devpi_twisted.auth import Authenticator
+from devpi_twisted.app import tap
+
+from devpi_twisted.services import throttle as throttleModule
+from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import TooManyRequests
-from devpi_twisted.throttle import LoginThrottle, addressKey
+from devpi_twisted.services.throttle import LoginThrottle, addressKey
 
 from .helpers import APIHarness, basicAuth
 

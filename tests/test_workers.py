@@ -24,9 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from devpi_twisted import cli
+from devpi_twisted.admin import cli
 from devpi_twisted.errors import ServerDirError
-from devpi_twisted.serverdir import ServerDir
+from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage.sqlite import SqliteStorage
 from devpi_twisted.storage.threads import SynchronousRunner
 

@@ -25,11 +25,11 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from ..errors import UpstreamError
-from ..interfaces import IBlobStore, IBlobWriter
-from ..model.upstreampage import UpstreamLink
-from ..storage import BlobInfo
-from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
+from devpi_twisted.errors import UpstreamError
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.model.upstreampage import UpstreamLink
+from devpi_twisted.storage import BlobInfo
+from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
 
 log = Logger()
 
@@ -322,7 +322,7 @@ async def startFetch(upstream: UpstreamClient, blobs: IBlobStore, clock: IReacto
     """
     response = await upstream.openFile(link.url, mirrorURL)
     if response.code != 200:
-        from .pages import _discardBody
+        from devpi_twisted.mirror.pages import _discardBody
 
         _discardBody(response)
         error = UpstreamMissing if response.code in (404, 410) else UpstreamFailure

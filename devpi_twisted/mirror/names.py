@@ -3,7 +3,7 @@ A mirror's project list, without holding upstream's whole list in memory.
 
 Upstream's root page (hundreds of thousands of names for PyPI) is scanned as
 it arrives and written to the blob store as one name per line; the list page
-is rendered from that file, once per file (L{devpi_twisted.simple}).  It is refreshed after the index's
+is rendered from that file, once per file (L{devpi_twisted.services.simple}).  It is refreshed after the index's
 C{mirror_cache_expiry}; when upstream fails the last list is used, and
 without any the locally cached project names stand in.
 """
@@ -18,14 +18,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ..coalesce import Coalescer
-from ..interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
-from ..model.indexconfig import mirrorBaseURL
-from ..model.inheritance import Stage
-from ..model.upstreampage import ProjectListScanner
-from ..storage import BLOB_REF
-from .pages import MirrorPages
-from .upstream import UpstreamClient, UpstreamFailure, redacted
+from devpi_twisted.model.coalesce import Coalescer
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
+from devpi_twisted.model.indexconfig import mirrorBaseURL
+from devpi_twisted.model.inheritance import Stage
+from devpi_twisted.model.upstreampage import ProjectListScanner
+from devpi_twisted.storage import BLOB_REF
+from devpi_twisted.mirror.pages import MirrorPages
+from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, redacted
 
 log = Logger()
 
@@ -164,7 +164,7 @@ class MirrorNames:
         try:
             response = await self._upstream.openPage(url, stored.get("etag") if stored else None)
             if response.code == 304 and stored is not None:
-                from .pages import _discardBody
+                from devpi_twisted.mirror.pages import _discardBody
 
                 _discardBody(response)
                 status.succeeded()
@@ -172,7 +172,7 @@ class MirrorNames:
                 await writer.abort()
                 return stored
             if response.code != 200:
-                from .pages import _discardBody
+                from devpi_twisted.mirror.pages import _discardBody
 
                 _discardBody(response)
                 raise UpstreamFailure(f"{redacted(url)} answered {response.code}")

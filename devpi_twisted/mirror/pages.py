@@ -15,15 +15,15 @@ from urllib.parse import quote
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..coalesce import Coalescer
-from ..errors import UpstreamError
-from ..interfaces import IStorage, IWriteTransaction
-from ..model import keys
-from ..model.indexconfig import mirrorBaseURL
-from ..model.inheritance import Stage
-from ..model.upstreampage import UpstreamLink, UpstreamPageError, parseProjectPage
-from .status import MirrorStatus, StatusCore, makeMirrorStatus
-from .upstream import UpstreamClient, UpstreamFailure, redacted
+from devpi_twisted.model.coalesce import Coalescer
+from devpi_twisted.errors import UpstreamError
+from devpi_twisted.interfaces import IStorage, IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.model.indexconfig import mirrorBaseURL
+from devpi_twisted.model.inheritance import Stage
+from devpi_twisted.model.upstreampage import UpstreamLink, UpstreamPageError, parseProjectPage
+from devpi_twisted.mirror.status import MirrorStatus, StatusCore, makeMirrorStatus
+from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, redacted
 
 NOT_FOUND_SECONDS = 60.0
 
@@ -229,6 +229,6 @@ class MirrorPages:
 
 
 def _discardBody(response: Any) -> None:
-    from .upstream import _Discard
+    from devpi_twisted.mirror.upstream import _Discard
 
     response.deliverBody(_Discard())

@@ -22,21 +22,21 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..coalesce import Coalescer
-from ..errors import NotFound, UpstreamError
-from ..interfaces import IBlobStore, IStorage, IWriteTransaction
-from ..model import keys
-from ..model.inheritance import Stage
-from ..model.names import normalizeProject
-from ..model.simplepage import SimpleFile
-from ..model.upstreampage import UpstreamLink, toSimpleFile
-from ..releases import httpDate, logEntry
-from ..storage import BLOB_REF, BlobInfo
-from ..web.files import IMMUTABLE, FileResponse, contentTypeFor
-from .files import FetchedFile, FileFetch, attachLiveClient, startFetch
-from .names import MirrorNames
-from .pages import MirrorPages, _discardBody, linkRelpath
-from .upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, _Collector
+from devpi_twisted.model.coalesce import Coalescer
+from devpi_twisted.errors import NotFound, UpstreamError
+from devpi_twisted.interfaces import IBlobStore, IStorage, IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.model.inheritance import Stage
+from devpi_twisted.model.names import normalizeProject
+from devpi_twisted.model.simplepage import SimpleFile
+from devpi_twisted.model.upstreampage import UpstreamLink, toSimpleFile
+from devpi_twisted.services.releases import httpDate, logEntry
+from devpi_twisted.storage import BLOB_REF, BlobInfo
+from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor
+from devpi_twisted.mirror.files import FetchedFile, FileFetch, attachLiveClient, startFetch
+from devpi_twisted.mirror.names import MirrorNames
+from devpi_twisted.mirror.pages import MirrorPages, _discardBody, linkRelpath
+from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, _Collector
 
 log = Logger()
 
@@ -117,7 +117,7 @@ class Mirrors(MultiService):
     def statuses(self) -> dict[str, dict[str, Any]]:
         return self.pages.statuses()
 
-    # what simple pages need (devpi_twisted.simple.MirrorSource)
+    # what simple pages need (devpi_twisted.services.simple.MirrorSource)
 
     def isFresh(self, stage: Stage, project: str) -> bool:
         return self.pages.isFresh(stage, project)

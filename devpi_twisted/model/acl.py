@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .indexconfig import ANONYMOUS, AUTHENTICATED
+from devpi_twisted.model.indexconfig import ANONYMOUS, AUTHENTICATED
 
 ROOT = "root"
 

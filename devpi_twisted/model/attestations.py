@@ -12,7 +12,7 @@ import binascii
 import json
 from typing import Any
 
-from ..errors import BadRequest
+from devpi_twisted.errors import BadRequest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 

@@ -23,8 +23,8 @@ from typing import BinaryIO
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from ..errors import BadRequest
-from .names import normalizeVersion, projectNameProblem, versionProblem
+from devpi_twisted.errors import BadRequest
+from devpi_twisted.model.names import normalizeVersion, projectNameProblem, versionProblem
 
 __all__ = [
     "ARCHIVE_SUFFIXES",

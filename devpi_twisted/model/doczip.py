@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from ..errors import BadRequest, TooLarge
+from devpi_twisted.errors import BadRequest, TooLarge
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ all of that into one canonical dict, or a L{BadRequest} naming every problem.
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import BadRequest
-from .names import normalizeProject, splitIndexName
+from devpi_twisted.errors import BadRequest
+from devpi_twisted.model.names import normalizeProject, splitIndexName
 
 STAGE = "stage"
 MIRROR = "mirror"

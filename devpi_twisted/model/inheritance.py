@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .indexconfig import MIRROR
+from devpi_twisted.model.indexconfig import MIRROR
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from ..errors import BadRequest
+from devpi_twisted.errors import BadRequest
 
 __all__ = [
     "Event",

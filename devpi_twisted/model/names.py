@@ -20,7 +20,7 @@ import re
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from ..errors import BadRequest
+from devpi_twisted.errors import BadRequest
 
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f!\"#$%&'()*+,/:;<=>?\[\\\]^`{|}~]")
 _MAX_NAME = 200

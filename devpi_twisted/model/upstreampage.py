@@ -34,8 +34,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from .names import isValidProjectName
-from .simplepage import SimpleFile
+from devpi_twisted.model.names import isValidProjectName
+from devpi_twisted.model.simplepage import SimpleFile
 
 __all__ = [
     "MAX_PAGE_SIZE",

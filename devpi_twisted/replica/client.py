@@ -21,9 +21,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from .. import __version__
-from ..auth import makeReplicationToken, replicationKey
-from ..storage import ChangeRecord
+from devpi_twisted import __version__
+from devpi_twisted.services.auth import makeReplicationToken, replicationKey
+from devpi_twisted.storage import ChangeRecord
 
 USER_AGENT = f"devpi-twisted-replica/{__version__}".encode("ascii")
 MAX_LINE = 64 * 1024 * 1024

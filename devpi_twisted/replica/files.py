@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ..interfaces import IBlobStore, IBlobWriter
-from .client import PrimaryClient, ReplicationError
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.replica.client import PrimaryClient, ReplicationError
 
 log = Logger()
 

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .sync import STATE_CODES
+from devpi_twisted.replica.sync import STATE_CODES
 
 STATES = ("initial", "following", "behind", "unreachable", "stopped")
 

@@ -42,15 +42,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ..errors import Gone, NotFound
-from ..interfaces import IBlobStore, IStorage, IReadView
-from ..model import keys
-from ..model.indexconfig import MIRROR
-from ..mirror.pages import simpleKey
-from ..model.inheritance import contributingStages, resolutionOrder
-from ..model.names import normalizeProject
-from ..releases import lookupFile
-from ..web.context import outsideURL
+from devpi_twisted.errors import Gone, NotFound
+from devpi_twisted.interfaces import IBlobStore, IStorage, IReadView
+from devpi_twisted.model import keys
+from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.mirror.pages import simpleKey
+from devpi_twisted.model.inheritance import contributingStages, resolutionOrder
+from devpi_twisted.model.names import normalizeProject
+from devpi_twisted.services.releases import lookupFile
+from devpi_twisted.web.context import outsideURL
 
 log = Logger()
 

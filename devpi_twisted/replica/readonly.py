@@ -11,8 +11,8 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
-from ..errors import DevpiError
-from ..interfaces import IStorage
+from devpi_twisted.errors import DevpiError
+from devpi_twisted.interfaces import IStorage
 
 
 class ReplicaReadOnly(DevpiError):

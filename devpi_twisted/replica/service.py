@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..interfaces import IBlobStore, IStorage
-from ..storage import ChangeRecord, blobRef
-from .client import ChangelogAnswer, PrimaryClient, ReplicationError
-from .files import BlobFetcher
-from .sync import STATE_CODES, ReplicaSync, SyncCore, makeReplicaSync
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.storage import ChangeRecord, blobRef
+from devpi_twisted.replica.client import ChangelogAnswer, PrimaryClient, ReplicationError
+from devpi_twisted.replica.files import BlobFetcher
+from devpi_twisted.replica.sync import STATE_CODES, ReplicaSync, SyncCore, makeReplicaSync
 
 log = Logger()
 

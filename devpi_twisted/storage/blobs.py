@@ -22,9 +22,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from ..interfaces import IBlobStore, IBlobWriter
-from . import BlobInfo, CollectResult, newHashes
-from .threads import Runner
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.storage import BlobInfo, CollectResult, newHashes
+from devpi_twisted.storage.threads import Runner
 
 TRASH = "trash"
 

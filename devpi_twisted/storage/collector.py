@@ -21,8 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ..interfaces import IBlobStore, IStorage
-from . import CollectResult
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.storage import CollectResult
 
 log = Logger()
 

@@ -19,8 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import NotFound
-from ..model.doczip import findDocMember
+from devpi_twisted.errors import NotFound
+from devpi_twisted.model.doczip import findDocMember
 
 CHUNK = 64 * 1024
 # A L{devpi_twisted.storage.threads.Runner}'s C{runFile}: (f, *args) -> Deferred.

@@ -6,8 +6,8 @@ from typing import Any
 
 from twisted.python.filepath import FilePath
 
-from .blobs import FileBlobStore
-from .sqlite import SqliteStorage
+from devpi_twisted.storage.blobs import FileBlobStore
+from devpi_twisted.storage.sqlite import SqliteStorage
 
 
 def openEmbedded(serverdir: FilePath, runner: Any, log: Any) -> tuple[SqliteStorage, FileBlobStore]:

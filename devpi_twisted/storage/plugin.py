@@ -12,8 +12,8 @@ from typing import Any
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import implementer
 
-from ..errors import StorageError
-from ..interfaces import IStorageBackend
+from devpi_twisted.errors import StorageError
+from devpi_twisted.interfaces import IStorageBackend
 
 
 @implementer(IPlugin, IStorageBackend)

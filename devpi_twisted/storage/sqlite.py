@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from ..errors import InsufficientStorage
-from ..interfaces import IReadView, IStorage, IWriteTransaction
-from . import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
-from .threads import Runner
+from devpi_twisted.errors import InsufficientStorage
+from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
+from devpi_twisted.storage import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
+from devpi_twisted.storage.threads import Runner
 
 T = TypeVar("T")
 log = Logger()

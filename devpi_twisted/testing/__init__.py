@@ -1,5 +1,5 @@
 """Test doubles shipped with the package: in-memory storage and its contract tests."""
 
-from .memory import MemoryBlobStore, MemoryStorage
+from devpi_twisted.testing.memory import MemoryBlobStore, MemoryStorage
 
 __all__ = ["MemoryBlobStore", "MemoryStorage"]

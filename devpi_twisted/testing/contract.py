@@ -12,8 +12,8 @@ from typing import Any
 
 from zope.interface.verify import verifyObject
 
-from ..interfaces import IBlobStore, IStorage
-from ..storage import BLOB_REF, ChangeRecord, SerialMismatch
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.storage import BLOB_REF, ChangeRecord, SerialMismatch
 
 
 class StorageContract:

@@ -40,7 +40,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..model.negotiation import JSON, TEXT_HTML, chooseSimpleFormat
+from devpi_twisted.model.negotiation import JSON, TEXT_HTML, chooseSimpleFormat
 
 __all__ = ["FakePyPI", "buildWheel"]
 

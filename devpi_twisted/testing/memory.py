@@ -16,8 +16,8 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ..interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
-from ..storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
+from devpi_twisted.storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
 
 T = TypeVar("T")
 

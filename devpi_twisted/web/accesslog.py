@@ -7,16 +7,16 @@ data (C{client}, C{user}, C{method}, C{path}, C{status}, C{bytes},
 C{duration}, C{agent}), so the JSON log keeps them apart; the text log shows
 them in one line.  Credentials never get in: no header is logged except the
 User-Agent, user information in a URL is removed, and query parameters whose
-names suggest a secret lose their values (L{devpi_twisted.redact}).
+names suggest a secret lose their values (L{devpi_twisted.model.redact}).
 """
 
 from typing import Any
 
 from twisted.logger import Logger
 
-from ..redact import scrubRequestURI, scrubText
-from .context import _REQUESTER
-from .server import DevpiRequest
+from devpi_twisted.model.redact import scrubRequestURI, scrubText
+from devpi_twisted.web.context import _REQUESTER
+from devpi_twisted.web.server import DevpiRequest
 
 ACCESS_NAMESPACE = "devpi_twisted.access"
 ABORTED = 499  # nginx's "client closed request": the connection was lost before the answer was complete

@@ -10,16 +10,16 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from ..auth import Authenticator, TOKEN_LIFETIME
-from ..config import ServerConfig
-from ..errors import BadRequest, Unauthorized
-from ..indexes import Indexes
-from ..interfaces import IStorage
-from ..redact import scrubText, scrubURL
-from ..users import Users
-from .context import clientAddress, hasQueryFlag, outsideURL, requesterOf
-from .headers import setSerial
-from .responses import jsonBody, readJSON
+from devpi_twisted.services.auth import Authenticator, TOKEN_LIFETIME
+from devpi_twisted.config import ServerConfig
+from devpi_twisted.errors import BadRequest, Unauthorized
+from devpi_twisted.services.indexes import Indexes
+from devpi_twisted.interfaces import IStorage
+from devpi_twisted.model.redact import scrubText, scrubURL
+from devpi_twisted.services.users import Users
+from devpi_twisted.web.context import clientAddress, hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.web.headers import setSerial
+from devpi_twisted.web.responses import jsonBody, readJSON
 
 FEATURES = ["push-no-docs", "push-only-docs", "push-register-project", "server-keyvalue-parsing"]
 

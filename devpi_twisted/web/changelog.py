@@ -10,7 +10,7 @@ The replication feed: what a replica reads from its primary.
   - C{GET /+blob/<sha256>}: a stored file by its content address.
 
 Both need a replication credential (C{Authorization: Bearer}, see
-L{devpi_twisted.auth.makeReplicationToken}), made with the secret both
+L{devpi_twisted.services.auth.makeReplicationToken}), made with the secret both
 servers are given; anything else is 403.  Password hashes never leave the
 server: user configs carry only the keyed fingerprint login tokens need.
 """
@@ -24,14 +24,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from ..auth import checkReplicationToken, replicaUserConfig, replicationKey
-from ..errors import Conflict, Forbidden, NotFound
-from ..interfaces import IBlobStore, IStorage
-from ..model.keys import USER
-from ..storage import ChangeRecord
-from .context import clientAddress
-from .files import FileResponse
-from .headers import setSerial
+from devpi_twisted.services.auth import checkReplicationToken, replicaUserConfig, replicationKey
+from devpi_twisted.errors import Conflict, Forbidden, NotFound
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.model.keys import USER
+from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.web.context import clientAddress
+from devpi_twisted.web.files import FileResponse
+from devpi_twisted.web.headers import setSerial
 
 JSONL = b"application/x-ndjson"
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")

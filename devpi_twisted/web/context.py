@@ -8,8 +8,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.web.iweb import IRequest
 
-from ..auth import Authenticator, parseBasic
-from .headers import isValidHost
+from devpi_twisted.services.auth import Authenticator, parseBasic
+from devpi_twisted.web.headers import isValidHost
 
 _REQUESTER = "_devpiRequester"
 

@@ -20,18 +20,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ..auth import Authenticator
-from ..errors import BadRequest, NotFound
-from ..interfaces import IBlobStore, IReadView, IStorage
-from ..model import keys
-from ..model.names import isValidProjectName, normalizeProject
-from ..releases import Documentation, latestVersion
-from ..simple import orderOf
-from ..storage.doczip import DocMember, DocZipReader, RunFile
-from .context import requesterOf
-from .files import FileResponse
-from .pages import redirect
-from .responses import jsonBody
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.errors import BadRequest, NotFound
+from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage
+from devpi_twisted.model import keys
+from devpi_twisted.model.names import isValidProjectName, normalizeProject
+from devpi_twisted.services.releases import Documentation, latestVersion
+from devpi_twisted.services.simple import orderOf
+from devpi_twisted.storage.doczip import DocMember, DocZipReader, RunFile
+from devpi_twisted.web.context import requesterOf
+from devpi_twisted.web.files import FileResponse
+from devpi_twisted.web.pages import redirect
+from devpi_twisted.web.responses import jsonBody
 
 MAX_TOXRESULT = 64 * 1024 * 1024
 DOC_POLICY = b"sandbox allow-scripts allow-popups allow-forms; default-src 'self' 'unsafe-inline' data:"

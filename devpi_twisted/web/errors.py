@@ -14,8 +14,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from ..errors import DevpiError, InsufficientStorage, TooManyRequests, Unauthorized, diskFullError
-from .responses import jsonBody
+from devpi_twisted.errors import DevpiError, InsufficientStorage, TooManyRequests, Unauthorized, diskFullError
+from devpi_twisted.web.responses import jsonBody
 
 log = Logger()
 

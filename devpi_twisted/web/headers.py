@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from .responses import jsonBody
+from devpi_twisted.web.responses import jsonBody
 
 
 class DevpiHeadersResource(Resource):

@@ -23,8 +23,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from ..errors import diskFullError
-from .responses import rawAnswer
+from devpi_twisted.errors import diskFullError
+from devpi_twisted.web.responses import rawAnswer
 
 log = Logger()
 

@@ -32,9 +32,9 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
 
-from .accesslog import ABORTED
-from .responses import withLength
-from .server import DevpiRequest
+from devpi_twisted.web.accesslog import ABORTED
+from devpi_twisted.web.responses import withLength
+from devpi_twisted.web.server import DevpiRequest
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "PUSH", "OPTIONS"})
@@ -102,7 +102,7 @@ def _template(rule: str) -> str:
 
 
 class UpstreamStats:
-    """What the upstream agents count (see L{devpi_twisted.upstreamagent})."""
+    """What the upstream agents count (see L{devpi_twisted.mirror.agent})."""
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit

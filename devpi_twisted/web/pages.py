@@ -9,13 +9,13 @@ from urllib.parse import quote
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from ..errors import NotAcceptable, NotFound
-from ..model.names import isValidProjectName, normalizeProject
-from ..model.negotiation import chooseSimpleFormat
-from ..simple import RenderedPage, SimplePages
-from .context import outsideURL
-from .files import etagMatches
-from .responses import redirect, withLength
+from devpi_twisted.errors import NotAcceptable, NotFound
+from devpi_twisted.model.names import isValidProjectName, normalizeProject
+from devpi_twisted.model.negotiation import chooseSimpleFormat
+from devpi_twisted.services.simple import RenderedPage, SimplePages
+from devpi_twisted.web.context import outsideURL
+from devpi_twisted.web.files import etagMatches
+from devpi_twisted.web.responses import redirect, withLength
 
 _INSTALLER = re.compile(rb"([^ ]* )*(distribute|setuptools|pip|pex|uv)/.*")
 PAGE_CACHE_CONTROL = b"max-age=0, must-revalidate"

@@ -12,24 +12,24 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from ..auth import Authenticator
-from ..config import ServerConfig
-from ..errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
-from ..interfaces import IBlobStore, IReadView, IStorage
-from ..model.indexconfig import MIRROR
-from ..model.inheritance import Stage
-from ..model.attestations import provenanceObject
-from ..model import keys
-from ..model.names import isValidProjectName, normalizeProject
-from ..model.negotiation import wantsJSONAPI
-from ..queries import collectProject, fileMeta, mirrorVersions
-from ..releases import Releases, lookupFile
-from .context import hasQueryFlag, outsideURL, requesterOf
-from .files import FileResponse
-from .storedfiles import KnownFiles
-from .headers import setSerial
-from .pages import redirect
-from .responses import jsonBody, readJSON, withLength
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.config import ServerConfig
+from devpi_twisted.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
+from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage
+from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.model.inheritance import Stage
+from devpi_twisted.model.attestations import provenanceObject
+from devpi_twisted.model import keys
+from devpi_twisted.model.names import isValidProjectName, normalizeProject
+from devpi_twisted.model.negotiation import wantsJSONAPI
+from devpi_twisted.services.queries import collectProject, fileMeta, mirrorVersions
+from devpi_twisted.services.releases import Releases, lookupFile
+from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.web.files import FileResponse
+from devpi_twisted.web.storedfiles import KnownFiles
+from devpi_twisted.web.headers import setSerial
+from devpi_twisted.web.pages import redirect
+from devpi_twisted.web.responses import jsonBody, readJSON, withLength
 
 
 def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:

@@ -78,7 +78,7 @@ def readJSON(request: IRequest, limit: int = 10 * 1024 * 1024) -> Any:
     """
     The request body decoded as JSON, or L{BadRequest} in devpi's words.
     """
-    from ..errors import BadRequest, TooLarge
+    from devpi_twisted.errors import BadRequest, TooLarge
 
     length = request.getHeader(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:

@@ -16,25 +16,25 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from ..auth import Authenticator
-from ..config import ServerConfig
-from ..indexes import Indexes
-from ..interfaces import IBlobStore, IStorage
-from ..model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
-from ..model.doczip import DocLimits
-from ..push import Pusher
-from ..releases import Documentation, Releases
-from ..simple import SimplePages
-from ..users import Users
-from .api import APIViews
-from .changelog import ChangelogFeed
-from .errors import HANDLERS
-from .headers import DevpiHeadersResource
-from .pages import CachedAnswersFirst, PageViews, isInstaller
-from .projects import ProjectViews
-from .storedfiles import KnownFileAnswers, KnownFiles
-from .docs import DocViews
-from .upload import UploadViews
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.config import ServerConfig
+from devpi_twisted.services.indexes import Indexes
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
+from devpi_twisted.model.doczip import DocLimits
+from devpi_twisted.services.push import Pusher
+from devpi_twisted.services.releases import Documentation, Releases
+from devpi_twisted.services.simple import SimplePages
+from devpi_twisted.services.users import Users
+from devpi_twisted.web.api import APIViews
+from devpi_twisted.web.changelog import ChangelogFeed
+from devpi_twisted.web.errors import HANDLERS
+from devpi_twisted.web.headers import DevpiHeadersResource
+from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
+from devpi_twisted.web.projects import ProjectViews
+from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
+from devpi_twisted.web.docs import DocViews
+from devpi_twisted.web.upload import UploadViews
 
 USER = "<user>"
 INDEX = "<index>"

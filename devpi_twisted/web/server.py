@@ -53,10 +53,10 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ..errors import DevpiError, TooManyRequests, Unauthorized
-from .headers import headProblem
-from .limits import LimitedRequest
-from .responses import jsonBody, rawAnswer
+from devpi_twisted.errors import DevpiError, TooManyRequests, Unauthorized
+from devpi_twisted.web.headers import headProblem
+from devpi_twisted.web.limits import LimitedRequest
+from devpi_twisted.web.responses import jsonBody, rawAnswer
 
 log = Logger()
 

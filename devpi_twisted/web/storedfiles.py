@@ -21,11 +21,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..interfaces import IBlobStore, IStorage
-from ..model import keys
-from ..model.negotiation import wantsJSONAPI
-from ..storage import ChangeRecord
-from .files import serveBytesOrFile
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.model import keys
+from devpi_twisted.model.negotiation import wantsJSONAPI
+from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.web.files import serveBytesOrFile
 
 log = Logger()
 

@@ -25,20 +25,20 @@ from werkzeug.routing import Map
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from ..auth import Authenticator
-from ..errors import BadRequest, DevpiError, Unauthorized
-from ..interfaces import IBlobStore, IBlobWriter
-from ..model import distfile
-from ..model.attestations import checkAttestations
-from ..model.doczip import DocLimits, checkDocZip
-from ..model.names import isValidProjectName
-from ..model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
-from ..model.names import checkVersion, normalizeProject
-from ..releases import Documentation, Releases, UploadedFile
-from ..storage import newHashes
-from .context import hasCredentials, requesterOf
-from .limits import SPOOL_THRESHOLD
-from .responses import withLength
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.errors import BadRequest, DevpiError, Unauthorized
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.model import distfile
+from devpi_twisted.model.attestations import checkAttestations
+from devpi_twisted.model.doczip import DocLimits, checkDocZip
+from devpi_twisted.model.names import isValidProjectName
+from devpi_twisted.model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
+from devpi_twisted.model.names import checkVersion, normalizeProject
+from devpi_twisted.services.releases import Documentation, Releases, UploadedFile
+from devpi_twisted.storage import newHashes
+from devpi_twisted.web.context import hasCredentials, requesterOf
+from devpi_twisted.web.limits import SPOOL_THRESHOLD
+from devpi_twisted.web.responses import withLength
 
 READ_SIZE = 1024 * 1024
 PARSE_SIZE = 64 * 1024

@@ -1,3 +1,3 @@
-from devpi_twisted.endpoints import reusePortParser
+from devpi_twisted.app.endpoints import reusePortParser
 
 __all__ = ["reusePortParser"]

@@ -6,12 +6,12 @@ C{versiondata} with C{+links}), over an index's resolution order.
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NotFound
-from .interfaces import IReadView
-from .model import keys
-from .model.inheritance import Stage, contributingStages
-from .model.simplepage import SimpleFile
-from .simple import orderOf
+from devpi_twisted.errors import NotFound
+from devpi_twisted.interfaces import IReadView
+from devpi_twisted.model import keys
+from devpi_twisted.model.inheritance import Stage, contributingStages
+from devpi_twisted.model.simplepage import SimpleFile
+from devpi_twisted.services.simple import orderOf
 
 _LIST_DEFAULTS = (
     "platform", "classifiers", "supported_platform", "provides", "requires", "obsoletes",

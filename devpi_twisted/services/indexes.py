@@ -4,12 +4,12 @@ Indexes: create, read, modify, delete, with devpi's options and checks.
 
 from typing import Any
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound
-from .interfaces import IReadView, IStorage, IWriteTransaction
-from .model import indexconfig, keys
-from .model.acl import Policy
-from .model.names import checkName
-from .users import deleteIndexContents
+from devpi_twisted.errors import BadRequest, Conflict, Forbidden, NotFound
+from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
+from devpi_twisted.model import indexconfig, keys
+from devpi_twisted.model.acl import Policy
+from devpi_twisted.model.names import checkName
+from devpi_twisted.services.users import deleteIndexContents
 
 
 def _findCycle(view: IReadView, name: str, bases: list[str]) -> bool:

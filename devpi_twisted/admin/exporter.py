@@ -38,16 +38,16 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from . import __version__
-from .errors import ServerDirError
-from .interfaces import IReadView
-from .model import keys
-from .model.distfile import splitArchiveName
-from .model.indexconfig import MIRROR
-from .model.names import isValidProjectName
-from .serverdir import ServerDir, builtInPlace
-from .storage.plugin import findBackend
-from .storage.threads import SynchronousRunner
+from devpi_twisted import __version__
+from devpi_twisted.errors import ServerDirError
+from devpi_twisted.interfaces import IReadView
+from devpi_twisted.model import keys
+from devpi_twisted.model.distfile import splitArchiveName
+from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.model.names import isValidProjectName
+from devpi_twisted.app.serverdir import ServerDir, builtInPlace
+from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.threads import SynchronousRunner
 
 DUMPVERSION = "2"
 EXTRA = "devpi_twisted"

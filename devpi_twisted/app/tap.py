@@ -24,44 +24,44 @@ from twisted.logger import Logger
 from twisted.python import usage
 from treq.client import HTTPClient
 
-from . import __version__
-from .auth import Authenticator
-from .config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
-from .endpoints import bindProblem, listenSyntaxError
-from .errors import ServerDirError, StorageError
-from .indexes import Indexes
-from .initstate import PYPI_URL, createReplicaDir, createServerDir
-from .mirror.service import Mirrors
-from .mirror.upstream import UpstreamClient, upstreamTLSPolicy
-from .options import Options as TypedOptions
-from .push import pushClient
-from .model.acl import Policy
-from .serverdir import ServerDir, loadSecretFile
-from .storage.collector import BlobCollector
-from .storage.plugin import findBackend
-from .storage.threads import ThreadRunner
-from .releases import Releases
-from .simple import SimplePages
-from .users import Users
-from .logs import JSONLogService
-from .shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
-from .throttle import LoginThrottle
-from .tlsdir import tlsDirectoryEndpoint
-from .upstreamagent import LimitedAgent
-from .web.accesslog import AccessLog
-from .web.limits import limitedRequestFactory
-from .web.metrics import (
+from devpi_twisted import __version__
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
+from devpi_twisted.app.endpoints import bindProblem, listenSyntaxError
+from devpi_twisted.errors import ServerDirError, StorageError
+from devpi_twisted.services.indexes import Indexes
+from devpi_twisted.admin.initstate import PYPI_URL, createReplicaDir, createServerDir
+from devpi_twisted.mirror.service import Mirrors
+from devpi_twisted.mirror.upstream import UpstreamClient, upstreamTLSPolicy
+from devpi_twisted.app.options import Options as TypedOptions
+from devpi_twisted.services.push import pushClient
+from devpi_twisted.model.acl import Policy
+from devpi_twisted.app.serverdir import ServerDir, loadSecretFile
+from devpi_twisted.storage.collector import BlobCollector
+from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.threads import ThreadRunner
+from devpi_twisted.services.releases import Releases
+from devpi_twisted.services.simple import SimplePages
+from devpi_twisted.services.users import Users
+from devpi_twisted.app.logs import JSONLogService
+from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
+from devpi_twisted.services.throttle import LoginThrottle
+from devpi_twisted.app.tlsdir import tlsDirectoryEndpoint
+from devpi_twisted.mirror.agent import LimitedAgent
+from devpi_twisted.web.accesslog import AccessLog
+from devpi_twisted.web.limits import limitedRequestFactory
+from devpi_twisted.web.metrics import (
     BlobCollectorMetrics, CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry,
 )
-from .web.changelog import ChangelogFeed, FeedStopper
-from .web.routes import Routes, makeWebResource
-from .web.upload import UploadGate
-from .replica.client import PrimaryClient
-from .replica.metrics import ReplicationCollector
-from .replica.proxy import ReplicaProxyResource
-from .replica.readonly import ReadOnlyStorage
-from .replica.service import ReplicaService
-from .web.server import DevpiRequest, DevpiSite, SiteLimits
+from devpi_twisted.web.changelog import ChangelogFeed, FeedStopper
+from devpi_twisted.web.routes import Routes, makeWebResource
+from devpi_twisted.web.upload import UploadGate
+from devpi_twisted.replica.client import PrimaryClient
+from devpi_twisted.replica.metrics import ReplicationCollector
+from devpi_twisted.replica.proxy import ReplicaProxyResource
+from devpi_twisted.replica.readonly import ReadOnlyStorage
+from devpi_twisted.replica.service import ReplicaService
+from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 
 ENV_PREFIX = "DEVPI_TWISTED_"
 
@@ -215,8 +215,8 @@ class Options(TypedOptions):
                 )
 
     def _checkReplication(self) -> None:
-        from .replica.client import checkPrimaryURL
-        from .serverdir import loadSecretFile
+        from devpi_twisted.replica.client import checkPrimaryURL
+        from devpi_twisted.app.serverdir import loadSecretFile
 
         if self["primary-url"] is not None:
             try:
@@ -504,7 +504,7 @@ def makeReplica(config: ServerConfig, serverdir: ServerDir, storageService: Stor
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     pool._factory = QuietFactory
-    from .mirror.upstream import upstreamTLSPolicy
+    from devpi_twisted.mirror.upstream import upstreamTLSPolicy
 
     # --upstream-ca, when given, is trusted for an https primary as well
     agent = Agent(reactor, contextFactory=upstreamTLSPolicy(config.upstreamCA), pool=pool, connectTimeout=10)
@@ -561,7 +561,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
     # Stopped one child at a time, last first: listeners and requests in
-    # flight, then mirrors, storage, threads (devpi_twisted.shutdown).
+    # flight, then mirrors, storage, threads (devpi_twisted.app.shutdown).
     top = SequentialStopService()
     if config.jsonLog:
         JSONLogService(config.jsonLog).setServiceParent(top)

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound
-from .interfaces import IReadView, IStorage, IWriteTransaction
-from .model import keys
-from .model.acl import mayUpload
-from .model.indexconfig import MIRROR
-from .model.names import checkProjectName, checkVersion
-from .storage import BLOB_REF, BlobInfo
+from devpi_twisted.errors import BadRequest, Conflict, Forbidden, Gone, NotFound
+from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.model.acl import mayUpload
+from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.model.names import checkProjectName, checkVersion
+from devpi_twisted.storage import BLOB_REF, BlobInfo
 
 PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
 
@@ -65,7 +65,7 @@ def indexConfig(view: IReadView, user: str, index: str) -> dict[str, Any]:
 
 def checkUploadRights(view: IReadView, requester: str | None, user: str, index: str) -> dict[str, Any]:
     """The index config, if C{requester} may change its releases."""
-    from .errors import Unauthorized
+    from devpi_twisted.errors import Unauthorized
 
     config = indexConfig(view, user, index)
     if config.get("type") == MIRROR:
@@ -458,7 +458,7 @@ class Documentation:
         return stored
 
     async def checkToxresultRights(self, requester: str | None, user: str, index: str, relpath: str) -> dict[str, Any]:
-        from .model.acl import matchesPrincipals
+        from devpi_twisted.model.acl import matchesPrincipals
 
         def _check(view: IReadView) -> dict[str, Any]:
             config = indexConfig(view, user, index)

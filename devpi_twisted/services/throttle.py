@@ -52,7 +52,7 @@ from math import ceil
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .errors import TooManyRequests
+from devpi_twisted.errors import TooManyRequests
 
 MAX_TRACKED = 100_000
 """Most failure counts, and most known (user, address) pairs, kept at once."""

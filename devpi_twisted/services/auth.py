@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .model.keys import userKey
+from devpi_twisted.model.keys import userKey
 
 TOKEN_PREFIX = "dtw1."
 TOKEN_LIFETIME = 36000  # seconds, as devpi's login
@@ -144,7 +144,7 @@ class Authenticator:
         hashing: PasswordHashing | None = None,
         throttle: Any = None,
     ) -> None:
-        self._throttle = throttle  # a devpi_twisted.throttle.LoginThrottle, or None
+        self._throttle = throttle  # a devpi_twisted.services.throttle.LoginThrottle, or None
         self._storage = storage
         self._runInThread = runInThread
         self._secret = secret

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
-from .web.metrics import UpstreamStats
+from devpi_twisted.web.metrics import UpstreamStats
 
 
 class _Slot:

@@ -79,7 +79,7 @@ _HOST_PORT = re.compile(r"^\[?([0-9A-Za-z.:%-]*?)\]?:(\d{1,5})$")
 
 
 def _parts(description: str) -> tuple[list[str], dict[str, str]]:
-    from .tlsdir import parseDescription
+    from devpi_twisted.app.tlsdir import parseDescription
 
     return parseDescription(description)
 

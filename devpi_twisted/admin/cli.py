@@ -17,16 +17,16 @@ from typing import Any, TextIO
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
-from .auth import PasswordHashing
-from .config import DEFAULT_SERVERDIR, serverdirPath
-from .errors import DevpiError, ServerDirError, StorageError
-from .genconfig import GenConfigOptions, genConfig
-from .initstate import PYPI_URL, createServerDir
-from .model import indexconfig, keys
-from .serverdir import ServerDir
-from .storage.plugin import findBackend
-from .storage.threads import SynchronousRunner
-from .timeutil import isoNow
+from devpi_twisted.services.auth import PasswordHashing
+from devpi_twisted.config import DEFAULT_SERVERDIR, serverdirPath
+from devpi_twisted.errors import DevpiError, ServerDirError, StorageError
+from devpi_twisted.admin.genconfig import GenConfigOptions, genConfig
+from devpi_twisted.admin.initstate import PYPI_URL, createServerDir
+from devpi_twisted.model import indexconfig, keys
+from devpi_twisted.app.serverdir import ServerDir
+from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.model.timeutil import isoNow
 
 
 class InitOptions(usage.Options):
@@ -143,7 +143,7 @@ def _passwd(options: PasswdOptions, out: TextIO, readPassword: Any) -> None:
 
 
 def _export(options: ExportOptions, out: TextIO) -> None:
-    from .exporter import exportServerDir
+    from devpi_twisted.admin.exporter import exportServerDir
 
     exportServerDir(
         serverdirPath(options["serverdir"]),
@@ -154,7 +154,7 @@ def _export(options: ExportOptions, out: TextIO) -> None:
 
 
 def _import(options: ImportOptions, out: TextIO) -> None:
-    from .importer import importServerDir
+    from devpi_twisted.admin.importer import importServerDir
 
     importServerDir(
         serverdirPath(options["serverdir"]),

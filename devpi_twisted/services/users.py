@@ -8,13 +8,13 @@ requests cannot both succeed where only one may.
 
 from typing import Any
 
-from .auth import Authenticator, PasswordHashing
-from .errors import BadRequest, Conflict, Forbidden, NotFound
-from .interfaces import IStorage, IWriteTransaction
-from .model import keys
-from .model.acl import Policy
-from .model.names import checkName
-from .timeutil import isoNow
+from devpi_twisted.services.auth import Authenticator, PasswordHashing
+from devpi_twisted.errors import BadRequest, Conflict, Forbidden, NotFound
+from devpi_twisted.interfaces import IStorage, IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.model.acl import Policy
+from devpi_twisted.model.names import checkName
+from devpi_twisted.model.timeutil import isoNow
 
 _PROFILE_KEYS = ("email", "title", "description", "custom_data")
 _CREATE_KEYS = {"password", "pwhash", *_PROFILE_KEYS}

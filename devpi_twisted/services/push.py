@@ -31,14 +31,14 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
-from .errors import BadRequest, NotFound, Unauthorized
-from .interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
-from .model import keys
-from .model.acl import mayUpload
-from .model.indexconfig import MIRROR
-from .model.inheritance import Stage
-from .model.names import isValidProjectName, normalizeProject, splitIndexName
-from .releases import addFileEntry, existingFile, indexConfig, logEntry, _removeFile
+from devpi_twisted.errors import BadRequest, NotFound, Unauthorized
+from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.model.acl import mayUpload
+from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.model.inheritance import Stage
+from devpi_twisted.model.names import isValidProjectName, normalizeProject, splitIndexName
+from devpi_twisted.services.releases import addFileEntry, existingFile, indexConfig, logEntry, _removeFile
 
 log = Logger()
 

@@ -17,8 +17,8 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from .config import DEFAULT_LISTEN
-from .options import Options as TypedOptions
+from devpi_twisted.config import DEFAULT_LISTEN
+from devpi_twisted.app.options import Options as TypedOptions
 
 SERVICE = "devpi-twisted.service"
 SOCKET = "devpi-twisted.socket"
@@ -125,7 +125,7 @@ def serviceUnit(settings: UnitSettings) -> str:
     serverdir = settings.serverdir.rstrip("/") or "/"
     group = settings.group or settings.user
     twistd = os.path.join(settings.venv, "bin", "twistd")
-    logging = ["--logger=devpi_twisted.logs.jsonStdout"] if settings.jsonLog else ["--logfile=-"]
+    logging = ["--logger=devpi_twisted.app.logs.jsonStdout"] if settings.jsonLog else ["--logfile=-"]
     command = [twistd, "--nodaemon", "--pidfile=", *logging, "devpi", f"--serverdir={serverdir}"]
     command += [f"--listen={each}" for each in settings.listens()]
     command += list(settings.serverArgs)

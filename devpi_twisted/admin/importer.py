@@ -1,6 +1,6 @@
 """
 C{devpi-twisted import DIR}: build a new server directory from an export,
-ours (L{devpi_twisted.exporter}) or devpi-server's (dumpversion 1 or 2).
+ours (L{devpi_twisted.admin.exporter}) or devpi-server's (dumpversion 1 or 2).
 
 The import works like C{devpi-import}:
   - the export is read, migrated (C{md5} and C{hash_spec} folded into
@@ -19,7 +19,7 @@ The import works like C{devpi-import}:
     know, are dropped with a warning;
   - records that cannot be stored safely (a project name that is not ASCII
     PEP 508, a version or file name that is not one plain path segment, see
-    L{devpi_twisted.exporter.recordProblem}) are skipped and listed in the
+    L{devpi_twisted.admin.exporter.recordProblem}) are skipped and listed in the
     summary; they do not stop the import.
 
 Everything is built in a temporary directory that is renamed into place at
@@ -41,21 +41,21 @@ from typing import Any, TextIO
 
 from twisted.python.filepath import FilePath
 
-from .auth import PasswordHashing
-from .errors import BadRequest, DevpiError, ServerDirError
-from .exporter import EXTRA, recordProblem, safeSegment, syncResult, versionFromFilename
-from .initstate import PYPI_URL, rootPypiConfig
-from .interfaces import IWriteTransaction
-from .model import indexconfig, keys
-from .model.distfile import inspectArchive
-from .model.doczip import DocLimits, checkDocZip
-from .model.names import checkName, normalizeProject
-from .releases import docFilename, httpDate, logEntry, newEntry, uploadTime
-from .serverdir import checkCanInitialise, initialise
-from .storage import BlobInfo
-from .storage.plugin import findBackend
-from .storage.threads import SynchronousRunner
-from .timeutil import isoNow
+from devpi_twisted.services.auth import PasswordHashing
+from devpi_twisted.errors import BadRequest, DevpiError, ServerDirError
+from devpi_twisted.admin.exporter import EXTRA, recordProblem, safeSegment, syncResult, versionFromFilename
+from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
+from devpi_twisted.interfaces import IWriteTransaction
+from devpi_twisted.model import indexconfig, keys
+from devpi_twisted.model.distfile import inspectArchive
+from devpi_twisted.model.doczip import DocLimits, checkDocZip
+from devpi_twisted.model.names import checkName, normalizeProject
+from devpi_twisted.services.releases import docFilename, httpDate, logEntry, newEntry, uploadTime
+from devpi_twisted.app.serverdir import checkCanInitialise, initialise
+from devpi_twisted.storage import BlobInfo
+from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.model.timeutil import isoNow
 
 USER_KEYS = ("pwhash", "created", "modified", "email", "title", "description", "custom_data")
 FILE_TYPES = ("releasefile", "doczip", "toxresult")

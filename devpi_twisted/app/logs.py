@@ -6,10 +6,10 @@ Each line has C{time} (ISO 8601, UTC), C{level}, C{namespace}, the formatted
 C{message}, every plain-valued field of the event (the access log's
 C{client}, C{status}, C{duration}; an upload's C{filename}, C{sha256}; a
 mirror's C{mirror}, C{state}), and C{traceback} for failures.  Text goes
-through L{devpi_twisted.redact.scrubText} on the way out.
+through L{devpi_twisted.model.redact.scrubText} on the way out.
 
 Two ways to get them:
-  - C{twistd --logger=devpi_twisted.logs.jsonStdout ...}: twistd's own
+  - C{twistd --logger=devpi_twisted.app.logs.jsonStdout ...}: twistd's own
     hook; JSON instead of text on standard output (for systemd's journal);
   - C{--json-log PATH}: JSON to a file (rotated at 50 MB, 5 kept) in
     addition to twistd's text log, e.g. in daemon mode.
@@ -25,7 +25,7 @@ from twisted.logger import ILogObserver, LogPublisher, formatEvent, globalLogPub
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from .redact import scrubText
+from devpi_twisted.model.redact import scrubText
 
 _PLAIN = (str, int, float, bool, type(None))
 _SKIP = {"format", "message", "isError", "system", "time", "why", "failure", "printed"}
@@ -69,7 +69,7 @@ class JSONLinesObserver:
 
 
 def jsonStdout() -> JSONLinesObserver:
-    """The observer factory for C{twistd --logger=devpi_twisted.logs.jsonStdout}."""
+    """The observer factory for C{twistd --logger=devpi_twisted.app.logs.jsonStdout}."""
     return JSONLinesObserver(sys.stdout)
 
 

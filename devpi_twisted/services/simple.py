@@ -25,13 +25,13 @@ from packaging.utils import canonicalize_name
 
 from twisted.logger import Logger
 
-from .coalesce import Coalescer
-from .errors import NotFound, UpstreamError
-from .interfaces import IReadView, IStorage
-from .model import keys
-from .model.inheritance import Stage, contributingStages, resolutionOrder
-from .model.negotiation import JSON
-from .model.simplepage import (
+from devpi_twisted.model.coalesce import Coalescer
+from devpi_twisted.errors import NotFound, UpstreamError
+from devpi_twisted.interfaces import IReadView, IStorage
+from devpi_twisted.model import keys
+from devpi_twisted.model.inheritance import Stage, contributingStages, resolutionOrder
+from devpi_twisted.model.negotiation import JSON
+from devpi_twisted.model.simplepage import (
     ProjectPage,
     SimpleFile,
     renderIndexHTML,
@@ -39,8 +39,8 @@ from .model.simplepage import (
     renderProjectHTML,
     renderProjectJSON,
 )
-from .storage import ChangeRecord
-from .storage.threads import Runner, SynchronousRunner
+from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.storage.threads import Runner, SynchronousRunner
 
 _PROJECT_KINDS = {"project", "version", "file", "simple"}
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024

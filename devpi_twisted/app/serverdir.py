@@ -21,7 +21,7 @@ from typing import Any, Iterator, Callable
 
 from twisted.python.filepath import FilePath
 
-from .errors import ServerDirError
+from devpi_twisted.errors import ServerDirError
 
 FORMAT = 1
 FORMAT_TEXT = f"devpi-twisted {FORMAT}"

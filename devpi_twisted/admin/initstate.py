@@ -10,13 +10,13 @@ from typing import Any, TextIO
 
 from twisted.python.filepath import FilePath
 
-from .auth import PasswordHashing
-from .interfaces import IWriteTransaction
-from .model import keys
-from .serverdir import ServerDir, checkCanInitialise, initialise
-from .storage.plugin import findBackend
-from .storage.threads import SynchronousRunner
-from .timeutil import isoNow
+from devpi_twisted.services.auth import PasswordHashing
+from devpi_twisted.interfaces import IWriteTransaction
+from devpi_twisted.model import keys
+from devpi_twisted.app.serverdir import ServerDir, checkCanInitialise, initialise
+from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.model.timeutil import isoNow
 
 PYPI_URL = "https://pypi.org/simple/"
 
