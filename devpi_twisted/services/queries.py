@@ -11,6 +11,7 @@ from devpi_twisted.interfaces import IReadView
 from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage, contributingStages
 from devpi_twisted.model.simplepage import SimpleFile
+from devpi_twisted.services.fileentries import projectEntries
 from devpi_twisted.services.simple import orderOf
 
 _LIST_DEFAULTS = (
@@ -46,7 +47,7 @@ def _versionData(metadata: dict[str, Any], links: list[dict[str, Any]]) -> dict[
 def _stageVersions(view: IReadView, stage: Stage, project: str, baseURL: str) -> dict[str, dict[str, Any]]:
     versions: dict[str, dict[str, Any]] = {}
     links: dict[str, list[dict[str, Any]]] = {}
-    for _, entry in view.items(keys.filesPrefix(stage.user, stage.index, project)):
+    for entry in projectEntries(view, stage.user, stage.index, project):
         links.setdefault(entry["version"], []).append(linkOf(entry, baseURL))
     for _, metadata in view.items(keys.versionsPrefix(stage.user, stage.index, project)):
         version = metadata["version"]
