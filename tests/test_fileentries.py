@@ -130,3 +130,110 @@ class OneWriterTests(SynchronousTestCase):
             for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")
         )
         self.assertEqual(private, [])
+
+
+class WebThroughServicesTests(SynchronousTestCase):
+    """Views ask services; they never name a storage key nor read storage themselves."""
+
+    def test_webImportsNoKeys(self) -> None:
+        importers = sorted(
+            name for name, module in _modules("web") for node in ast.walk(module)
+            if isinstance(node, ast.ImportFrom) and (
+                node.module == "devpi_twisted.model.keys"
+                or node.module == "devpi_twisted.model" and any(a.name == "keys" for a in node.names))
+            or isinstance(node, ast.Import) and any(a.name == "devpi_twisted.model.keys" for a in node.names)
+        )
+        self.assertEqual(importers, [])
+
+    def test_webReadsNoStorage(self) -> None:
+        readers = sorted(
+            name for name, module in _modules("web") for node in ast.walk(module)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("read", "readAsOf")
+            and (isinstance(node.func.value, ast.Attribute) and node.func.value.attr in ("_storage", "storage")
+                 or isinstance(node.func.value, ast.Name) and node.func.value.id == "storage")
+        )
+        self.assertEqual(readers, [])
+
+
+class ReadServicesTests(SynchronousTestCase):
+    """The service methods the views now call, on memory storage."""
+
+    def setUp(self) -> None:
+        from devpi_twisted.services.fileentries import writeFileEntry
+
+        self.storage = MemoryStorage(lambda: 0.0)
+
+        def populate(txn: Any) -> None:
+            txn.set(keys.userKey("alice"), {"pwhash": "hash-of-alice"})
+            txn.set(keys.indexKey("alice", "dev"), {"type": "stage", "volatile": True, "bases": ["alice/base"]})
+            txn.set(keys.indexKey("alice", "base"), {"type": "stage", "volatile": True, "bases": []})
+            txn.set(keys.indexKey("root", "pypi"), {"type": "mirror", "mirror_url": "https://pypi.org/simple/"})
+            txn.set(keys.projectKey("alice", "base", "demo-pkg"), {"name": "demo-pkg"})
+            for version in ("1.0", "2.0"):
+                txn.set(keys.versionKey("alice", "base", "demo-pkg", version), {"name": "demo-pkg", "version": version})
+            writeFileEntry(txn, "alice", "dev", _entry(), b"meta")
+            writeFileEntry(txn, "alice", "base", _entry("doczip", "demo-pkg-2.0.doc.zip", "2.0", "base"))
+
+        self.storage.write(populate)
+
+    def test_fileOrMirror(self) -> None:
+        from devpi_twisted.services.queries import Queries
+
+        queries = Queries(self.storage)
+        path = f"{SHA[:3]}/{SHA[3:16]}/{WHEEL}"
+        entry, stage = self.successResultOf(queries.fileOrMirror("alice", "dev", path))
+        self.assertEqual((entry["filename"], stage), (WHEEL, None))
+        entry, stage = self.successResultOf(queries.fileOrMirror("root", "pypi", path))
+        self.assertIsNone(entry)
+        self.assertEqual(stage.name, "root/pypi")
+        self.failureResultOf(queries.fileOrMirror("alice", "base", path), NotFound)
+        self.failureResultOf(queries.fileOrMirror("alice", "nope", path), NotFound)
+        self.assertEqual(self.successResultOf(queries.file("alice", "dev", path))["filename"], WHEEL)
+
+    def test_coreMetadata(self) -> None:
+        from devpi_twisted.services.queries import Queries
+
+        queries = Queries(self.storage)
+        entry = _entry()
+        self.assertEqual(self.successResultOf(queries.coreMetadata("alice", "dev", entry)), b"meta")
+        self.assertIsNone(self.successResultOf(queries.coreMetadata("alice", "base", entry)))
+
+    def test_findDoc(self) -> None:
+        """A release's docs are found through the bases; C{latest} is the highest version there."""
+        from devpi_twisted.services.releases import Documentation
+
+        docs = Documentation(self.storage, lambda: 0.0)
+        for version in ("2.0", "latest", "stable"):
+            found = self.successResultOf(docs.findDoc("alice", "dev", "demo-pkg", version))
+            self.assertEqual(found["filename"], "demo-pkg-2.0.doc.zip")
+        self.assertIsNone(self.successResultOf(docs.findDoc("alice", "dev", "demo-pkg", "1.0")))
+
+    def test_passwordHash(self) -> None:
+        from devpi_twisted.services.users import Users
+
+        users = Users(self.storage, None, None)  # type: ignore[arg-type]
+        self.assertEqual(self.successResultOf(users.passwordHash("alice")), "hash-of-alice")
+        self.assertIsNone(self.successResultOf(users.passwordHash("bob")))
+
+    def test_replicaChanges(self) -> None:
+        """Replicas get fingerprints, never password hashes; other changes go as they are."""
+        from devpi_twisted.services.auth import replicaUserConfig
+        from devpi_twisted.services.users import replicaChanges
+
+        changes = {keys.userKey("alice"): {"pwhash": "secret-hash"}, keys.userKey("bob"): None,
+                   keys.indexKey("alice", "dev"): {"pwhash": "not a user"}}
+        sent = replicaChanges(b"s", changes)
+        self.assertEqual(sent[keys.userKey("alice")], replicaUserConfig(b"s", {"pwhash": "secret-hash"}))
+        self.assertNotIn("secret-hash", repr(sent[keys.userKey("alice")]))
+        self.assertIsNone(sent[keys.userKey("bob")])
+        self.assertEqual(sent[keys.indexKey("alice", "dev")], {"pwhash": "not a user"})
+
+    def test_altersFilePaths(self) -> None:
+        from devpi_twisted.services.fileentries import altersFilePaths
+
+        self.assertTrue(altersFilePaths([keys.fileKey("alice", "dev", "demo-pkg", WHEEL)]))
+        self.assertTrue(altersFilePaths([keys.userKey("alice")]))
+        self.assertTrue(altersFilePaths([keys.tombstoneKey("alice", "dev", "a", "b", WHEEL)]))
+        self.assertFalse(altersFilePaths([keys.versionKey("alice", "dev", "demo-pkg", "1.0")]))
+        self.assertFalse(altersFilePaths([]))

@@ -18,9 +18,10 @@ from devpi_twisted.model.acl import mayUpload
 from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.names import checkProjectName, checkVersion
 from devpi_twisted.services.fileentries import (
-    existingFile, logEntry, lookupFile, newEntry, projectEntries, removeFileEntry, toxresultRelpath,
+    existingFile, fileEntry, logEntry, lookupFile, newEntry, projectEntries, removeFileEntry, toxresultRelpath,
     writeFileEntry,
 )
+from devpi_twisted.services.simple import orderOf
 from devpi_twisted.storage import BlobInfo
 
 PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
@@ -348,6 +349,28 @@ class Documentation:
 
         _, stored = await self._storage.write(_store)
         return stored
+
+    async def findDoc(self, user: str, index: str, project: str, version: str) -> dict[str, Any] | None:
+        """
+        The doczip entry of a release (C{version} may be C{latest} or
+        C{stable}), looking through the index's private stages in order.
+        """
+
+        def _find(view: IReadView) -> dict[str, Any] | None:
+            for stage in orderOf(view, user, index):
+                if stage.isMirror:
+                    continue
+                wanted = version
+                if version in ("latest", "stable"):
+                    wanted = latestVersion(view, stage.user, stage.index, project)
+                    if wanted is None:
+                        continue
+                entry = fileEntry(view, stage.user, stage.index, project, docFilename(project, wanted))
+                if entry is not None:
+                    return entry
+            return None
+
+        return await self._storage.read(_find)
 
     async def checkToxresultRights(self, requester: str | None, user: str, index: str, relpath: str) -> dict[str, Any]:
         from devpi_twisted.model.acl import matchesPrincipals
