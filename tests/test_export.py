@@ -36,7 +36,7 @@ from devpi_twisted.admin.exporter import EXTRA, ExportError, exportServerDir, sy
 from devpi_twisted.admin.importer import ImportFailed, importServerDir
 from devpi_twisted.admin.initstate import createServerDir
 from devpi_twisted.model import keys
-from devpi_twisted.services.releases import _removeFile, lookupFile
+from devpi_twisted.services.fileentries import lookupFile, removeFileEntry
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage.plugin import findBackend
 from devpi_twisted.storage.threads import SynchronousRunner
@@ -427,7 +427,7 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
         wheelKey = keys.fileKey("alice", "dev", "hello-devpi", "hello_devpi-1.1-py3-none-any.whl")
         try:
             entry = syncResult(storage.read(lambda view: view.get(wheelKey)))
-            syncResult(storage.write(lambda txn: _removeFile(txn, "alice", "dev", entry)))
+            syncResult(storage.write(lambda txn: removeFileEntry(txn, "alice", "dev", entry)))
         finally:
             syncResult(storage.close())
         relpath = entry["relpath"].split("/+f/", 1)[1]

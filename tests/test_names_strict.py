@@ -21,7 +21,7 @@ from devpi_twisted.admin.exporter import recordProblem, syncResult
 from devpi_twisted.model import keys
 from devpi_twisted.model.names import isValidProjectName, normalizeVersion, versionProblem
 from devpi_twisted.model.upstreampage import parseProjectList
-from devpi_twisted.services.releases import newEntry
+from devpi_twisted.services.fileentries import newEntry
 from devpi_twisted.storage import BlobInfo
 
 from .distbuilder import Dist, buildSdist, buildWheel, uploadBody

@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.model import keys
 from devpi_twisted.services.push import CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, PushClient, Pusher, pushClient
-from devpi_twisted.services.releases import addFileEntry, newEntry
+from devpi_twisted.services.fileentries import newEntry, writeFileEntry
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
@@ -98,7 +98,7 @@ def storeRelease(storage: MemoryStorage, blobs: MemoryBlobStore) -> None:
         txn.set(keys.indexKey("alice", "dev"), {"type": "stage", "volatile": True, "bases": []})
         txn.set(keys.projectKey("alice", "dev", "demo-pkg"), {"name": "demo-pkg"})
         txn.set(keys.versionKey("alice", "dev", "demo-pkg", "1.0"), {"name": "demo-pkg", "version": "1.0"})
-        addFileEntry(txn, "alice", "dev", newEntry(
+        writeFileEntry(txn, "alice", "dev", newEntry(
             "alice", "dev", "releasefile", WHEEL, "demo-pkg", "1.0", BlobInfo(sha, len(DATA)), 0.0, []))
 
     storage.write(write)

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from devpi_twisted.model.inheritance import Stage, contributingStages, resolutionOrder
-from devpi_twisted.services.releases import uploadTime
+from devpi_twisted.services.fileentries import uploadTime
 from devpi_twisted.web.limits import limitedRequestFactory
 
 from .distbuilder import Dist, attestationFor, buildSdist, buildWheel, uploadBody

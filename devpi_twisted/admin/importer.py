@@ -26,7 +26,6 @@ Everything is built in a temporary directory that is renamed into place at
 the end (as C{init} does), so a failed import leaves no server directory.
 """
 
-import base64
 import calendar
 import copy
 import email.utils
@@ -50,7 +49,8 @@ from devpi_twisted.model import indexconfig, keys
 from devpi_twisted.model.distfile import inspectArchive
 from devpi_twisted.model.doczip import DocLimits, checkDocZip
 from devpi_twisted.model.names import checkName, normalizeProject
-from devpi_twisted.services.releases import docFilename, httpDate, logEntry, newEntry, uploadTime
+from devpi_twisted.services.fileentries import httpDate, logEntry, newEntry, toxresultRelpath, uploadTime, writeFileEntry
+from devpi_twisted.services.releases import docFilename
 from devpi_twisted.app.serverdir import checkCanInitialise, initialise
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.storage.plugin import findBackend
@@ -448,7 +448,7 @@ class Importer:
                     self.warn(f"{where}: its release file {forName!r} is not in the export; not imported")
                     continue
                 entry["for_relpath"] = release["relpath"]
-                entry["relpath"] = release["relpath"].rsplit("/", 1)[0] + "/" + filename
+                entry["relpath"] = toxresultRelpath(release["relpath"], filename)
             elif rel == "releasefile":
                 releases[filename] = entry
             if metadata is not None:
@@ -464,13 +464,7 @@ class Importer:
                 for version, metadata in versions.items():
                     txn.set(keys.versionKey(user, index, project, version), metadata)
             for entry in entries:
-                fileKey = keys.fileKey(user, index, project, entry["filename"])
-                h3, h13, basename = entry["relpath"].split("/+f/", 1)[1].split("/", 2)
-                txn.set(fileKey, entry)
-                txn.set(keys.pathKey(user, index, h3, h13, basename), {"file": fileKey})
-                if entry["filename"] in coremeta:
-                    txn.set(keys.coreMetadataKey(user, index, project, entry["filename"]),
-                            {"data": base64.b64encode(coremeta[entry["filename"]]).decode("ascii")})
+                writeFileEntry(txn, user, index, entry, coremeta.get(entry["filename"]))
 
         self._write(_store)
         return len(entries)

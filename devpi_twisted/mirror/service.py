@@ -24,13 +24,13 @@ from twisted.web.server import NOT_DONE_YET
 
 from devpi_twisted.model.coalesce import Coalescer
 from devpi_twisted.errors import NotFound, UpstreamError
-from devpi_twisted.interfaces import IBlobStore, IStorage, IWriteTransaction
+from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.names import normalizeProject
 from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.model.upstreampage import UpstreamLink, toSimpleFile
-from devpi_twisted.services.releases import httpDate, logEntry
+from devpi_twisted.services.fileentries import httpDate, logEntry, writeFileEntry
 from devpi_twisted.storage import BLOB_REF, BlobInfo
 from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor
 from devpi_twisted.mirror.files import FetchedFile, FileFetch, attachLiveClient, startFetch
@@ -260,15 +260,7 @@ class Mirrors(MultiService):
 
     def _record(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> Deferred[Any]:
         entry = self.mirrorEntry(fetched, stage, project, link)
-        # Unhashed links live under +f/nohash/<url hash>/: a path key all the same.
-        h3, h13, name = entry["relpath"].split("/+f/", 1)[1].split("/", 2)
-
-        def _store(txn: IWriteTransaction) -> None:
-            fileKey = keys.fileKey(stage.user, stage.index, project, link.filename)
-            txn.set(fileKey, entry)
-            txn.set(keys.pathKey(stage.user, stage.index, h3, h13, name), {"file": fileKey})
-
-        d = self._storage.write(_store)
+        d = self._storage.write(lambda txn: writeFileEntry(txn, stage.user, stage.index, entry))
         d.addErrback(lambda f: log.failure("recording mirror file {filename}", failure=f, filename=link.filename))
         return d
 

@@ -38,7 +38,10 @@ from devpi_twisted.model.acl import mayUpload
 from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.names import isValidProjectName, normalizeProject, splitIndexName
-from devpi_twisted.services.releases import addFileEntry, existingFile, indexConfig, logEntry, _removeFile
+from devpi_twisted.services.fileentries import (
+    coreMetadata, existingFile, logEntry, projectEntries, removeFileEntry, toxresultRelpath, writeFileEntry,
+)
+from devpi_twisted.services.releases import indexConfig
 
 log = Logger()
 
@@ -200,7 +203,7 @@ class Pusher:
             metadata = view.get(keys.versionKey(source.user, source.index, project, version))
             if metadata is None:
                 raise BadRequest(f"there are no files for {project} {version} on stage {source.name}")
-            entries = [e for _, e in view.items(keys.filesPrefix(source.user, source.index, project))
+            entries = [e for e in projectEntries(view, source.user, source.index, project)
                        if e["version"] == version and e.get("rel", "releasefile") in _RELS]
             return metadata, entries
 
@@ -246,28 +249,22 @@ class Pusher:
                         renamed[entry["relpath"]] = existing["relpath"]
                         actions.append([200, f"store_{rel}", f"{existing['relpath']} (already there)"])
                         continue
-                    _removeFile(txn, tuser, tindex, existing)
+                    removeFileEntry(txn, tuser, tindex, existing)
                     overwrite = [_overwriteEntry(existing, now)]
                 copy = dict(entry)
                 copy.pop("url", None)
                 copy["log"] = overwrite + [e for e in entry.get("log", []) if e.get("what") != "overwrite"] + [pushLog]
-                sha = entry["sha256"]
+                wheelMetadata = None
                 if rel == "toxresult":
                     release = renamed.get(entry.get("for_relpath", ""))
                     if release is None:
                         continue
                     copy["for_relpath"] = release
-                    copy["relpath"] = release.rsplit("/", 1)[0] + "/" + entry["filename"]
-                    fileKey = keys.fileKey(tuser, tindex, project, entry["filename"])
-                    txn.set(fileKey, copy)
-                    h3, h13 = release.split("/+f/", 1)[1].split("/")[:2]
-                    txn.set(keys.pathKey(tuser, tindex, h3, h13, entry["filename"]), {"file": fileKey})
+                    copy["relpath"] = toxresultRelpath(release, entry["filename"])
                 else:
-                    copy["relpath"] = keys.fileRelpath(tuser, tindex, sha, entry["filename"])
-                    addFileEntry(txn, tuser, tindex, copy)
-                    coremeta = txn.get(keys.coreMetadataKey(source.user, source.index, project, entry["filename"]))
-                    if coremeta is not None:
-                        txn.set(keys.coreMetadataKey(tuser, tindex, project, entry["filename"]), coremeta)
+                    copy["relpath"] = keys.fileRelpath(tuser, tindex, entry["sha256"], entry["filename"])
+                    wheelMetadata = coreMetadata(txn, source.user, source.index, project, entry["filename"])
+                writeFileEntry(txn, tuser, tindex, copy, wheelMetadata)
                 renamed[entry["relpath"]] = copy["relpath"]
                 if rel == "doczip":
                     actions.append([200, "store_doczip", project, version, "->", target])

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devpi_twisted.errors import NotFound
-from devpi_twisted.interfaces import IReadView
+from devpi_twisted.interfaces import IReadView, IStorage
 from devpi_twisted.model import keys
+from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.inheritance import Stage, contributingStages
 from devpi_twisted.model.simplepage import SimpleFile
+from devpi_twisted.services.fileentries import coreMetadata, lookupFile, projectEntries
 from devpi_twisted.services.simple import orderOf
 
 _LIST_DEFAULTS = (
@@ -46,7 +48,7 @@ def _versionData(metadata: dict[str, Any], links: list[dict[str, Any]]) -> dict[
 def _stageVersions(view: IReadView, stage: Stage, project: str, baseURL: str) -> dict[str, dict[str, Any]]:
     versions: dict[str, dict[str, Any]] = {}
     links: dict[str, list[dict[str, Any]]] = {}
-    for _, entry in view.items(keys.filesPrefix(stage.user, stage.index, project)):
+    for entry in projectEntries(view, stage.user, stage.index, project):
         links.setdefault(entry["version"], []).append(linkOf(entry, baseURL))
     for _, metadata in view.items(keys.versionsPrefix(stage.user, stage.index, project)):
         version = metadata["version"]
@@ -144,3 +146,44 @@ def fileMeta(entry: dict[str, Any]) -> dict[str, Any]:
         "version": entry["version"],
         "size": entry["size"],
     }
+
+
+class Queries:
+    """What the read views ask of stored releases, each answer read in one storage view."""
+
+    def __init__(self, storage: IStorage) -> None:
+        self._storage = storage
+
+    async def projectVersions(self, user: str, index: str, project: str, baseURL: str,
+                              ignoreBases: bool) -> ProjectVersions:
+        """See L{collectProject}; the mirrors it names are still to be asked."""
+        return await self._storage.read(lambda view: collectProject(view, user, index, project, baseURL, ignoreBases))
+
+    async def file(self, user: str, index: str, relpath: str) -> dict[str, Any]:
+        """The entry a C{+f/...} path names.  @raise Gone: deleted.  @raise NotFound: never here."""
+        return await self._storage.read(lambda view: lookupFile(view, user, index, relpath))
+
+    async def fileOrMirror(self, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:
+        """
+        The stored file entry (C{None} when a mirror has yet to fetch it),
+        and the index as a stage when it is a mirror.
+        """
+        return await self._storage.read(lambda view: _fileOrMirror(view, user, index, relpath))
+
+    async def coreMetadata(self, user: str, index: str, entry: dict[str, Any]) -> bytes | None:
+        """The stored METADATA of a wheel's entry, if any."""
+        return await self._storage.read(
+            lambda view: coreMetadata(view, user, index, entry["project"], entry["filename"]))
+
+
+def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:
+    config = view.get(keys.indexKey(user, index))
+    if config is None:
+        raise NotFound(f"The stage {user}/{index} could not be found.")
+    stage = Stage(user, index, config) if config.get("type") == MIRROR else None
+    try:
+        return lookupFile(view, user, index, relpath), stage
+    except NotFound:
+        if stage is None:
+            raise
+        return None, stage

@@ -7,37 +7,24 @@ bytes, a volatile index, an archived project) run inside the transaction, so
 concurrent uploads cannot both win.
 """
 
-import base64
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from devpi_twisted.errors import BadRequest, Conflict, Forbidden, Gone, NotFound
+from devpi_twisted.errors import BadRequest, Forbidden, Gone, NotFound
 from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import mayUpload
 from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.names import checkProjectName, checkVersion
-from devpi_twisted.storage import BLOB_REF, BlobInfo
+from devpi_twisted.services.fileentries import (
+    existingFile, fileEntry, logEntry, lookupFile, newEntry, projectEntries, removeFileEntry, toxresultRelpath,
+    writeFileEntry,
+)
+from devpi_twisted.services.simple import orderOf
+from devpi_twisted.storage import BlobInfo
 
 PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
-
-
-def uploadTime(seconds: float) -> str:
-    """RFC 3339 UTC with microseconds, as PEP 700 wants C{upload-time}."""
-    micros = int(round((seconds % 1) * 1_000_000)) % 1_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-
-
-def httpDate(seconds: float) -> str:
-    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
-
-
-def logEntry(what: str, who: str | None, seconds: float, **extra: Any) -> dict[str, Any]:
-    """A devpi-style log record of what happened to a file."""
-    entry = {"what": what, "who": who, "when": list(time.gmtime(seconds)[:6])}
-    entry.update(extra)
-    return entry
 
 
 @dataclass(frozen=True)
@@ -114,7 +101,7 @@ class Releases:
             if existing is not None:
                 if existing["sha256"] == upload.blob.sha256:
                     return False
-                _removeFile(txn, user, index, existing)
+                removeFileEntry(txn, user, index, existing)
                 log.append(logEntry("overwrite", requester, now))
             txn.set(projectKey, projectConfig)
             versionKey = keys.versionKey(user, index, project, upload.version)
@@ -126,36 +113,16 @@ class Releases:
             metadata["name"] = metadata.get("name") or upload.displayName
             metadata["version"] = upload.version
             txn.set(versionKey, metadata)
-            sha = upload.blob.sha256
-            entry: dict[str, Any] = {
-                "rel": "releasefile",
-                "filename": upload.filename,
-                "project": project,
-                "version": upload.version,
-                "sha256": sha,
-                "hashes": dict(upload.blob.hashes),
-                "size": upload.blob.size,
-                BLOB_REF: sha,
-                "relpath": keys.fileRelpath(user, index, sha, upload.filename),
-                "upload_time": uploadTime(now),
-                "last_modified": httpDate(now),
-                "requires_python": upload.metadata.get("requires_python") or None,
-                "yanked": False,
-                "log": log,
-            }
+            extra: dict[str, Any] = {"requires_python": upload.metadata.get("requires_python") or None}
             if upload.coreMetadata is not None:
                 import hashlib
 
-                entry["core_metadata_sha256"] = hashlib.sha256(upload.coreMetadata).hexdigest()
-                txn.set(
-                    keys.coreMetadataKey(user, index, project, upload.filename),
-                    {"data": base64.b64encode(upload.coreMetadata).decode("ascii")},
-                )
+                extra["core_metadata_sha256"] = hashlib.sha256(upload.coreMetadata).hexdigest()
             if upload.attestations:
-                entry["attestations"] = upload.attestations
-            fileKey = keys.fileKey(user, index, project, upload.filename)
-            txn.set(fileKey, entry)
-            txn.set(keys.pathKey(user, index, sha[:3], sha[3:16], upload.filename), {"file": fileKey})
+                extra["attestations"] = upload.attestations
+            writeFileEntry(txn, user, index, newEntry(
+                user, index, "releasefile", upload.filename, project, upload.version, upload.blob, now, log, **extra,
+            ), upload.coreMetadata)
             return True
 
         _, stored = await self._storage.write(_store)
@@ -245,8 +212,8 @@ class Releases:
                 raise NotFound("project not found")
             if not config.get("volatile", True) and not force:
                 raise Forbidden(f"project {project!r} is on non-volatile index {user}/{index}")
-            for _, entry in txn.items(keys.filesPrefix(user, index, project)):
-                _removeFile(txn, user, index, entry)
+            for entry in projectEntries(txn, user, index, project):
+                removeFileEntry(txn, user, index, entry)
             for key, _ in txn.items(keys.versionsPrefix(user, index, project)):
                 txn.delete(key)
             txn.delete(keys.projectKey(user, index, project))
@@ -261,9 +228,9 @@ class Releases:
                 raise NotFound(f"The version {version} of project {project} does not exist.")
             if not config.get("volatile", True) and not force:
                 raise Forbidden("cannot delete version on non-volatile index")
-            for _, entry in txn.items(keys.filesPrefix(user, index, project)):
+            for entry in projectEntries(txn, user, index, project):
                 if entry["version"] == version:
-                    _removeFile(txn, user, index, entry)
+                    removeFileEntry(txn, user, index, entry)
             txn.delete(keys.versionKey(user, index, project, version))
             _dropEmptyProject(txn, user, index, project)
 
@@ -275,9 +242,9 @@ class Releases:
             entry = lookupFile(txn, user, index, relpath)
             if not config.get("volatile", True) and not force:
                 raise Forbidden("cannot delete version on non-volatile index")
-            _removeFile(txn, user, index, entry)
+            removeFileEntry(txn, user, index, entry)
             project, version = entry["project"], entry["version"]
-            remaining = [e for _, e in txn.items(keys.filesPrefix(user, index, project)) if e["version"] == version]
+            remaining = [e for e in projectEntries(txn, user, index, project) if e["version"] == version]
             if not remaining:
                 txn.delete(keys.versionKey(user, index, project, version))
                 _dropEmptyProject(txn, user, index, project)
@@ -304,54 +271,9 @@ def checkTakesUploads(projectConfig: dict[str, Any], project: str) -> None:
         raise BadRequest(f"project {project!r} is {status} and takes no uploads")
 
 
-def existingFile(view: IReadView, config: dict[str, Any], user: str, index: str, project: str,
-                 filename: str, sha256: str) -> dict[str, Any] | None:
-    """
-    The stored entry under this file name, if any.
-
-    @raise Conflict: other bytes are stored under the name and the index is
-        not volatile.
-    """
-    existing = view.get(keys.fileKey(user, index, project, filename))
-    if existing is not None and existing["sha256"] != sha256 and not config.get("volatile", True):
-        raise Conflict(
-            f"File already exists: {filename!r} is in the non-volatile index "
-            f"{user}/{index} with other content (sha256 {existing['sha256']})"
-        )
-    return existing
-
-
-def _removeFile(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
-    filename, project = entry["filename"], entry["project"]
-    # The stable path names the directory (a tox result sits in its release's).
-    h3, h13, name = entry["relpath"].split("/+f/", 1)[1].split("/", 2)
-    txn.delete(keys.fileKey(user, index, project, filename))
-    txn.delete(keys.coreMetadataKey(user, index, project, filename))
-    txn.delete(keys.pathKey(user, index, h3, h13, name))
-    txn.set(keys.tombstoneKey(user, index, h3, h13, name), {"project": project})
-
-
 def _dropEmptyProject(txn: IWriteTransaction, user: str, index: str, project: str) -> None:
     if not txn.items(keys.versionsPrefix(user, index, project)):
         txn.delete(keys.projectKey(user, index, project))
-
-
-def lookupFile(view: IReadView, user: str, index: str, relpath: str) -> dict[str, Any]:
-    """
-    The file entry a C{+f/<h3>/<h13>/<filename>} path names.
-
-    @raise Gone: it was deleted.  @raise NotFound: it never existed here.
-    """
-    parts = relpath.split("/")
-    if len(parts) == 3:
-        pointer = view.get(keys.pathKey(user, index, *parts))
-        if pointer is not None:
-            entry = view.get(pointer["file"])
-            if entry is not None:
-                return entry
-        if view.get(keys.tombstoneKey(user, index, *parts)) is not None:
-            raise Gone("file existed, deleted in later serial")
-    raise NotFound("no such file")
 
 
 def latestVersion(view: IReadView, user: str, index: str, project: str) -> str | None:
@@ -373,35 +295,6 @@ def latestVersion(view: IReadView, user: str, index: str, project: str) -> str |
 
 def docFilename(project: str, version: str) -> str:
     return f"{project}-{version}.doc.zip"
-
-
-def addFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
-    """Write a file entry and its stable-path pointer."""
-    sha = entry["sha256"]
-    fileKey = keys.fileKey(user, index, entry["project"], entry["filename"])
-    txn.set(fileKey, entry)
-    txn.set(keys.pathKey(user, index, sha[:3], sha[3:16], entry["filename"]), {"file": fileKey})
-
-
-def newEntry(user: str, index: str, rel: str, filename: str, project: str, version: str,
-             blob: BlobInfo, now: float, log: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "rel": rel,
-        "filename": filename,
-        "project": project,
-        "version": version,
-        "sha256": blob.sha256,
-        "hashes": dict(blob.hashes) or {"sha256": blob.sha256},
-        "size": blob.size,
-        BLOB_REF: blob.sha256,
-        "relpath": keys.fileRelpath(user, index, blob.sha256, filename),
-        "upload_time": uploadTime(now),
-        "last_modified": httpDate(now),
-        "yanked": False,
-        "log": log,
-    }
-    entry.update(extra)
-    return entry
 
 
 class Documentation:
@@ -442,13 +335,13 @@ class Documentation:
             if existing is not None:
                 if existing["sha256"] == blob.sha256:
                     return False
-                _removeFile(txn, user, index, existing)
+                removeFileEntry(txn, user, index, existing)
             projectKey = keys.projectKey(user, index, project)
             txn.set(projectKey, txn.get(projectKey) or {"name": displayName})
             versionKey = keys.versionKey(user, index, project, version)
             if txn.get(versionKey) is None:
                 txn.set(versionKey, {"name": displayName, "version": version})
-            addFileEntry(txn, user, index, newEntry(
+            writeFileEntry(txn, user, index, newEntry(
                 user, index, "doczip", filename, project, version, blob, now,
                 [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(log or []),
             ))
@@ -456,6 +349,28 @@ class Documentation:
 
         _, stored = await self._storage.write(_store)
         return stored
+
+    async def findDoc(self, user: str, index: str, project: str, version: str) -> dict[str, Any] | None:
+        """
+        The doczip entry of a release (C{version} may be C{latest} or
+        C{stable}), looking through the index's private stages in order.
+        """
+
+        def _find(view: IReadView) -> dict[str, Any] | None:
+            for stage in orderOf(view, user, index):
+                if stage.isMirror:
+                    continue
+                wanted = version
+                if version in ("latest", "stable"):
+                    wanted = latestVersion(view, stage.user, stage.index, project)
+                    if wanted is None:
+                        continue
+                entry = fileEntry(view, stage.user, stage.index, project, docFilename(project, wanted))
+                if entry is not None:
+                    return entry
+            return None
+
+        return await self._storage.read(_find)
 
     async def checkToxresultRights(self, requester: str | None, user: str, index: str, relpath: str) -> dict[str, Any]:
         from devpi_twisted.model.acl import matchesPrincipals
@@ -483,7 +398,7 @@ class Documentation:
         now = self._clock()
 
         def _store(txn: IWriteTransaction) -> str:
-            existing = {e["filename"] for _, e in txn.items(keys.filesPrefix(user, index, release["project"]))}
+            existing = {e["filename"] for e in projectEntries(txn, user, index, release["project"])}
             name = filename
             if name is None or name in existing:
                 stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
@@ -496,12 +411,8 @@ class Documentation:
                 [logEntry("upload", requester, now, dst=f"{user}/{index}")] + list(log or []),
                 for_relpath=release["relpath"],
             )
-            # Tox results live in their release file's directory, as with devpi.
-            entry["relpath"] = release["relpath"].rsplit("/", 1)[0] + "/" + name
-            fileKey = keys.fileKey(user, index, release["project"], name)
-            txn.set(fileKey, entry)
-            h3, h13 = release["relpath"].split("/+f/", 1)[1].split("/")[:2]
-            txn.set(keys.pathKey(user, index, h3, h13, name), {"file": fileKey})
+            entry["relpath"] = toxresultRelpath(release["relpath"], name)
+            writeFileEntry(txn, user, index, entry)
             return entry["relpath"]
 
         _, relpath = await self._storage.write(_store)

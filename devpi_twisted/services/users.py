@@ -8,7 +8,7 @@ requests cannot both succeed where only one may.
 
 from typing import Any
 
-from devpi_twisted.services.auth import Authenticator, PasswordHashing
+from devpi_twisted.services.auth import Authenticator, PasswordHashing, replicaUserConfig
 from devpi_twisted.errors import BadRequest, Conflict, Forbidden, NotFound
 from devpi_twisted.interfaces import IStorage, IWriteTransaction
 from devpi_twisted.model import keys
@@ -40,6 +40,14 @@ def indexesOf(view: Any, user: str) -> dict[str, Any]:
     return {key[len(prefix):]: value for key, value in view.items(prefix)}
 
 
+def replicaChanges(secret: bytes, changes: dict[str, Any]) -> dict[str, Any]:
+    """A change's keys and values as replicas are sent them: password hashes replaced by fingerprints."""
+    return {
+        key: replicaUserConfig(secret, value) if key.startswith(keys.USER) and isinstance(value, dict) else value
+        for key, value in changes.items()
+    }
+
+
 class Users:
     """The user operations of the JSON API."""
 
@@ -69,6 +77,11 @@ class Users:
         if result is None:
             raise NotFound(f"no user {name!r}")
         return result
+
+    async def passwordHash(self, name: str) -> str | None:
+        """The user's stored password hash (tokens are bound to it), if any."""
+        config = await self._storage.read(lambda view: view.get(keys.userKey(name)))
+        return (config or {}).get("pwhash")
 
     async def _newPasswordHash(self, body: dict[str, Any]) -> str | None:
         pwhash = body.get("pwhash")

@@ -89,8 +89,7 @@ class APIViews:
         user = body["user"]
         if await self._auth.authenticate(user, body["password"], address=clientAddress(request)) is None:
             raise Unauthorized(f"user {user!r} could not be authenticated")
-        config = await self._storage.read(lambda view: view.get(f"user/{user}"))
-        token = self._auth.makeToken(user, (config or {}).get("pwhash"))
+        token = self._auth.makeToken(user, await self._users.passwordHash(user))
         return jsonBody(
             request,
             result={"password": token, "expiration": TOKEN_LIFETIME},

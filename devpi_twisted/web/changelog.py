@@ -24,11 +24,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from devpi_twisted.services.auth import checkReplicationToken, replicaUserConfig, replicationKey
+from devpi_twisted.services.auth import checkReplicationToken, replicationKey
 from devpi_twisted.errors import Conflict, Forbidden, NotFound
 from devpi_twisted.interfaces import IBlobStore, IStorage
-from devpi_twisted.model.keys import USER
 from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.services.users import replicaChanges
 from devpi_twisted.web.context import clientAddress
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.headers import setSerial
@@ -39,10 +39,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 
 def recordLine(record: ChangeRecord, secret: bytes) -> bytes:
     """One record of the feed, password hashes replaced by fingerprints."""
-    changes = {
-        key: replicaUserConfig(secret, value) if key.startswith(USER) and isinstance(value, dict) else value
-        for key, value in record.changes.items()
-    }
+    changes = replicaChanges(secret, record.changes)
     line = json.dumps({"serial": record.serial, "time": record.time, "changes": changes},
                       separators=(",", ":"))
     return line.encode("utf-8") + b"\n"

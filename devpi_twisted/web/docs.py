@@ -22,11 +22,9 @@ from zope.interface import implementer
 
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import BadRequest, NotFound
-from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage
-from devpi_twisted.model import keys
+from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.names import isValidProjectName, normalizeProject
-from devpi_twisted.services.releases import Documentation, latestVersion
-from devpi_twisted.services.simple import orderOf
+from devpi_twisted.services.releases import Documentation
 from devpi_twisted.storage.doczip import DocMember, DocZipReader, RunFile
 from devpi_twisted.web.context import requesterOf
 from devpi_twisted.web.files import FileResponse
@@ -37,22 +35,6 @@ MAX_TOXRESULT = 64 * 1024 * 1024
 DOC_POLICY = b"sandbox allow-scripts allow-popups allow-forms; default-src 'self' 'unsafe-inline' data:"
 
 log = Logger()
-
-
-def _findDoc(view: IReadView, user: str, index: str, project: str, version: str) -> dict[str, Any] | None:
-    """The doczip entry of a release, looking through the index's private stages in order."""
-    for stage in orderOf(view, user, index):
-        if stage.isMirror:
-            continue
-        wanted = version
-        if version in ("latest", "stable"):
-            wanted = latestVersion(view, stage.user, stage.index, project)
-            if wanted is None:
-                continue
-        entry = view.get(keys.fileKey(stage.user, stage.index, project, f"{project}-{wanted}.doc.zip"))
-        if entry is not None:
-            return entry
-    return None
 
 
 def _readToxresult(content: BinaryIO) -> bytes:
@@ -189,7 +171,7 @@ class DocViews:
         if not isValidProjectName(name):
             raise NotFound(f"no project {name!r}")
         project = normalizeProject(name)
-        entry = await self._storage.read(lambda view: _findDoc(view, user, index, project, version))
+        entry = await self._docs.findDoc(user, index, project, version)
         if entry is None:
             raise NotFound(f"no documentation for {project} {version}")
         return entry

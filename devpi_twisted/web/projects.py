@@ -4,7 +4,6 @@ their C{.metadata}, deletions, and yanking and project status (which devpi
 does not have).
 """
 
-import base64
 import hashlib
 import json
 from typing import Any
@@ -15,35 +14,19 @@ from twisted.web.iweb import IRequest
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.config import ServerConfig
 from devpi_twisted.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
-from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage
-from devpi_twisted.model.indexconfig import MIRROR
+from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.attestations import provenanceObject
-from devpi_twisted.model import keys
 from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import wantsJSONAPI
-from devpi_twisted.services.queries import collectProject, fileMeta, mirrorVersions
-from devpi_twisted.services.releases import Releases, lookupFile
+from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
+from devpi_twisted.services.releases import Releases
 from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.pages import redirect
 from devpi_twisted.web.responses import jsonBody, readJSON, withLength
-
-
-def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:
-    """The stored file entry, and the index as a stage when it is a mirror."""
-    config = view.get(keys.indexKey(user, index))
-    if config is None:
-        raise NotFound(f"The stage {user}/{index} could not be found.")
-    stage = Stage(user, index, config) if config.get("type") == MIRROR else None
-    try:
-        return lookupFile(view, user, index, relpath), stage
-    except NotFound:
-        if stage is None:
-            raise
-        return None, stage
 
 
 def _project(name: str) -> str:
@@ -58,8 +41,9 @@ class ProjectViews:
     log = Logger()
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
-                 auth: Authenticator, releases: Releases, mirrors: Any = None,
+                 auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None) -> None:
+        self._queries = queries
         self._mirrors = mirrors
         self._knownFiles = knownFiles
         self._config = config
@@ -101,8 +85,7 @@ class ProjectViews:
         decides when upstream is asked again, and a project that appeared
         upstream since the last look is found).
         """
-        collected = await self._storage.read(
-            lambda view: collectProject(view, user, index, project, base, ignoreBases))
+        collected = await self._queries.projectVersions(user, index, project, base, ignoreBases)
         for stage in collected.mirrors:
             if self._mirrors is None:
                 continue
@@ -163,12 +146,12 @@ class ProjectViews:
     # files
 
     async def _entry(self, user: str, index: str, relpath: str) -> dict[str, Any]:
-        return await self._storage.read(lambda view: lookupFile(view, user, index, relpath))
+        return await self._queries.file(user, index, relpath)
 
     async def getFile(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
         metadata = relpath.endswith(".metadata")
         target = relpath[: -len(".metadata")] if metadata else relpath
-        entry, mirror = await self._storage.read(lambda view: _fileOrMirror(view, user, index, target))
+        entry, mirror = await self._queries.fileOrMirror(user, index, target)
         if entry is None:
             if self._mirrors is None:
                 raise NotFound("no such file")
@@ -202,13 +185,11 @@ class ProjectViews:
                             mirror: Stage | None) -> Any:
         import io
 
-        stored = await self._storage.read(lambda view: view.get(
-            keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
-        if stored is None:
+        data = await self._queries.coreMetadata(user, index, entry)
+        if data is None:
             if mirror is not None and self._mirrors is not None:
                 return await self._mirrors.serveFile(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
             raise NotFound(f"no metadata found in {entry['filename']}")
-        data = base64.b64decode(stored["data"])
         return FileResponse(
             file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",
             etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',

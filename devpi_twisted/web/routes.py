@@ -23,6 +23,7 @@ from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.negotiation import JSON, chooseSimpleFormat, wantsJSONAPI
 from devpi_twisted.model.doczip import DocLimits
 from devpi_twisted.services.push import Pusher
+from devpi_twisted.services.queries import Queries
 from devpi_twisted.services.releases import Documentation, Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.users import Users
@@ -274,7 +275,7 @@ def makeWebResource(
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics),
         pageViews,
-        ProjectViews(config, storage, blobs, auth, releases, mirrors, knownFiles),
+        ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),

@@ -22,15 +22,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from devpi_twisted.interfaces import IBlobStore, IStorage
-from devpi_twisted.model import keys
 from devpi_twisted.model.negotiation import wantsJSONAPI
+from devpi_twisted.services.fileentries import altersFilePaths
 from devpi_twisted.storage import ChangeRecord
 from devpi_twisted.web.files import serveBytesOrFile
 
 log = Logger()
 
-# Keys whose change can alter what a file path answers.
-_FILE_KINDS = frozenset({"file", "path", "deleted", "index", "user"})
 _MAX_KNOWN = 20000
 
 
@@ -52,7 +50,7 @@ class KnownFiles:
         storage.subscribe(self._changed)
 
     def _changed(self, record: ChangeRecord) -> None:
-        if self._known and any(keys.parseKey(key)[0] in _FILE_KINDS for key in record.changes):
+        if self._known and altersFilePaths(record.changes):
             self._known.clear()
 
     def remember(self, path: bytes, entry: dict[str, Any]) -> None:
