@@ -59,8 +59,9 @@ class ProjectViews:
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
                  auth: Authenticator, releases: Releases, mirrors: Any = None,
-                 knownFiles: KnownFiles | None = None) -> None:
+                 knownFiles: KnownFiles | None = None, mirrorFiles: Any = None) -> None:
         self._mirrors = mirrors
+        self._mirrorFiles = mirrorFiles
         self._knownFiles = knownFiles
         self._config = config
         self._storage = storage
@@ -170,9 +171,9 @@ class ProjectViews:
         target = relpath[: -len(".metadata")] if metadata else relpath
         entry, mirror = await self._storage.read(lambda view: _fileOrMirror(view, user, index, target))
         if entry is None:
-            if self._mirrors is None:
+            if self._mirrorFiles is None:
                 raise NotFound("no such file")
-            return await self._mirrors.serveFile(request, mirror, relpath)
+            return await self._mirrorFiles.answer(request, mirror, relpath)
         if metadata:
             return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
@@ -205,8 +206,8 @@ class ProjectViews:
         stored = await self._storage.read(lambda view: view.get(
             keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
         if stored is None:
-            if mirror is not None and self._mirrors is not None:
-                return await self._mirrors.serveFile(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
+            if mirror is not None and self._mirrorFiles is not None:
+                return await self._mirrorFiles.answer(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
             raise NotFound(f"no metadata found in {entry['filename']}")
         data = base64.b64decode(stored["data"])
         return FileResponse(
