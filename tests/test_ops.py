@@ -53,6 +53,7 @@ from devpi_twisted.web.accesslog import ACCESS_NAMESPACE, AccessLog
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.metrics import (
+    CountingMirrorFiles,
     CountingMirrors,
     Metrics,
     MetricsView,
@@ -610,7 +611,7 @@ class FakeMirrors:
 
     def __init__(self) -> None:
         self.fresh = True
-        self.served: list[Any] = []
+        self.refreshed: list[Any] = []
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         return {"root/pypi": {"state": "offline", "consecutive-failures": 3, "last-success": 100.0,
@@ -622,12 +623,15 @@ class FakeMirrors:
     async def projectFiles(self, stage: Any, project: str, rootPrefix: str) -> list[Any]:
         return []
 
-    async def serveFile(self, request: Any, stage: Any, relpath: str) -> bytes:
-        self.served.append(relpath)
-        return b"data"
+    async def refresh(self, stage: Any, project: str) -> None:
+        self.refreshed.append(project)
 
-    def other(self) -> str:
-        return "passed through"
+
+class FakeMirrorFiles:
+    """Answers mirror file requests without a mirror."""
+
+    async def answer(self, request: Any, stage: Any, relpath: str) -> bytes:
+        return b"data"
 
 
 class Stage:
@@ -731,13 +735,15 @@ class MetricsTests(SiteTestMixin, SynchronousTestCase):
     def test_cacheHitsAndMisses(self) -> None:
         """Fresh pages are hits, stale ones misses; mirror files fetched upstream are misses, stored ones hits."""
         counting = CountingMirrors(self.mirrors, self.metrics)
-        self.assertEqual(counting.other(), "passed through")
+        countingFiles = CountingMirrorFiles(FakeMirrorFiles(), self.metrics)
+        self.successResultOf(Deferred.fromCoroutine(counting.refresh(Stage(), "pkg")))
+        self.assertEqual(self.mirrors.refreshed, ["pkg"])
         self.assertTrue(counting.isFresh(Stage(), "pkg"))
         self.mirrors.fresh = False
         self.assertFalse(counting.isFresh(Stage(), "pkg"))
         self.successResultOf(Deferred.fromCoroutine(counting.projectFiles(Stage(), "pkg", "/")))
         self.pages.render = lambda request: (  # type: ignore[method-assign]
-            Deferred.fromCoroutine(counting.serveFile(request, Stage(), "x")) and NOT_DONE_YET
+            Deferred.fromCoroutine(countingFiles.answer(request, Stage(), "x")) and NOT_DONE_YET
             if request.path.endswith(b".new") else b"stored")
         connection = self.connect()
         connection.get(b"/root/pypi/+f/abc/def/pkg-1.0.tar.gz")

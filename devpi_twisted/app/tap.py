@@ -51,9 +51,11 @@ from devpi_twisted.mirror.agent import LimitedAgent
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.metrics import (
-    BlobCollectorMetrics, CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry,
+    BlobCollectorMetrics, CountingMirrorFiles, CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats,
+    makeRegistry,
 )
 from devpi_twisted.web.changelog import ChangelogFeed, FeedStopper
+from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.upload import UploadGate
 from devpi_twisted.replica.client import PrimaryClient
@@ -606,6 +608,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
                       throttle=throttle, upstream=upstreamStats, version=__version__)
     mirrors = CountingMirrors(realMirrors, metrics)
+    mirrorFiles = CountingMirrorFiles(MirrorFileAnswers(realMirrors), metrics)
     nodeinfo = serverdir.nodeinfo()
     registry = makeRegistry(metrics)
     pages = SimplePages(storage, mirrors, runner, config.pageCacheSize)
@@ -631,6 +634,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         releases=releases,
         pages=pages,
         mirrors=mirrors,
+        mirrorFiles=mirrorFiles,
         pushAgent=pushClient(reactor),
         version=__version__,
         metrics=MetricsView(metrics, registry),

@@ -9,6 +9,8 @@ body has been read (or, if nobody ever reads it, for C{releaseAfter}
 seconds), so a burst of cache misses cannot open an unbounded number of
 upstream connections.  A request cancelled while it waits (the upstream
 client's timeout) gives up its place in the queue.
+
+What happens is told to an L{IUpstreamCounter} (the metrics implement it).
 """
 
 from typing import Any
@@ -19,15 +21,32 @@ from twisted.internet.protocol import Protocol
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent, IResponse
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
-from devpi_twisted.web.metrics import UpstreamStats
+
+class IUpstreamCounter(Interface):
+    """Counts what the upstream agents do; called on the reactor thread, so cheap."""
+
+    def waitingChanged(change: int) -> None:
+        """Requests waiting for a free slot went up or down by C{change}."""
+
+    def activeChanged(change: int) -> None:
+        """Requests holding a slot went up or down by C{change}."""
+
+    def answered(kind: str, status: int) -> None:
+        """A request of C{kind} (C{page} or C{file}) got an answer with C{status}."""
+
+    def failed(kind: str) -> None:
+        """A request of C{kind} got no answer."""
+
+    def received(kind: str, size: int) -> None:
+        """C{size} bytes of a C{kind} body arrived."""
 
 
 class _Slot:
     """One held place in the semaphore; released once."""
 
-    def __init__(self, semaphore: DeferredSemaphore, stats: UpstreamStats) -> None:
+    def __init__(self, semaphore: DeferredSemaphore, stats: IUpstreamCounter) -> None:
         self._semaphore = semaphore
         self._stats = stats
         self._held = True
@@ -39,14 +58,14 @@ class _Slot:
         self.timer = None
         if self._held:
             self._held = False
-            self._stats.active -= 1
+            self._stats.activeChanged(-1)
             self._semaphore.release()
 
 
 class _CountingBody(Protocol):
     """Passes a response body on, counting it, and frees the slot at its end."""
 
-    def __init__(self, wrapped: IProtocol, slot: _Slot, stats: UpstreamStats, kind: str) -> None:
+    def __init__(self, wrapped: IProtocol, slot: _Slot, stats: IUpstreamCounter, kind: str) -> None:
         self._wrapped = wrapped
         self._slot = slot
         self._stats = stats
@@ -66,7 +85,7 @@ class _CountingBody(Protocol):
 
 
 class _Response(proxyForInterface(IResponse, "_original")):  # type: ignore[misc]
-    def __init__(self, original: IResponse, slot: _Slot, stats: UpstreamStats, kind: str) -> None:
+    def __init__(self, original: IResponse, slot: _Slot, stats: IUpstreamCounter, kind: str) -> None:
         super().__init__(original)
         self._slot = slot
         self._stats = stats
@@ -91,7 +110,7 @@ class LimitedAgent:
     """
 
     def __init__(self, agent: IAgent, semaphore: DeferredSemaphore, clock: IReactorTime, kind: str,
-                 stats: UpstreamStats, releaseAfter: float = 30.0) -> None:
+                 stats: IUpstreamCounter, releaseAfter: float = 30.0) -> None:
         self._agent = agent
         self._semaphore = semaphore
         self._clock = clock
@@ -103,12 +122,12 @@ class LimitedAgent:
         return Deferred.fromCoroutine(self._request(method, uri, headers, bodyProducer))
 
     async def _request(self, method: bytes, uri: bytes, headers: Any, bodyProducer: Any) -> IResponse:
-        self._stats.waiting += 1
+        self._stats.waitingChanged(1)
         try:
             await self._semaphore.acquire()
         finally:
-            self._stats.waiting -= 1
-        self._stats.active += 1
+            self._stats.waitingChanged(-1)
+        self._stats.activeChanged(1)
         slot = _Slot(self._semaphore, self._stats)
         try:
             response = await self._agent.request(method, uri, headers, bodyProducer)

@@ -9,20 +9,24 @@ client never receives a complete body that failed verification (the
 connection is aborted instead).  A client that goes away does not stop the
 transfer for the others or for the cache.  Upstream is paused while the disk
 or a live client is behind, so memory stays flat for any file size.
+
+What a file request gets is one of the answers below (L{StoredFile},
+L{LiveFile}, L{CoreMetadata}, L{LinkOnly}, L{Elsewhere}); a live client is
+an L{ILiveSink}.  The web layer turns them into HTTP, so nothing here
+knows of requests.
 """
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from devpi_twisted.errors import UpstreamError
@@ -49,17 +53,64 @@ class FetchedFile:
     lastModified: str | None
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A file this server has, opened for reading (the reader closes C{file})."""
+
+    filename: str
+    sha256: str
+    size: int
+    lastModified: str | None
+    file: BinaryIO
+
+
+@dataclass(frozen=True)
+class CoreMetadata:
+    """The core metadata (PEP 658) of the distribution C{filename}."""
+
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LinkOnly:
+    """What upstream's page tells of a file not fetched (the asker wants no body)."""
+
+    filename: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """The file is to be had from upstream directly (C{mirror_use_external_urls})."""
+
+    url: str
+
+
+class ILiveSink(IConsumer):
+    """
+    Where a live transfer's bytes go.  The transfer registers itself as a
+    streaming producer; the sink calls its C{stopProducing} when the reader
+    goes away.
+    """
+
+    def finish() -> None:
+        """Every byte was written and the file verified: the body is complete."""
+
+    def abort() -> None:
+        """The transfer failed: the reader must not take what it got as complete."""
+
+
 @implementer(IPushProducer)
 class _LiveClient:
-    """A request that receives the bytes as they arrive."""
+    """A sink that receives the bytes as they arrive."""
 
-    def __init__(self, fetch: "FileFetch", request: IRequest) -> None:
+    def __init__(self, fetch: "FileFetch", sink: ILiveSink) -> None:
         self.fetch = fetch
-        self.request = request
+        self.sink = sink
         self.gone = False
         self.done: Deferred[None] = Deferred()
-        request.registerProducer(self, True)
-        request.notifyFinish().addErrback(self._lost)
+        sink.registerProducer(self, True)
 
     def _lost(self, reason: Failure) -> None:
         if not self.gone:
@@ -79,26 +130,21 @@ class _LiveClient:
 
     def write(self, data: bytes) -> None:
         if not self.gone:
-            self.request.write(data)
+            self.sink.write(data)
 
     def finish(self) -> None:
         if not self.gone:
             self.gone = True
-            self.request.unregisterProducer()
-            self.request.finish()
+            self.sink.unregisterProducer()
+            self.sink.finish()
             self.done.callback(None)
 
     def abort(self) -> None:
-        """Break the connection: the client must not take the body as complete."""
+        """The reader must not take the body as complete."""
         if not self.gone:
             self.gone = True
-            self.request.unregisterProducer()
-            transport = getattr(self.request.channel, "transport", None)
-            if transport is not None:
-                if hasattr(transport, "abortConnection"):
-                    transport.abortConnection()
-                else:
-                    transport.loseConnection()
+            self.sink.unregisterProducer()
+            self.sink.abort()
             self.done.callback(None)
 
 
@@ -337,8 +383,25 @@ async def startFetch(upstream: UpstreamClient, blobs: IBlobStore, clock: IReacto
     return fetch
 
 
-def attachLiveClient(fetch: FileFetch, request: IRequest) -> Deferred[None]:
-    """Stream the rest of C{fetch} to C{request}; fires when the request is done."""
-    client = _LiveClient(fetch, request)
-    fetch.live.append(client)
-    return client.done
+@dataclass(frozen=True)
+class LiveFile:
+    """
+    A mirror file being fetched, whose bytes can still be followed from the
+    first: C{attach} a sink, which gets them as they arrive and then
+    C{finish} (verified) or C{abort}.
+    """
+
+    filename: str
+    length: int | None
+    sha256: str | None
+    fetch: FileFetch
+
+    def attach(self, sink: ILiveSink) -> Deferred[None]:
+        """Stream the transfer to C{sink}; fires when the sink is done with it."""
+        client = _LiveClient(self.fetch, sink)
+        self.fetch.live.append(client)
+        return client.done
+
+
+FileAnswer = StoredFile | LiveFile | CoreMetadata | LinkOnly | Elsewhere
+"""What L{devpi_twisted.mirror.service.Mirrors.fileAnswer} gives."""

@@ -7,7 +7,6 @@ storage so later requests are served from disk like private files.
 
 import base64
 import hashlib
-import io
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -18,9 +17,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from devpi_twisted.model.coalesce import Coalescer
 from devpi_twisted.errors import NotFound, UpstreamError
@@ -32,8 +28,9 @@ from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.model.upstreampage import UpstreamLink, toSimpleFile
 from devpi_twisted.services.fileentries import httpDate, logEntry, writeFileEntry
 from devpi_twisted.storage import BLOB_REF, BlobInfo
-from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor
-from devpi_twisted.mirror.files import FetchedFile, FileFetch, attachLiveClient, startFetch
+from devpi_twisted.mirror.files import (
+    CoreMetadata, Elsewhere, FetchedFile, FileAnswer, FileFetch, LinkOnly, LiveFile, StoredFile, startFetch,
+)
 from devpi_twisted.mirror.names import MirrorNames
 from devpi_twisted.mirror.pages import MirrorPages, _discardBody, linkRelpath
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, _Collector
@@ -58,30 +55,6 @@ def candidateProjects(filename: str) -> list[str]:
         if name and name not in names:
             names.append(name)
     return names
-
-
-class _LiveResponse(Resource):
-    """Starts streaming a running transfer to the request when rendered."""
-
-    isLeaf = True
-
-    def __init__(self, fetch: FileFetch, link: UpstreamLink) -> None:
-        super().__init__()
-        self._fetch = fetch
-        self._link = link
-
-    def render(self, request: IRequest) -> Any:
-        request.setHeader(b"Content-Type", contentTypeFor(self._link.filename))
-        length = self._fetch.contentLength if self._fetch.contentLength is not None else self._link.size
-        if length is not None:
-            request.setHeader(b"Content-Length", str(length).encode("ascii"))
-        if self._link.sha256:
-            request.setHeader(b"ETag", b'"' + self._link.sha256.encode("ascii") + b'"')
-            request.setHeader(b"Cache-Control", IMMUTABLE)
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        if request.channel is not None:  # else the client left while the transfer started
-            attachLiveClient(self._fetch, request)
-        return NOT_DONE_YET
 
 
 class Mirrors(MultiService):
@@ -172,21 +145,20 @@ class Mirrors(MultiService):
                 return candidates[0], link
         raise NotFound("no such file")
 
-    async def serveFile(self, request: IRequest, stage: Stage, relpath: str) -> Any:
-        """Answer a file request for a mirror that does not have the file stored yet."""
+    async def fileAnswer(self, stage: Stage, relpath: str, wantBody: bool = True) -> FileAnswer:
+        """
+        What a request for a file of a mirror that does not have it stored
+        yet gets.  Without C{wantBody} (a HEAD) nothing is fetched for a
+        distribution: upstream's page tells enough.
+        """
         metadata = relpath.endswith(".metadata")
         project, link = await self._findLink(stage, relpath[: -len(".metadata")] if metadata else relpath)
         if metadata:
             return await self._coreMetadata(stage, project, link)
-        if request.method == b"HEAD":
-            request.setHeader(b"Content-Type", contentTypeFor(link.filename))
-            if link.size is not None:
-                request.setHeader(b"Content-Length", str(link.size).encode("ascii"))
-            return b""
+        if not wantBody:
+            return LinkOnly(link.filename, link.size)
         if stage.config.get("mirror_use_external_urls"):
-            request.setResponseCode(302)
-            request.setHeader(b"Location", link.url.encode("utf-8"))
-            return b""
+            return Elsewhere(link.url)
         key = (stage.name, link.filename)
         running = self._running.get(key)
         if running is None:
@@ -203,7 +175,8 @@ class Mirrors(MultiService):
                 raise UpstreamError(f"{link.filename} is not cached and the upstream of {stage.name} is unavailable")
             running = await self._start(stage, project, link)
         if not running.started and not running.result.called:
-            return _LiveResponse(running, link)
+            length = running.contentLength if running.contentLength is not None else link.size
+            return LiveFile(link.filename, length, link.sha256 or None, running)
         fetched = await running.waitForResult()
         return await self._serveStored(fetched, link)
 
@@ -264,16 +237,13 @@ class Mirrors(MultiService):
         d.addErrback(lambda f: log.failure("recording mirror file {filename}", failure=f, filename=link.filename))
         return d
 
-    async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink) -> Any:
+    async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink) -> StoredFile:
         file = await self._blobs.open(fetched.blob.sha256)
         if file is None:
             raise NotFound(f"{link.filename} is missing on this server")
-        return FileResponse(
-            file=file, size=fetched.blob.size, filename=link.filename,
-            etag=b'"' + fetched.blob.sha256.encode("ascii") + b'"', lastModified=fetched.lastModified,
-        )
+        return StoredFile(link.filename, fetched.blob.sha256, fetched.blob.size, fetched.lastModified, file)
 
-    async def _coreMetadata(self, stage: Stage, project: str, link: UpstreamLink) -> Any:
+    async def _coreMetadata(self, stage: Stage, project: str, link: UpstreamLink) -> CoreMetadata:
         if not link.coreMetadata:
             raise NotFound(f"no metadata found in {link.filename}")
         key = keys.coreMetadataKey(stage.user, stage.index, project, link.filename)
@@ -286,11 +256,7 @@ class Mirrors(MultiService):
             data = await self._fetchMetadata(stage, link)
             encoded = base64.b64encode(data).decode("ascii")
             await self._storage.write(lambda txn: txn.set(key, {"data": encoded}))
-        return FileResponse(
-            file=io.BytesIO(data), size=len(data), filename=link.filename + ".metadata",
-            etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
-            lastModified=None, contentType=b"text/plain; charset=utf-8",
-        )
+        return CoreMetadata(link.filename, data)
 
     async def _fetchMetadata(self, stage: Stage, link: UpstreamLink) -> bytes:
         status = self.pages.state(stage).status

@@ -31,7 +31,9 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
+from zope.interface import implementer
 
+from devpi_twisted.mirror.agent import IUpstreamCounter
 from devpi_twisted.web.accesslog import ABORTED
 from devpi_twisted.web.responses import withLength
 from devpi_twisted.web.server import DevpiRequest
@@ -101,6 +103,7 @@ def _template(rule: str) -> str:
     return "/".join(out)
 
 
+@implementer(IUpstreamCounter)
 class UpstreamStats:
     """What the upstream agents count (see L{devpi_twisted.mirror.agent})."""
 
@@ -111,6 +114,12 @@ class UpstreamStats:
         self.requests: dict[tuple[str, str], int] = {}
         self.errors: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
+
+    def waitingChanged(self, change: int) -> None:
+        self.waiting += change
+
+    def activeChanged(self, change: int) -> None:
+        self.active += change
 
     def answered(self, kind: str, status: int) -> None:
         key = (kind, str(status))
@@ -347,18 +356,14 @@ class MetricsView:
 
 class CountingMirrors:
     """
-    The mirror coordinator as the web layer sees it, counting cache hits and
-    misses on the way: a page lookup is a hit when the cached links are
-    fresh, a file request is a miss when the file had to come from upstream
-    (or join a transfer from there).  Everything else passes through.
+    The mirror coordinator as the pages and views see it, counting page
+    cache hits and misses on the way: a page lookup is a hit when the cached
+    links are fresh.  The rest is passed on as it is.
     """
 
     def __init__(self, mirrors: Any, metrics: Metrics) -> None:
         self._mirrors = mirrors
         self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._mirrors, name)
 
     def isFresh(self, stage: Any, project: str) -> bool:
         fresh = self._mirrors.isFresh(stage, project)
@@ -372,10 +377,46 @@ class CountingMirrors:
         self._metrics.countCache("page", "hit" if self._mirrors.isFresh(stage, project) else "miss")
         return await self._mirrors.projectFiles(stage, project, rootPrefix)
 
-    async def serveFile(self, request: IRequest, stage: Any, relpath: str) -> Any:
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return self._mirrors.statuses()  # type: ignore[no-any-return]
+
+    async def projectNames(self, stage: Any) -> Any:
+        return await self._mirrors.projectNames(stage)
+
+    async def projectNameList(self, stage: Any) -> Any:
+        return await self._mirrors.projectNameList(stage)
+
+    def projectNamesFresh(self, stage: Any) -> bool:
+        return self._mirrors.projectNamesFresh(stage)  # type: ignore[no-any-return]
+
+    async def projectStatus(self, stage: Any, project: str) -> Any:
+        return await self._mirrors.projectStatus(stage, project)
+
+    async def refresh(self, stage: Any, project: str) -> None:
+        await self._mirrors.refresh(stage, project)
+
+    async def releaseEntries(self, stage: Any, project: str, version: str) -> Any:
+        return await self._mirrors.releaseEntries(stage, project, version)
+
+    async def fileAnswer(self, stage: Any, relpath: str, wantBody: bool = True) -> Any:
+        return await self._mirrors.fileAnswer(stage, relpath, wantBody)
+
+
+class CountingMirrorFiles:
+    """
+    The answers to file requests of mirrors, marking each request as a cache
+    miss: it had to come from upstream (or join a transfer from there).
+    L{Metrics.requestDone} counts it when the request is done.
+    """
+
+    def __init__(self, files: Any, metrics: Metrics) -> None:
+        self._files = files
+        self._metrics = metrics
+
+    async def answer(self, request: IRequest, stage: Any, relpath: str) -> Any:
         self._metrics.mirrorNames.add(stage.name)
         setattr(request, _MISS, True)
-        return await self._mirrors.serveFile(request, stage, relpath)
+        return await self._files.answer(request, stage, relpath)
 
 
 def _counter(name: str, documentation: str, label: str, values: dict[str, float]) -> CounterMetricFamily:

@@ -41,10 +41,16 @@ class ProjectViews:
     log = Logger()
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
+<<<<<<< HEAD
                  auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None) -> None:
         self._queries = queries
+=======
+                 auth: Authenticator, releases: Releases, mirrors: Any = None,
+                 knownFiles: KnownFiles | None = None, mirrorFiles: Any = None) -> None:
+>>>>>>> j1-mirror
         self._mirrors = mirrors
+        self._mirrorFiles = mirrorFiles
         self._knownFiles = knownFiles
         self._config = config
         self._storage = storage
@@ -153,9 +159,9 @@ class ProjectViews:
         target = relpath[: -len(".metadata")] if metadata else relpath
         entry, mirror = await self._queries.fileOrMirror(user, index, target)
         if entry is None:
-            if self._mirrors is None:
+            if self._mirrorFiles is None:
                 raise NotFound("no such file")
-            return await self._mirrors.serveFile(request, mirror, relpath)
+            return await self._mirrorFiles.answer(request, mirror, relpath)
         if metadata:
             return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
@@ -185,10 +191,18 @@ class ProjectViews:
                             mirror: Stage | None) -> Any:
         import io
 
+<<<<<<< HEAD
         data = await self._queries.coreMetadata(user, index, entry)
         if data is None:
             if mirror is not None and self._mirrors is not None:
                 return await self._mirrors.serveFile(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
+=======
+        stored = await self._storage.read(lambda view: view.get(
+            keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
+        if stored is None:
+            if mirror is not None and self._mirrorFiles is not None:
+                return await self._mirrorFiles.answer(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
+>>>>>>> j1-mirror
             raise NotFound(f"no metadata found in {entry['filename']}")
         return FileResponse(
             file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",

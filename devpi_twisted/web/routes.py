@@ -31,6 +31,7 @@ from devpi_twisted.web.api import APIViews
 from devpi_twisted.web.changelog import ChangelogFeed
 from devpi_twisted.web.errors import HANDLERS
 from devpi_twisted.web.headers import DevpiHeadersResource
+from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
@@ -251,6 +252,7 @@ def makeWebResource(
     pages: SimplePages,
     version: str,
     mirrors: Any = None,
+    mirrorFiles: Any = None,
     pushAgent: Any = None,
     changelog: ChangelogFeed | None = None,
     replication: Any = None,
@@ -260,6 +262,8 @@ def makeWebResource(
     """
     The root resource of the site, with devpi's headers on every response.
 
+    @param mirrorFiles: answers the file requests of mirrors (files not
+        stored yet); by default a L{MirrorFileAnswers} of C{mirrors}.
     @param changelog: the replication feed, when this server may be followed.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
@@ -270,12 +274,18 @@ def makeWebResource(
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
     knownFiles = KnownFiles(storage)
+    if mirrorFiles is None and mirrors is not None:
+        mirrorFiles = MirrorFileAnswers(mirrors)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics),
         pageViews,
+<<<<<<< HEAD
         ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles),
+=======
+        ProjectViews(config, storage, blobs, auth, releases, mirrors, knownFiles, mirrorFiles),
+>>>>>>> j1-mirror
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),
