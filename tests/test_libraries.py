@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from devpi_twisted.app.endpoints import endpointDescription, listenAddress
+from devpi_twisted.app.endpoints import endpointDescription, listenAddress, listenSyntaxError
 from devpi_twisted.app.tlsdir import NoCertificates, TLSDirectoryParser, tlsDirectoryParser
 from devpi_twisted.model import keys
 from devpi_twisted.services.push import PushClient, Pusher
@@ -195,10 +195,14 @@ class TLSPluginTests(SynchronousTestCase):
         self.assertEqual(listenAddress(f"tls:{self.path}:port=4443"), ("::", 4443))
 
     def test_unknownParameter(self) -> None:
-        """A parameter the endpoint does not have is refused."""
+        """A parameter the endpoint does not have is refused, in the words of C{tls:}, not of our class."""
         CA().issue(["a.test"]).writeCombined(os.path.join(self.path, "a.pem"))
-        self.assertRaises(TypeError, serverFromString, MemoryReactor(),
-                          endpointDescription(f"tls:{self.path}:sslmethod=x"))
+        description = f"tls:{self.path}:sslmethod=x"
+        error = self.assertRaises(TypeError, serverFromString, MemoryReactor(), endpointDescription(description))
+        self.assertEqual(
+            listenSyntaxError(description, error),
+            f"--listen {description!r}: tls: has no parameter 'sslmethod'; it takes "
+            "DIRECTORY[:port=443][:interface=ADDRESS][:backlog=N], e.g. tls:/etc/devpi-twisted/tls:port=443")
 
 
 class DocumentationPolicyTests(SynchronousTestCase):

@@ -120,6 +120,9 @@ def listenSyntaxError(description: str, error: Exception) -> str:
                 f"PORT[:interface=ADDRESS][:backlog=N]"
                 + (":privateKey=KEY.pem:certKey=CERT.pem" if kind == "ssl" else "")
                 + f", e.g. {kind}:3141:interface=127.0.0.1" + (":privateKey=key.pem:certKey=cert.pem" if kind == "ssl" else ""))
+    if unknown and kind == "tls":
+        return (f"--listen {description!r}: tls: has no parameter {unknown.group(1)!r}; it takes "
+                "DIRECTORY[:port=443][:interface=ADDRESS][:backlog=N], e.g. tls:/etc/devpi-twisted/tls:port=443")
     if isinstance(error, OSError) and error.filename:
         reason = f"{error.strerror}: {error.filename}"
     elif "Unknown endpoint type" in str(error):
