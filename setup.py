@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "twisted[tls]>=26.4",
         "klein>=24.8",
+        "werkzeug>=2.3",
         "treq>=24.9",
         "automat>=24.8.1",
         "service-identity>=24.1",

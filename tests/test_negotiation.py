@@ -281,3 +281,19 @@ class WantsJSONAPITests(SynchronousTestCase):
         self.assertFalse(wantsJSONAPI("text/html"))
         self.assertFalse(wantsJSONAPI(JSON))
         self.assertFalse(wantsJSONAPI(b"*/*"))
+
+
+class HeaderSyntaxTests(SynchronousTestCase):
+    """
+    werkzeug splits the header by RFC 9110's grammar, where the hand-written
+    splitter cut at every comma and accepted spaces around C{=}.
+    """
+
+    def test_quotedComma(self) -> None:
+        """A comma inside a quoted parameter value does not split the media range."""
+        header = f'text/html;x="a,b";q=0.1, {JSON};q=0.5'
+        self.assertEqual(chooseSimpleFormat(header), JSON)
+
+    def test_spacesAroundEquals(self) -> None:
+        """C{q = 0.3} is no q parameter (the grammar has no spaces there), so the range keeps q=1."""
+        self.assertEqual(chooseSimpleFormat(f"{JSON};q=0.5, text/html ; q = 0.3"), TEXT_HTML)

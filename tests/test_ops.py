@@ -46,7 +46,8 @@ from devpi_twisted.model.acl import Policy
 from devpi_twisted.model.redact import scrubRequestURI, scrubText, scrubURL
 from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
 from devpi_twisted.services.throttle import LoginThrottle
-from devpi_twisted.app.tlsdir import CertificateDirectory, NoCertificates, parseDescription, tlsDirectoryEndpoint
+from devpi_twisted.app.endpoints import listenAddress
+from devpi_twisted.app.tlsdir import CertificateDirectory, NoCertificates, tlsDirectoryParser
 from devpi_twisted.mirror.agent import LimitedAgent
 from devpi_twisted.services.users import Users
 from devpi_twisted.web.accesslog import ACCESS_NAMESPACE, AccessLog
@@ -1284,10 +1285,9 @@ class CertificateDirectoryTests(SynchronousTestCase):
         self.assertTrue(any("keeping the certificates" in e.get("log_format", "") for e in events))
 
     def test_parseDescription(self) -> None:
-        """Endpoint strings split as Twisted splits them, escapes included."""
-        self.assertEqual(parseDescription(r"tls:/etc/tls:port=443:interface=\:\:1"),
-                         (["tls", "/etc/tls"], {"port": "443", "interface": "::1"}))
-        self.assertRaises(ValueError, tlsDirectoryEndpoint, Clock(), "tls:/d:port=443:sslmethod=x")
+        """Endpoint strings split as Twisted splits them, escapes included; unknown parameters are refused."""
+        self.assertEqual(listenAddress(r"tls:/etc/tls:port=443:interface=\:\:1"), ("::1", 443))
+        self.assertRaises(TypeError, tlsDirectoryParser.parseStreamServer, Clock(), "/d", port="443", sslmethod="x")
 
 
 # ---------------------------------------------------------------- gen-config

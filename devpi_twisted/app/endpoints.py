@@ -22,9 +22,12 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import _parse
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+from devpi_twisted.app.tlsdir import tlsDirectoryParser
 
 
 @implementer(IStreamServerEndpoint)
@@ -79,9 +82,19 @@ _HOST_PORT = re.compile(r"^\[?([0-9A-Za-z.:%-]*?)\]?:(\d{1,5})$")
 
 
 def _parts(description: str) -> tuple[list[str], dict[str, str]]:
-    from devpi_twisted.app.tlsdir import parseDescription
+    """The arguments of an endpoint string, split by Twisted's own parser (C{serverFromString}'s)."""
+    args, kwargs = _parse(description)
+    return list(args), dict(kwargs)
 
-    return parseDescription(description)
+
+def endpointDescription(description: str) -> str:
+    """
+    The endpoint string to give Twisted for a C{--listen}: C{tls:} is served
+    by our C{tlsdir:} plugin (L{devpi_twisted.app.tlsdir}), since Twisted's
+    own C{tls:} plugin would be found before any other of that prefix.
+    """
+    kind, colon, rest = description.partition(":")
+    return f"{tlsDirectoryParser.prefix}:{rest}" if colon and kind.lower() == "tls" else description
 
 
 def listenSyntaxError(description: str, error: Exception) -> str:
@@ -107,6 +120,9 @@ def listenSyntaxError(description: str, error: Exception) -> str:
                 f"PORT[:interface=ADDRESS][:backlog=N]"
                 + (":privateKey=KEY.pem:certKey=CERT.pem" if kind == "ssl" else "")
                 + f", e.g. {kind}:3141:interface=127.0.0.1" + (":privateKey=key.pem:certKey=cert.pem" if kind == "ssl" else ""))
+    if unknown and kind == "tls":
+        return (f"--listen {description!r}: tls: has no parameter {unknown.group(1)!r}; it takes "
+                "DIRECTORY[:port=443][:interface=ADDRESS][:backlog=N], e.g. tls:/etc/devpi-twisted/tls:port=443")
     if isinstance(error, OSError) and error.filename:
         reason = f"{error.strerror}: {error.filename}"
     elif "Unknown endpoint type" in str(error):
@@ -128,7 +144,7 @@ def listenAddress(description: str) -> tuple[str, int] | None:
     if kind in _TCP_LIKE:
         port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
         interface = kwargs.get("interface", "")
-    elif kind == "tls":
+    elif kind in ("tls", tlsDirectoryParser.prefix):
         port, interface = kwargs.get("port", "443"), kwargs.get("interface", "::")
     else:
         return None

@@ -27,7 +27,7 @@ from treq.client import HTTPClient
 from devpi_twisted import __version__
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
-from devpi_twisted.app.endpoints import bindProblem, listenSyntaxError
+from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
 from devpi_twisted.errors import ServerDirError, StorageError
 from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.admin.initstate import PYPI_URL, createReplicaDir, createServerDir
@@ -46,7 +46,6 @@ from devpi_twisted.services.users import Users
 from devpi_twisted.app.logs import JSONLogService
 from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
 from devpi_twisted.services.throttle import LoginThrottle
-from devpi_twisted.app.tlsdir import tlsDirectoryEndpoint
 from devpi_twisted.mirror.agent import LimitedAgent
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.limits import limitedRequestFactory
@@ -541,11 +540,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     listeners = []
     for description in config.listen:
         try:
-            listener = strports.service(description, None, reactor=reactor)
-            if description.startswith("tls:"):
-                # Twisted's parser checked the string; ours re-reads renewed certificates.
-                listener.endpoint = tlsDirectoryEndpoint(reactor, description)
-            listeners.append(listener)
+            listeners.append(strports.service(endpointDescription(description), None, reactor=reactor))
         except Exception as e:
             sys.stderr.write(f"devpi-twisted: {listenSyntaxError(description, e)}\n")
             raise SystemExit(1)

@@ -5,10 +5,11 @@ chosen by SNI, and picked up again when they change.
 
 Twisted's own C{tls:DIRECTORY} endpoint (26.4) reads the directory once and
 only reloads it for an unknown name when the directory was empty at start;
-renewed certificates for a known name are never re-read.  This replacement
-keeps Twisted's string syntax (C{tls:DIR:port=443:interface=:::backlog=50})
-and its parts (L{wrapServerTLS}, L{TCP6ServerEndpoint},
-L{CertificateOptions} with C{contextForServerName}), and
+renewed certificates for a known name are never re-read.  This replacement,
+an endpoint plugin (L{TLSDirectoryParser}), keeps Twisted's string syntax
+(C{tls:DIR:port=443:interface=:::backlog=50}) and its parts
+(L{wrapServerTLS}, L{TCP6ServerEndpoint}, L{CertificateOptions} with
+C{contextForServerName}), and
 
   - re-reads the directory when a C{.pem} file under it changed (size,
     modification time or target of a symlink, as certbot's C{live/} links
@@ -33,9 +34,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL.SSL import Connection, Context
 from twisted.internet.endpoints import TCP6ServerEndpoint, wrapServerTLS
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 log = Logger()
@@ -209,47 +216,22 @@ class CertificateDirectory:
         return chain
 
 
-def parseDescription(description: str) -> tuple[list[str], dict[str, str]]:
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class TLSDirectoryParser:
     """
-    The positional and keyword arguments of an endpoint string, with
-    Twisted's rules: C{:} separates, the first C{=} of a part assigns,
-    C{\\} escapes the next character.
+    C{tlsdir:DIRECTORY[:port=443][:interface=::][:backlog=50]}, Twisted's
+    C{tls:} syntax and defaults over a L{CertificateDirectory}.  Twisted ships
+    a C{tls:} plugin of its own, which plugin lookup always finds first, so
+    ours has its own prefix and C{--listen tls:...} is given to it by
+    L{devpi_twisted.app.endpoints.endpointDescription}.
     """
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
 
-    def add(part: list[str]) -> None:
-        if len(part) == 1:
-            args.append(part[0])
-        else:
-            kwargs[part[0]] = part[1]
+    prefix = "tlsdir"
 
-    part: list[str] = []
-    current = ""
-    chars = iter(description)
-    for char in chars:
-        if char == ":":
-            add(part + [current])
-            part, current = [], ""
-        elif char == "=" and not part:
-            part, current = [current], ""
-        elif char == "\\":
-            current += next(chars, "")
-        else:
-            current += char
-    add(part + [current])
-    return args, kwargs
+    def parseStreamServer(self, reactor: Any, path: str, port: str = "443", backlog: str = "50",
+                          interface: str = "::") -> IStreamServerEndpoint:
+        listening = TCP6ServerEndpoint(reactor, int(port), int(backlog), interface)
+        return wrapServerTLS(CertificateDirectory(path, reactor), listening, clock=reactor)
 
 
-def tlsDirectoryEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """The endpoint for C{tls:DIR[:port=443][:interface=::][:backlog=50]}."""
-    args, kwargs = parseDescription(description)
-    if not args or args[0] != "tls" or len(args) != 2:
-        raise ValueError(f"{description!r} is not tls:DIRECTORY[:port=...][:interface=...]")
-    unknown = set(kwargs) - {"port", "interface", "backlog"}
-    if unknown:
-        raise ValueError(f"{description!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
-    directory = CertificateDirectory(args[1], reactor)
-    listening = TCP6ServerEndpoint(reactor, int(kwargs.get("port", "443")), int(kwargs.get("backlog", "50")),
-                                   kwargs.get("interface", "::"))
-    return wrapServerTLS(directory, listening, clock=reactor)
+tlsDirectoryParser = TLSDirectoryParser()

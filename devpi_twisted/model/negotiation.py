@@ -8,27 +8,27 @@ type, and ties go to JSON only when the client named JSON explicitly.  A
 request without a usable C{Accept} header gets C{text/html}, which keeps
 tools that send no header working.
 
+Werkzeug (installed with Klein) splits the header (quoted strings, parameters)
+and orders the ranges by specificity and q-value (L{MIMEAccept}); the q-value
+rules and the PEP 691 preferences are ours: werkzeug drops a range whose q is
+not a number in 0..1, where a sloppy client here still gets served.
+
 Pure code: no I/O, no Twisted.
 """
 
 import math
 
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_list_header, parse_options_header
+
 JSON = "application/vnd.pypi.simple.v1+json"
 HTML_V1 = "application/vnd.pypi.simple.v1+html"
 TEXT_HTML = "text/html"
 
-# Media types a client may name, mapped to what we answer with; the
-# "latest" meta-versions must be answered with the concrete v1 type.
-_EXACT = {
-    JSON: JSON,
+# The "latest" meta-versions must be answered with the concrete v1 type.
+_LATEST = {
     "application/vnd.pypi.simple.latest+json": JSON,
-    HTML_V1: HTML_V1,
     "application/vnd.pypi.simple.latest+html": HTML_V1,
-    TEXT_HTML: TEXT_HTML,
-}
-_BY_MAJOR = {
-    "application": (JSON, HTML_V1),
-    "text": (TEXT_HTML,),
 }
 _ALL = (JSON, HTML_V1, TEXT_HTML)
 
@@ -37,8 +37,6 @@ _ALL = (JSON, HTML_V1, TEXT_HTML)
 # wildcard matches HTML does (so a bare */* gets text/html).
 _NAMED_RANK = {JSON: 2, TEXT_HTML: 1, HTML_V1: 0}
 _WILDCARD_RANK = {TEXT_HTML: 2, HTML_V1: 1, JSON: 0}
-
-_SPECIFIC, _SUBTYPE_WILDCARD, _FULL_WILDCARD = 2, 1, 0
 
 _CACHE_SIZE = 256
 _CACHE_MAX_KEY = 1024
@@ -56,64 +54,38 @@ def _qValue(text: str) -> float:
     return min(max(q, 0.0), 1.0)
 
 
-def _parseAccept(header: str) -> list[tuple[str, str, float]]:
-    """Split an C{Accept} value into C{(major, minor, q)}; unusable entries are skipped."""
+def _parseAccept(header: str) -> MIMEAccept:
+    """The usable media ranges of an C{Accept} value, most specific first."""
     ranges = []
-    for item in header.split(","):
-        mediaRange, _, params = item.partition(";")
-        major, slash, minor = mediaRange.strip().lower().partition("/")
+    for item in parse_list_header(header):
+        mediaRange, params = parse_options_header(item)
+        major, slash, minor = mediaRange.lower().partition("/")
         if not slash or not major or not minor or "/" in minor:
             continue
         if major == "*" and minor != "*":
             continue
-        q = 1.0
-        if params:
-            for param in params.split(";"):
-                name, _, value = param.partition("=")
-                if name.strip().lower() == "q":
-                    # Parameters after q are accept-extensions; ignore them.
-                    q = _qValue(value)
-                    break
-        ranges.append((major, minor, q))
-    return ranges
+        mediaRange = f"{major}/{minor}"
+        q = _qValue(params["q"]) if "q" in params else 1.0
+        ranges.append((_LATEST.get(mediaRange, mediaRange), q))
+    return MIMEAccept(ranges)
 
 
 def _choose(header: str) -> str | None:
     """Do the work for L{chooseSimpleFormat} on a decoded header."""
-    ranges = _parseAccept(header)
-    if not ranges:
+    accept = _parseAccept(header)
+    if not accept:
         return TEXT_HTML
-    # For each type we offer: (specificity of the best matching range, q).
-    found: dict[str, tuple[int, float]] = {}
-    for major, minor, q in ranges:
-        if minor == "*":
-            if major == "*":
-                targets: tuple[str, ...] = _ALL
-                specificity = _FULL_WILDCARD
-            else:
-                targets = _BY_MAJOR.get(major, ())
-                specificity = _SUBTYPE_WILDCARD
-        else:
-            target = _EXACT.get(f"{major}/{minor}")
-            if target is None:
-                continue
-            targets = (target,)
-            specificity = _SPECIFIC
-        for target in targets:
-            current = found.get(target)
-            if (
-                current is None
-                or specificity > current[0]
-                or (specificity == current[0] and q > current[1])
-            ):
-                found[target] = (specificity, q)
-
     best = None
     bestKey = None
-    for target, (specificity, q) in found.items():
+    for target in _ALL:
+        # The first match is the most specific range, highest q among equals.
+        index = accept.find(target)
+        if index < 0:
+            continue
+        mediaRange, q = accept[index]
         if q <= 0.0:
             continue
-        named = specificity == _SPECIFIC
+        named = "*" not in mediaRange
         key = (q, named, (_NAMED_RANK if named else _WILDCARD_RANK)[target])
         if bestKey is None or key > bestKey:
             best, bestKey = target, key

@@ -16,20 +16,20 @@ errors that tell the client nothing about the network behind this server.
 """
 
 import base64
-import io
 import time
-import uuid
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from treq.multipart import MultiPartProducer
 
 from devpi_twisted.errors import BadRequest, NotFound, Unauthorized
 from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
@@ -65,26 +65,6 @@ def _selected(entry: dict[str, Any], noDocs: bool, onlyDocs: bool) -> bool:
     if noDocs:
         return rel != "doczip"
     return True
-
-
-class _Chain:
-    """A file-like reader over several byte sources, for streaming multipart bodies."""
-
-    def __init__(self, parts: list[BinaryIO], length: int) -> None:
-        self._parts = parts
-        self.length = length
-
-    def read(self, size: int = -1) -> bytes:
-        while self._parts:
-            data = self._parts[0].read(size if size > 0 else 1 << 20)
-            if data:
-                return data
-            self._parts.pop(0).close()
-        return b""
-
-    def close(self) -> None:
-        for part in self._parts:
-            part.close()
 
 
 class _Capped(Protocol):
@@ -129,6 +109,8 @@ class PushClient:
         self._reactor = reactor
         self._timeout = timeout
         self._maxReply = maxReply
+        #: Schedules the reads of request bodies on this client's reactor.
+        self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     def post(self, url: bytes, headers: Headers, body: IBodyProducer) -> "Deferred[tuple[IResponse, bytes]]":
         """@return: the response and the start of its body; fails on any error or after the deadline."""
@@ -310,44 +292,33 @@ class Pusher:
 
     async def _post(self, url: str, auth: bytes, fields: list[tuple[str, Any]],
                     file: tuple[str, dict[str, Any]] | None) -> tuple[int, str]:
-        boundary = uuid.uuid4().hex
-        head = io.BytesIO()
-        for key, value in fields:
-            for item in value if isinstance(value, list) else [value]:
-                head.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'.encode())
-                head.write(str(item).encode("utf-8") + b"\r\n")
-        parts: list[BinaryIO] = []
-        length = len(head.getvalue())
-        head.seek(0)
-        parts.append(head)
+        assert self._client is not None
+        form: list[tuple[str, Any]] = [
+            (key, str(item)) for key, value in fields for item in (value if isinstance(value, list) else [value])
+        ]
+        blob = None
         if file is not None:
             filename, entry = file
             blob = await self._blobs.open(entry["sha256"])
             if blob is None:
                 raise NotFound(f"content of {entry['filename']} is missing on this server")
-            start = (f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="{filename}"\r\n'
-                     "Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
-            parts += [io.BytesIO(start), blob, io.BytesIO(b"\r\n")]
-            length += len(start) + entry["size"] + 2
-        tail = f"--{boundary}--\r\n".encode()
-        parts.append(io.BytesIO(tail))
-        length += len(tail)
-        chain = _Chain(parts, length)
-        producer = FileBodyProducer(chain)
-        producer.length = length
+            content = FileBodyProducer(blob, cooperator=self._client.cooperator)
+            form.append(("content", (filename, "application/octet-stream", content)))
+        # treq's encoder streams the file part from the blob as the connection takes it.
+        producer = MultiPartProducer(form, cooperator=self._client.cooperator)
         headers = Headers({
             b"Authorization": [auth],
-            b"Content-Type": [f"multipart/form-data; boundary={boundary}".encode()],
+            b"Content-Type": [b"multipart/form-data; boundary=" + producer.boundary],
             b"User-Agent": [b"devpi-twisted push"],
         })
-        assert self._client is not None
         try:
             response, reply = await self._client.post(url.encode("utf-8"), headers, producer)
         except Exception as e:
-            chain.close()
             log.warn("external push to {url} failed: {error}", url=url, error=repr(e))
             return -1, PUSH_FAILED
-        chain.close()
+        finally:
+            if blob is not None:
+                blob.close()
         if response.code in (200, 201):
             return response.code, ""
         log.warn("external push to {url} answered {code}: {reply!r}", url=url, code=response.code,

@@ -30,9 +30,9 @@ from devpi_twisted.web.context import requesterOf
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.pages import redirect
 from devpi_twisted.web.responses import jsonBody
+from devpi_twisted.web.server import DOC_CSP
 
 MAX_TOXRESULT = 64 * 1024 * 1024
-DOC_POLICY = b"sandbox allow-scripts allow-popups allow-forms; default-src 'self' 'unsafe-inline' data:"
 
 log = Logger()
 
@@ -140,7 +140,7 @@ class _MemberResponse(Resource):
         contentType, _ = mimetypes.guess_type(member.name)
         request.setHeader(b"Content-Type", (contentType or "application/octet-stream").encode("ascii"))
         # Docs are uploaded content: keep their scripts away from this origin.
-        request.setHeader(b"Content-Security-Policy", DOC_POLICY)
+        request.setHeader(b"Content-Security-Policy", DOC_CSP)
         request.setHeader(b"ETag", self._etag)
         # DocMember delivers exactly its declared size or fails (and the
         # connection is cut), so the declared size is a true length.

@@ -9,6 +9,8 @@ from urllib.parse import quote
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from werkzeug.http import parse_accept_header
+
 from devpi_twisted.errors import NotAcceptable, NotFound
 from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import chooseSimpleFormat
@@ -28,26 +30,18 @@ def isInstaller(request: IRequest) -> bool:
 
 
 def acceptsGzip(request: IRequest) -> bool:
-    """Whether C{Accept-Encoding} allows gzip (named, or C{*}, with a q-value above 0)."""
+    """
+    Whether C{Accept-Encoding} allows gzip: named (or as C{x-gzip}), else
+    through C{*}, with a q-value above 0.  Werkzeug parses the header; an
+    entry with a q that is not a number in 0..1 is dropped.
+    """
     header = request.getHeader(b"accept-encoding")
     if not header:
         return False
-    named: dict[bytes, bool] = {}
-    for item in header.split(b","):
-        coding, _, params = item.partition(b";")
-        coding = coding.strip().lower()
-        allowed = True
-        for param in params.split(b";"):
-            name, _, value = param.partition(b"=")
-            if name.strip().lower() == b"q":
-                try:
-                    allowed = float(value.strip()) > 0
-                except ValueError:
-                    allowed = False
-        named[coding] = allowed
-    if b"gzip" in named:
-        return named[b"gzip"]
-    return named.get(b"x-gzip", named.get(b"*", False))
+    accept = parse_accept_header(header.decode("latin-1"))
+    named = {coding.lower() for coding in accept.values()}
+    # quality() answers for the named coding, or for * when it is not named.
+    return accept.quality("x-gzip" if "x-gzip" in named and "gzip" not in named else "gzip") > 0
 
 
 class CachedAnswersFirst(Resource):
