@@ -1,5 +1,5 @@
 """
-Tests for L{devpi_twisted.model.upstreampage}.
+Tests for L{devpi_twisted.model.upstream}: project pages, the project list, the shared types.
 """
 
 import json
@@ -9,17 +9,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from devpi_twisted.model.simplepage import SimpleFile
-from devpi_twisted.model.upstreampage import (
-    MAX_LIST_CONSTRUCT,
-    MAX_PAGE_SIZE,
-    ProjectListScanner,
-    UpstreamLink,
-    UpstreamPageError,
-    UpstreamProject,
-    parseProjectList,
-    parseProjectPage,
-    toSimpleFile,
-)
+from devpi_twisted.model.upstream.common import UpstreamLink, UpstreamPageError, UpstreamProject
+from devpi_twisted.model.upstream.project import MAX_PAGE_SIZE, parseProjectPage, toSimpleFile
+from devpi_twisted.model.upstream.projectlist import MAX_LIST_CONSTRUCT, ProjectListScanner, parseProjectList
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 PAGE_URL = "https://pypi.example/simple/demo-pkg/"

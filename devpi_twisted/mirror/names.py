@@ -22,7 +22,7 @@ from devpi_twisted.model.coalesce import Coalescer
 from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
 from devpi_twisted.model.indexconfig import mirrorBaseURL
 from devpi_twisted.model.inheritance import Stage
-from devpi_twisted.model.upstreampage import ProjectListScanner
+from devpi_twisted.model.upstream.projectlist import ProjectListScanner
 from devpi_twisted.storage import BLOB_REF
 from devpi_twisted.mirror.pages import MirrorPages
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, redacted

@@ -21,7 +21,8 @@ from devpi_twisted.interfaces import IStorage, IWriteTransaction
 from devpi_twisted.model import keys
 from devpi_twisted.model.indexconfig import mirrorBaseURL
 from devpi_twisted.model.inheritance import Stage
-from devpi_twisted.model.upstreampage import UpstreamLink, UpstreamPageError, parseProjectPage
+from devpi_twisted.model.upstream.common import UpstreamLink, UpstreamPageError
+from devpi_twisted.model.upstream.project import parseProjectPage
 from devpi_twisted.mirror.status import MirrorStatus, StatusCore, makeMirrorStatus
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, redacted
 
