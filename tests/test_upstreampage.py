@@ -4,18 +4,20 @@ Tests for L{devpi_twisted.model.upstream}: project pages, the project list, the 
 
 import json
 import random
+import threading
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from devpi_twisted.errors import UpstreamError
 from devpi_twisted.mirror.names import MirrorNames
+from devpi_twisted.mirror import pages as pagesModule
 from devpi_twisted.mirror.pages import MirrorPages
 from devpi_twisted.mirror.upstream import PageResponse
 from devpi_twisted.model.inheritance import Stage
@@ -24,7 +26,7 @@ from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.model.upstream.common import UpstreamLink, UpstreamPageError, UpstreamProject
 from devpi_twisted.model.upstream.project import MAX_PAGE_SIZE, parseProjectPage, toSimpleFile
 from devpi_twisted.model.upstream.projectlist import MAX_LIST_CONSTRUCT, ProjectListScanner, parseProjectList
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
 from devpi_twisted.testing.memory import MemoryBlobStore, MemoryStorage
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
@@ -1168,3 +1170,28 @@ class WiringTests(SynchronousTestCase):
         config = ServerConfig(serverdir=FilePath(self.mktemp()), listen=())
         mirrors = makeMirrors(config, MemoryStorage(), MemoryBlobStore(), Clock(), runner=runner)
         self.assertIs(mirrors.pages.parseRunner, runner)
+
+
+class ThreadedParsingTests(TestCase):
+    """With the real L{ThreadRunner} the parse runs off the reactor thread and its result comes back."""
+
+    async def test_pageParsedInAThread(self) -> None:
+        from twisted.internet import reactor
+
+        runner = ThreadRunner(reactor)
+        runner.start()
+        self.addCleanup(runner.stopService)
+        threads: list[str] = []
+
+        def parse(*args: Any) -> UpstreamProject:
+            threads.append(threading.current_thread().name)
+            return parseProjectPage(*args)
+
+        self.patch(pagesModule, "parseProjectPage", parse)
+        body = jsonPage([jsonFile(f"demo_pkg-1.{i}-py3-none-any.whl") for i in range(300)])
+        upstream = FakeUpstream(PageResponse(200, body, JSON_TYPE, None, None, MIRROR_URL + "demo-pkg/"))
+        pages = MirrorPages(MemoryStorage(), upstream, Clock(), parseRunner=runner)  # type: ignore[arg-type]
+        cached = await pages.project(mirrorStage(), "demo-pkg")
+        self.assertEqual(len(cached.links), 300)
+        self.assertEqual(len(threads), 1)
+        self.assertNotEqual(threads[0], threading.current_thread().name)
