@@ -19,11 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from devpi_twisted.model.upstreampage import (
-    UpstreamPageError,
-    parseProjectList,
-    parseProjectPage,
-)
+from devpi_twisted.model.upstream.common import UpstreamPageError
+from devpi_twisted.model.upstream.project import parseProjectPage
+from devpi_twisted.model.upstream.projectlist import parseProjectList
 from devpi_twisted.testing.fakepypi import FakePyPI, buildWheel
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"

@@ -1099,7 +1099,7 @@ class FileFetchTests(SynchronousTestCase):
         from twisted.internet.testing import StringTransport
 
         from devpi_twisted.mirror.files import FileFetch
-        from devpi_twisted.model.upstreampage import UpstreamLink
+        from devpi_twisted.model.upstream.common import UpstreamLink
 
         options: dict[str, Any] = {
             "filename": "pkg-1.0.tar.gz", "url": "https://upstream.test/files/pkg-1.0.tar.gz",

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from devpi_twisted.admin.exporter import recordProblem, syncResult
 from devpi_twisted.model import keys
 from devpi_twisted.model.names import isValidProjectName, normalizeVersion, versionProblem
-from devpi_twisted.model.upstreampage import parseProjectList
+from devpi_twisted.model.upstream.projectlist import parseProjectList
 from devpi_twisted.services.fileentries import newEntry
 from devpi_twisted.storage import BlobInfo
 

@@ -1,25 +1,33 @@
 """
-Tests for L{devpi_twisted.model.upstreampage}.
+Tests for L{devpi_twisted.model.upstream}: project pages, the project list, the shared types.
 """
 
 import json
 import random
+import threading
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from devpi_twisted.errors import UpstreamError
+from devpi_twisted.mirror.names import MirrorNames
+from devpi_twisted.mirror import pages as pagesModule
+from devpi_twisted.mirror.pages import MirrorPages
+from devpi_twisted.mirror.upstream import PageResponse
+from devpi_twisted.model.inheritance import Stage
 
 from devpi_twisted.model.simplepage import SimpleFile
-from devpi_twisted.model.upstreampage import (
-    MAX_LIST_CONSTRUCT,
-    MAX_PAGE_SIZE,
-    ProjectListScanner,
-    UpstreamLink,
-    UpstreamPageError,
-    UpstreamProject,
-    parseProjectList,
-    parseProjectPage,
-    toSimpleFile,
-)
+from devpi_twisted.model.upstream.common import UpstreamLink, UpstreamPageError, UpstreamProject
+from devpi_twisted.model.upstream.project import MAX_PAGE_SIZE, parseProjectPage, toSimpleFile
+from devpi_twisted.model.upstream.projectlist import MAX_LIST_CONSTRUCT, ProjectListScanner, parseProjectList
+from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
+from devpi_twisted.testing.memory import MemoryBlobStore, MemoryStorage
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 PAGE_URL = "https://pypi.example/simple/demo-pkg/"
@@ -963,3 +971,227 @@ class ProjectListScannerTests(SynchronousTestCase):
         scanner.feed(b"<html></html>")
         self.assertEqual(scanner.close(), [])
         self.assertRaises(UpstreamPageError, scanner.close)
+
+
+# -- parsing off the reactor ---------------------------------------------------
+
+MIRROR_URL = "https://pypi.example/simple/"
+
+
+class HeldRunner:
+    """
+    A runner that records each call and holds it until L{release}: proof
+    that the work went through the runner and not onto the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def runFile(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    runRead = runWrite = runFile
+
+    def release(self) -> None:
+        """Run the calls held so far, in order, each as a thread would; new ones wait for the next release."""
+        calls, self.calls = self.calls, []
+        for f, args, d in calls:
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+
+class FakeUpstream:
+    """Answers C{fetchPage} with one page and C{openPage} with one streamed response."""
+
+    idleTimeout = 60.0
+
+    def __init__(self, page: PageResponse | None = None, response: Any = None) -> None:
+        self.page = page
+        self.response = response
+
+    async def fetchPage(self, url: str, etag: str | None) -> PageResponse:
+        assert self.page is not None
+        return self.page
+
+    async def openPage(self, url: str, etag: str | None) -> Any:
+        return self.response
+
+
+class StreamedResponse:
+    """An C{IResponse} whose body the test delivers by hand."""
+
+    code = 200
+
+    def __init__(self, contentType: bytes) -> None:
+        self.headers = Headers({b"content-type": [contentType]})
+        self.protocol: Any = None
+        self.transport = StringTransport()
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+def mirrorStage() -> Stage:
+    return Stage("root", "pypi", {"type": "mirror", "mirror_url": MIRROR_URL, "mirror_cache_expiry": 1800})
+
+
+def resultOf(d: Deferred[Any]) -> list[Any]:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    return box
+
+
+class MirrorPagesParsingTests(SynchronousTestCase):
+    """L{MirrorPages} parses upstream pages in its runner, not on the reactor."""
+
+    def fetch(self, runner: Any, body: bytes) -> tuple[list[Any], Any]:
+        pageURL = MIRROR_URL + "demo-pkg/"
+        upstream = FakeUpstream(PageResponse(200, body, JSON_TYPE, '"e1"', 7, pageURL))
+        pages = MirrorPages(MemoryStorage(), upstream, Clock(), parseRunner=runner)  # type: ignore[arg-type]
+        return resultOf(ensureDeferred(pages.project(mirrorStage(), "demo-pkg"))), pages
+
+    def largePage(self) -> bytes:
+        files = [jsonFile(f"demo_pkg-1.{i}-py3-none-any.whl", hashes={"sha256": f"{i:064x}"}) for i in range(2000)]
+        body = jsonPage(files)
+        self.assertGreater(len(body), 512 * 1024)
+        return body
+
+    def test_largePageParsedInRunner(self) -> None:
+        """
+        A large page's parse is handed to the runner with the response, and
+        the project is answered only once the runner has done it.
+        """
+        body = self.largePage()
+        runner = HeldRunner()
+        result, _ = self.fetch(runner, body)
+        self.assertEqual(result, [])
+        [(f, args, _)] = runner.calls
+        self.assertIs(f, parseProjectPage)
+        self.assertEqual(args, (body, JSON_TYPE, MIRROR_URL + "demo-pkg/", "demo-pkg"))
+        runner.release()
+        [cached] = result
+        self.assertEqual(len(cached.links), 2000)
+
+    def test_sameResultAsInline(self) -> None:
+        """The links, serial and ETag cached are those of a parse on the calling thread."""
+        body = self.largePage()
+        runner = HeldRunner()
+        held, _ = self.fetch(runner, body)
+        runner.release()
+        inline, _ = self.fetch(SynchronousRunner(), body)
+        expected = parseProjectPage(body, JSON_TYPE, MIRROR_URL + "demo-pkg/", "demo-pkg")
+        self.assertEqual(held[0].toStored(), inline[0].toStored())
+        self.assertEqual(held[0].links, list(expected.links))
+        self.assertEqual((held[0].etag, held[0].serial), ('"e1"', 7))
+
+    def test_unusablePageFromRunner(self) -> None:
+        """A page the runner's parse refuses is an upstream error, as before."""
+        runner = HeldRunner()
+        result, pages = self.fetch(runner, b"{not json" + b" " * 100_000)
+        runner.release()
+        [failure] = result
+        failure.trap(UpstreamError)
+        self.assertIn("not valid JSON", failure.getErrorMessage())
+        self.assertEqual(pages.state(mirrorStage()).status.describe()["consecutive-failures"], 1)
+
+
+class MirrorNamesParsingTests(SynchronousTestCase):
+    """L{MirrorNames} scans upstream's project list in its runner, not on the reactor."""
+
+    def setUp(self) -> None:
+        self.runner = HeldRunner()
+        self.blobs = MemoryBlobStore()
+        self.response = StreamedResponse(JSON_TYPE.encode("ascii"))
+        upstream = FakeUpstream(response=self.response)
+        clock = Clock()
+        storage = MemoryStorage()
+        pages = MirrorPages(storage, upstream, clock, parseRunner=self.runner)  # type: ignore[arg-type]
+        self.names = MirrorNames(storage, self.blobs, upstream, clock, pages)  # type: ignore[arg-type]
+
+    def test_listScannedInRunner(self) -> None:
+        """
+        Each piece of the list is scanned in the runner, one at a time, with
+        upstream paused meanwhile; what arrived meanwhile is scanned as one
+        piece; the names stored are those of a one-shot parse.
+        """
+        body, names = longJSONList(5000)
+        result = resultOf(ensureDeferred(self.names.openCurrent(mirrorStage())))
+        protocol = self.response.protocol
+        third = len(body) // 3
+        protocol.dataReceived(body[:third])
+        [(f, args, _)] = self.runner.calls
+        self.assertEqual(f.__name__, "feed")
+        self.assertEqual(args, (body[:third],))
+        protocol.dataReceived(body[third:2 * third])
+        protocol.dataReceived(body[2 * third:])
+        self.assertEqual(self.response.transport.producerState, "paused")
+        self.assertEqual(len(self.runner.calls), 1)
+        self.runner.release()
+        [(f, args, _)] = self.runner.calls
+        self.assertEqual(args, (body[third:],))
+        self.runner.release()
+        self.assertEqual(self.response.transport.producerState, "producing")
+        protocol.connectionLost(Failure(ResponseDone()))
+        [(f, args, _)] = self.runner.calls
+        self.assertEqual((f.__name__, args), ("close", ()))
+        self.assertEqual(result, [])
+        self.runner.release()
+        [(sha256, opened)] = result
+        self.assertEqual(opened.read().decode("utf-8").splitlines(), names)
+        self.assertEqual(names, parseProjectList(body, JSON_TYPE))
+
+    def test_unreadableListFromRunner(self) -> None:
+        """A list the runner's scan refuses stops upstream and keeps no list."""
+        result = resultOf(ensureDeferred(self.names.current(mirrorStage())))
+        self.response.protocol.dataReceived(b"<html>")
+        self.runner.release()
+        self.assertEqual(self.response.transport.producerState, "stopped")
+        self.assertEqual(result, [None])
+        self.assertEqual(self.blobs.blobs, {})
+
+
+class WiringTests(SynchronousTestCase):
+    """The composition root hands the storage service's runner to the mirror pages."""
+
+    def test_makeMirrorsParsesInTheGivenRunner(self) -> None:
+        from twisted.python.filepath import FilePath
+
+        from devpi_twisted.app.tap import makeMirrors
+        from devpi_twisted.config import ServerConfig
+
+        runner = HeldRunner()
+        config = ServerConfig(serverdir=FilePath(self.mktemp()), listen=())
+        mirrors = makeMirrors(config, MemoryStorage(), MemoryBlobStore(), Clock(), runner=runner)
+        self.assertIs(mirrors.pages.parseRunner, runner)
+
+
+class ThreadedParsingTests(TestCase):
+    """With the real L{ThreadRunner} the parse runs off the reactor thread and its result comes back."""
+
+    async def test_pageParsedInAThread(self) -> None:
+        from twisted.internet import reactor
+
+        runner = ThreadRunner(reactor)
+        runner.start()
+        self.addCleanup(runner.stopService)
+        threads: list[str] = []
+
+        def parse(*args: Any) -> UpstreamProject:
+            threads.append(threading.current_thread().name)
+            return parseProjectPage(*args)
+
+        self.patch(pagesModule, "parseProjectPage", parse)
+        body = jsonPage([jsonFile(f"demo_pkg-1.{i}-py3-none-any.whl") for i in range(300)])
+        upstream = FakeUpstream(PageResponse(200, body, JSON_TYPE, None, None, MIRROR_URL + "demo-pkg/"))
+        pages = MirrorPages(MemoryStorage(), upstream, Clock(), parseRunner=runner)  # type: ignore[arg-type]
+        cached = await pages.project(mirrorStage(), "demo-pkg")
+        self.assertEqual(len(cached.links), 300)
+        self.assertEqual(len(threads), 1)
+        self.assertNotEqual(threads[0], threading.current_thread().name)

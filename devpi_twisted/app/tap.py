@@ -39,7 +39,7 @@ from devpi_twisted.model.acl import Policy
 from devpi_twisted.app.serverdir import ServerDir, loadSecretFile
 from devpi_twisted.storage.collector import BlobCollector
 from devpi_twisted.storage.plugin import findBackend
-from devpi_twisted.storage.threads import ThreadRunner
+from devpi_twisted.storage.threads import Runner, ThreadRunner
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.users import Users
@@ -467,11 +467,13 @@ class _PoolService(Service):
 
 
 def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
-                stats: UpstreamStats | None = None, filesElsewhere: Any = None) -> Mirrors:
+                stats: UpstreamStats | None = None, filesElsewhere: Any = None,
+                runner: Runner | None = None) -> Mirrors:
     """
     The mirror coordinator with its own connection pool and TLS policy; at
     most C{--max-upstream-fetches} upstream requests at once, counted in
-    C{stats}.
+    C{stats}.  Upstream pages and project lists are parsed in C{runner}
+    (the storage service's threads; inline when not given).
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
@@ -487,6 +489,8 @@ def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
                               idleTimeout=config.requestTimeout * 6)
     mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode,
                       filesElsewhere=filesElsewhere)
+    if runner is not None:
+        mirrors.pages.parseRunner = runner
     _PoolService(pool).setServiceParent(mirrors)
     return mirrors
 
@@ -596,7 +600,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     # replicate; while the primary answers, it serves the files not here yet.
     mirrorConfig = replace(config, offlineMode=True) if config.primaryURL else config
     realMirrors = makeMirrors(mirrorConfig, storage, blobs, reactor, upstreamStats,
-                              filesElsewhere=replica.isReachable if replica is not None else None)
+                              filesElsewhere=replica.isReachable if replica is not None else None, runner=runner)
     realMirrors.setServiceParent(top)
     if replica is not None:
         replica.parent.setServiceParent(top)

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import UpstreamError
 from devpi_twisted.interfaces import IBlobStore, IBlobWriter
-from devpi_twisted.model.upstreampage import UpstreamLink
+from devpi_twisted.model.upstream.common import UpstreamLink
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
 

@@ -22,10 +22,11 @@ from devpi_twisted.model.coalesce import Coalescer
 from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IStorage, IWriteTransaction
 from devpi_twisted.model.indexconfig import mirrorBaseURL
 from devpi_twisted.model.inheritance import Stage
-from devpi_twisted.model.upstreampage import ProjectListScanner
+from devpi_twisted.model.upstream.projectlist import ProjectListScanner
 from devpi_twisted.storage import BLOB_REF
 from devpi_twisted.mirror.pages import MirrorPages
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, redacted
+from devpi_twisted.storage.threads import Runner
 
 log = Logger()
 
@@ -35,24 +36,34 @@ def namesKey(stage: Stage) -> str:
 
 
 class _NamesReceiver(Protocol):
-    """Scans the list as it arrives and writes the names, pausing upstream while the disk is behind."""
+    """
+    Scans the list as it arrives and writes the names.
+
+    The scanning runs in C{runner} (a 64 KiB piece takes milliseconds), one
+    piece at a time since the scanner has state; what arrives meanwhile is
+    joined into the next piece.  Upstream is paused while a scan or a write
+    is in flight, so neither the disk nor the scanner falls behind by more
+    than what the connection had already read.
+    """
 
     def __init__(self, scanner: ProjectListScanner, writer: IBlobWriter, clock: IReactorTime,
-                 idleTimeout: float) -> None:
+                 idleTimeout: float, runner: Runner) -> None:
         self._scanner = scanner
         self._writer = writer
+        self._runner = runner
         self.done: Deferred[int] = Deferred()
         self.count = 0
-        self._writing: Deferred[None] | None = None
-        self._pending: list[str] = []
+        self._incoming: list[bytes] = []
+        self._busy = False
+        self._paused = False
         self._ended = False
+        self._closed = False
         self._idleTimeout = idleTimeout
         self._timer: IDelayedCall | None = clock.callLater(idleTimeout, self._idle)
 
     def _idle(self) -> None:
         self._timer = None
-        if self.transport is not None:
-            self.transport.stopProducing()
+        self._stop()
         self._finish(Failure(UpstreamFailure(f"no data from upstream for {self._idleTimeout} seconds")))
 
     def dataReceived(self, data: bytes) -> None:
@@ -60,32 +71,12 @@ class _NamesReceiver(Protocol):
             return
         if self._timer is not None:
             self._timer.reset(self._idleTimeout)
-        try:
-            self._queue(self._scanner.feed(data))
-        except Exception as e:
-            self.transport.stopProducing()
-            self._finish(Failure(UpstreamFailure(f"cannot read upstream's project list: {e}")))
-
-    def _queue(self, names: list[str]) -> None:
-        self._pending.extend(names)
-        self.count += len(names)
-        if self._writing is None:
-            self._writeNext()
-        elif self.transport is not None:
+        self._incoming.append(data)
+        if not self._busy:
+            self._next()
+        elif not self._paused and self.transport is not None:
+            self._paused = True
             self.transport.pauseProducing()
-
-    def _writeNext(self) -> None:
-        if not self._pending:
-            self._writing = None
-            if self._ended:
-                self._finish(self.count)
-            elif self.transport is not None:
-                self.transport.resumeProducing()
-            return
-        text = "".join(name + "\n" for name in self._pending)
-        self._pending = []
-        self._writing = self._writer.write(text.encode("utf-8"))
-        self._writing.addCallbacks(lambda _: self._writeNext(), self._finish)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancelTimer()
@@ -94,14 +85,53 @@ class _NamesReceiver(Protocol):
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._finish(Failure(UpstreamFailure(f"project list broke off: {reason.getErrorMessage()}")))
             return
-        try:
-            self._pending.extend(self._scanner.close())
-        except Exception as e:
-            self._finish(Failure(UpstreamFailure(f"cannot read upstream's project list: {e}")))
-            return
         self._ended = True
-        if self._writing is None:
-            self._writeNext()
+        if not self._busy:
+            self._next()
+
+    def _next(self) -> None:
+        """Start the next scan, or let upstream go on, or finish."""
+        if self.done.called:
+            return
+        if self._incoming:
+            piece = b"".join(self._incoming)
+            self._incoming = []
+            scanned = self._runner.runFile(self._scanner.feed, piece)
+        elif self._ended and not self._closed:
+            self._closed = True
+            scanned = self._runner.runFile(self._scanner.close)
+        elif self._ended:
+            self._busy = False
+            self._finish(self.count)
+            return
+        else:
+            self._busy = False
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resumeProducing()
+            return
+        self._busy = True
+        scanned.addCallbacks(self._write, self._unreadable)
+
+    def _write(self, names: list[str]) -> None:
+        if self.done.called:
+            return
+        if not names:
+            self._next()
+            return
+        self.count += len(names)
+        written = self._writer.write("".join(name + "\n" for name in names).encode("utf-8"))
+        written.addCallbacks(lambda _: self._next(), self._finish)
+
+    def _unreadable(self, failure: Failure) -> None:
+        if self.done.called:
+            return
+        self._stop()
+        self._finish(Failure(UpstreamFailure(f"cannot read upstream's project list: {failure.getErrorMessage()}")))
+
+    def _stop(self) -> None:
+        if not self._ended and self.transport is not None:
+            self.transport.stopProducing()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -178,7 +208,7 @@ class MirrorNames:
                 raise UpstreamFailure(f"{redacted(url)} answered {response.code}")
             contentType = response.headers.getRawHeaders(b"content-type", [b""])[-1].decode("latin-1")
             receiver = _NamesReceiver(ProjectListScanner(contentType or None), writer, self._clock,
-                                      self._upstream.idleTimeout)
+                                      self._upstream.idleTimeout, self._pages.parseRunner)
             response.deliverBody(receiver)
             count = await receiver.done
         except UpstreamFailure as e:

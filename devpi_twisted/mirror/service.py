@@ -25,7 +25,8 @@ from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.names import normalizeProject
 from devpi_twisted.model.simplepage import SimpleFile
-from devpi_twisted.model.upstreampage import UpstreamLink, toSimpleFile
+from devpi_twisted.model.upstream.common import UpstreamLink
+from devpi_twisted.model.upstream.project import toSimpleFile
 from devpi_twisted.services.fileentries import httpDate, logEntry, writeFileEntry
 from devpi_twisted.storage import BLOB_REF, BlobInfo
 from devpi_twisted.mirror.files import (

@@ -24,11 +24,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from devpi_twisted import __version__
+from devpi_twisted.model.upstream.project import MAX_PAGE_SIZE
 
 PAGE_ACCEPT = (
     b"application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
 )
-MAX_PAGE_SIZE = 64 * 1024 * 1024
 USER_AGENT = f"devpi-twisted/{__version__}".encode("ascii")
 
 
