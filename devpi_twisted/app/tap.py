@@ -488,9 +488,7 @@ def makeMirrors(config: ServerConfig, storage: Any, blobs: Any, reactor: Any,
     upstream = UpstreamClient(fileAgent, pageAgent, reactor, timeout=config.requestTimeout,
                               idleTimeout=config.requestTimeout * 6)
     mirrors = Mirrors(storage, blobs, upstream, reactor, offlineMode=config.offlineMode,
-                      filesElsewhere=filesElsewhere)
-    if runner is not None:
-        mirrors.pages.parseRunner = runner
+                      filesElsewhere=filesElsewhere, parseRunner=runner)
     _PoolService(pool).setServiceParent(mirrors)
     return mirrors
 

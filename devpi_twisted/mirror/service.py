@@ -28,6 +28,7 @@ from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.model.upstream.common import UpstreamLink
 from devpi_twisted.model.upstream.project import toSimpleFile
 from devpi_twisted.services.fileentries import httpDate, logEntry, writeFileEntry
+from devpi_twisted.storage.threads import Runner
 from devpi_twisted.storage import BLOB_REF, BlobInfo
 from devpi_twisted.mirror.files import (
     CoreMetadata, Elsewhere, FetchedFile, FileAnswer, FileFetch, LinkOnly, LiveFile, StoredFile, startFetch,
@@ -62,8 +63,11 @@ class Mirrors(MultiService):
     """Mirror indexes for the simple pages and the file routes."""
 
     def __init__(self, storage: IStorage, blobs: IBlobStore, upstream: UpstreamClient, clock: IReactorTime,
-                 offlineMode: bool = False, filesElsewhere: Callable[[], bool] | None = None) -> None:
+                 offlineMode: bool = False, filesElsewhere: Callable[[], bool] | None = None,
+                 parseRunner: Runner | None = None) -> None:
         """
+        @param parseRunner: where upstream pages and project lists are
+            parsed (off the reactor thread); inline when not given.
         @param filesElsewhere: in offline mode, whether files that are not
             stored here can still be had (a replica's primary answers for
             them while it is reachable); pages then list every cached link,
@@ -75,7 +79,7 @@ class Mirrors(MultiService):
         self._blobs = blobs
         self._upstream = upstream
         self._clock = clock
-        self.pages = MirrorPages(storage, upstream, clock, offlineMode)
+        self.pages = MirrorPages(storage, upstream, clock, offlineMode, parseRunner=parseRunner)
         self.names = MirrorNames(storage, blobs, upstream, clock, self.pages)
         self._starting: Coalescer[FileFetch] = Coalescer()
         self._running: dict[tuple[str, str], FileFetch] = {}

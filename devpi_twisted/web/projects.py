@@ -41,14 +41,9 @@ class ProjectViews:
     log = Logger()
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
-<<<<<<< HEAD
                  auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
-                 knownFiles: KnownFiles | None = None) -> None:
-        self._queries = queries
-=======
-                 auth: Authenticator, releases: Releases, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None, mirrorFiles: Any = None) -> None:
->>>>>>> j1-mirror
+        self._queries = queries
         self._mirrors = mirrors
         self._mirrorFiles = mirrorFiles
         self._knownFiles = knownFiles
@@ -191,18 +186,10 @@ class ProjectViews:
                             mirror: Stage | None) -> Any:
         import io
 
-<<<<<<< HEAD
         data = await self._queries.coreMetadata(user, index, entry)
         if data is None:
-            if mirror is not None and self._mirrors is not None:
-                return await self._mirrors.serveFile(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
-=======
-        stored = await self._storage.read(lambda view: view.get(
-            keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
-        if stored is None:
             if mirror is not None and self._mirrorFiles is not None:
                 return await self._mirrorFiles.answer(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
->>>>>>> j1-mirror
             raise NotFound(f"no metadata found in {entry['filename']}")
         return FileResponse(
             file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",

@@ -281,11 +281,7 @@ def makeWebResource(
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics),
         pageViews,
-<<<<<<< HEAD
-        ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles),
-=======
-        ProjectViews(config, storage, blobs, auth, releases, mirrors, knownFiles, mirrorFiles),
->>>>>>> j1-mirror
+        ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),
