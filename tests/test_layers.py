@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 import devpi_twisted
 from devpi_twisted.mirror.agent import IUpstreamCounter, LimitedAgent
 from devpi_twisted.mirror.files import FileFetch, ILiveSink, LiveFile
-from devpi_twisted.model.upstreampage import UpstreamLink
+from devpi_twisted.model.upstream.common import UpstreamLink
 from devpi_twisted.services.simple import MirrorSource
 from devpi_twisted.testing import MemoryBlobStore
 from devpi_twisted.web.metrics import CountingMirrors, UpstreamStats
@@ -42,7 +42,7 @@ SERVER_NAMES = {
 
 
 # services and model to be added once their own changes are in.
-DOMAIN_PACKAGES = ("mirror",)
+DOMAIN_PACKAGES = ("mirror", "services", "model")
 
 
 def _within(module: str, prefix: str) -> bool:
