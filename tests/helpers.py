@@ -34,7 +34,7 @@ from devpi_twisted.config import ServerConfig
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
 from devpi_twisted.services.auth import PasswordHashing
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.threads import Runner, SynchronousRunner
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 from devpi_twisted.testing.fakepypi import FakePyPI
 
@@ -53,18 +53,20 @@ def fastHashing() -> PasswordHashing:
 
 
 def buildTestServer(config: ServerConfig, *, clock: Clock, storage: Any, blobs: Any, upstreamAgent: IAgent,
-                    secret: bytes, hashing: PasswordHashing, nodeinfo: dict[str, Any], version: str) -> Server:
+                    secret: bytes, hashing: PasswordHashing, nodeinfo: dict[str, Any], version: str,
+                    runner: Runner | None = None, filesElsewhere: Any = None) -> Server:
     """
     The server as C{makeService} builds it, over the test's fakes: blocking
-    work runs inline and the push client's agent is C{upstreamAgent} too, so
-    nothing reaches the network.
+    work runs inline (unless another C{runner} is given) and the push
+    client's agent is C{upstreamAgent} too, so nothing reaches the network.
     """
     from devpi_twisted.services.push import PushClient
 
     return buildServer(
-        config, reactor=clock, nodeinfo=nodeinfo, storage=storage, blobs=blobs, runner=SynchronousRunner(),
+        config, reactor=clock, nodeinfo=nodeinfo, storage=storage, blobs=blobs,
+        runner=runner if runner is not None else SynchronousRunner(),
         secret=secret, upstreamAgent=upstreamAgent, pushAgent=PushClient(upstreamAgent, clock),
-        hashing=hashing, version=version,
+        hashing=hashing, version=version, filesElsewhere=filesElsewhere,
     )
 
 
@@ -147,9 +149,8 @@ class APIHarness:
         self.upstream = FakePyPI(self.clock)  # root/pypi's upstream: no projects
         self.upstreamAgent = RequestTraversalAgent(self.upstream.resource())
         self.server = buildTestServer(
-            self.config, clock=self.clock, storage=self.storage, blobs=self.blobs,
-            upstreamAgent=self.upstreamAgent, secret=self.secret, hashing=self.hashing,
-            nodeinfo=self.nodeinfo, version=VERSION,
+            self.config, clock=self.clock, secret=self.secret, hashing=self.hashing,
+            nodeinfo=self.nodeinfo, version=VERSION, **self.collaborators(),
         )
         self.auth = self.server.auth
         self.users = self.server.users
@@ -165,6 +166,15 @@ class APIHarness:
                 txn.set(keys.indexKey("root", "pypi"), rootPypiConfig(PYPI_URL, 1800))
 
         testCase.successResultOf(self.storage.write(initial))
+
+    def collaborators(self) -> dict[str, Any]:
+        """
+        What the server is built over: C{storage}, C{blobs}, C{runner},
+        C{upstreamAgent}.  A subclass may wrap or replace them (recording
+        fakes).
+        """
+        return {"storage": self.storage, "blobs": self.blobs, "runner": SynchronousRunner(),
+                "upstreamAgent": self.upstreamAgent}
 
     def settle(self, d: "Deferred[Any]") -> Any:
         """

@@ -172,6 +172,7 @@ def buildServer(
     storageReady: Callable[[], Any] | None = None,
     updateNodeinfo: Callable[[dict[str, Any]], None] | None = None,
     collector: Any = None,
+    filesElsewhere: Callable[[], bool] | None = None,
     spoolDirectory: str | None = None,
     hashing: PasswordHashing | None = None,
     version: str = __version__,
@@ -193,6 +194,8 @@ def buildServer(
     @param updateNodeinfo: records changes to the node information (run on
         C{runner}).
     @param collector: the blob collector, whose figures the metrics show.
+    @param filesElsewhere: whether mirror files not stored here can still be
+        had (default: on a replica, while its primary is reachable).
     @param hashing: the password hashing (default: argon2's defaults).
     """
     followerStorage = storage
@@ -216,8 +219,10 @@ def buildServer(
     # A replica never asks upstream: its primary does, and the files
     # replicate; while the primary answers, it serves the files not here yet.
     mirrorConfig = replace(config, offlineMode=True) if config.primaryURL else config
+    if filesElsewhere is None and replica is not None:
+        filesElsewhere = replica.isReachable
     realMirrors = mirrorsOver(mirrorConfig, storage, blobs, upstreamAgent, reactor, upstreamStats,
-                              filesElsewhere=replica.isReachable if replica is not None else None)
+                              filesElsewhere=filesElsewhere)
     metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
                       throttle=throttle, upstream=upstreamStats, version=version)
     mirrors = CountingMirrors(realMirrors, metrics)
