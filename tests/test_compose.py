@@ -18,7 +18,7 @@ from devpi_twisted.web.server import DevpiSite
 
 from .helpers import APIHarness
 from .mirrorharness import TIMEOUT, MirrorHarness
-from .releaseharness import PIP_ACCEPT
+from .releaseharness import PIP_ACCEPT, ServerHarness
 from .test_tap import ThreadedMemoryReactor
 
 
@@ -79,3 +79,17 @@ class HarnessLimitsTests(SynchronousTestCase):
         self.assertIsInstance(h.makeSite(), DevpiSite)
         api = APIHarness(self, maxConnections=7)
         self.assertEqual(api.server.site.limits.maxConnections, 7)
+
+    def test_rawAnswerHeadersOnce(self) -> None:
+        """
+        An answer the site writes before any resource (413 for a body over
+        C{--max-upload-size}) carries devpi's headers, each once.
+        """
+        h = ServerHarness(self)
+        h.build(maxUploadSize=10)
+        answer = h.raw(b"POST /alice/dev/ HTTP/1.1\r\nHost: devpi.test\r\nConnection: close\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": 1234}")
+        self.assertEqual(answer.code, 413)
+        self.assertEqual(answer.headerValues("X-Content-Type-Options"), ["nosniff"])
+        self.assertEqual(answer.headerValues("X-Devpi-Api-Version"), ["2"])
+        self.assertEqual(answer.headerValues("X-Devpi-Uuid"), [h.server.nodeinfo["uuid"]])

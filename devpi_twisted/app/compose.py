@@ -262,10 +262,10 @@ def buildServer(
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
                                         replica, config.outsideURL)
+    # Answers written before any resource (rawAnswer adds nosniff itself).
     requestClass = limitedRequestFactory(
         config.maxUploadSize,
-        [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode()),
-         (b"X-Content-Type-Options", b"nosniff")],
+        [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode())],
         base=DevpiRequest,
         spoolDirectory=spoolDirectory,
     )
