@@ -1,40 +1,42 @@
 """
 Helpers for driving the real web resource in memory.
 
-L{APIHarness} wires the production pieces as L{devpi_twisted.app.tap.makeService}
-does (L{Authenticator}, L{Users}, L{Indexes}, L{makeWebResource}) over a
-L{MemoryStorage}, with everything that would be slow or real made synchronous
-and fake: password checks run inline (C{maybeDeferred}) with a cheap argon2
-hasher, and time is a L{Clock}.  Requests go through L{StubTreq}, so routing,
-error handling and headers are the real thing.
+L{buildTestServer} builds the server with the factory C{makeService} uses
+(L{devpi_twisted.app.compose.buildServer}), limits and all, over fakes:
+time is a L{Clock}, storage is given (memory), blocking work runs inline
+(L{SynchronousRunner}), password checks use a cheap argon2 hasher, and
+upstream is a L{FakePyPI} reached in memory, so no socket is ever opened.
 
+L{APIHarness} is that server with an empty upstream; requests go through
+L{StubTreq}, so routing, error handling and headers are the real thing.
 Every response is checked for what devpi promises on all responses (see
 L{APIHarness.checkCommon}), so individual tests only assert what is
 specific to them.
 """
 
 import base64
-import inspect
 import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
 
 from argon2 import PasswordHasher
-from treq.testing import StubTreq
-from twisted.internet.defer import maybeDeferred
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IAgent
 
-from devpi_twisted.services.auth import Authenticator, PasswordHashing
-from devpi_twisted.config import ServerConfig
-from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
+from devpi_twisted.app.compose import Server, buildServer
+from devpi_twisted.config import ServerConfig
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
+from devpi_twisted.services.auth import PasswordHashing
+from devpi_twisted.storage.threads import Runner, SynchronousRunner
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.services.users import Users
-from devpi_twisted.web.routes import makeWebResource
+from devpi_twisted.testing.fakepypi import FakePyPI
 
 BASE = "http://devpi.test"
 UUID = "0123456789abcdef0123456789abcdef"
@@ -48,6 +50,24 @@ _NOTHING = object()
 def fastHashing() -> PasswordHashing:
     """argon2id with the cheapest parameters, so tests stay fast."""
     return PasswordHashing(PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+
+
+def buildTestServer(config: ServerConfig, *, clock: Clock, storage: Any, blobs: Any, upstreamAgent: IAgent,
+                    secret: bytes, hashing: PasswordHashing, nodeinfo: dict[str, Any], version: str,
+                    runner: Runner | None = None, filesElsewhere: Any = None) -> Server:
+    """
+    The server as C{makeService} builds it, over the test's fakes: blocking
+    work runs inline (unless another C{runner} is given) and the push
+    client's agent is C{upstreamAgent} too, so nothing reaches the network.
+    """
+    from devpi_twisted.services.push import PushClient
+
+    return buildServer(
+        config, reactor=clock, nodeinfo=nodeinfo, storage=storage, blobs=blobs,
+        runner=runner if runner is not None else SynchronousRunner(),
+        secret=secret, upstreamAgent=upstreamAgent, pushAgent=PushClient(upstreamAgent, clock),
+        hashing=hashing, version=version, filesElsewhere=filesElsewhere,
+    )
 
 
 def basicAuth(user: str, secret: str) -> dict[bytes, list[bytes]]:
@@ -100,6 +120,7 @@ class APIHarness:
         its assertions.
     @param policy: the server's permission settings.
     @param rootPypi: whether to create the C{root/pypi} mirror as init does.
+    @param settings: more L{ServerConfig} fields (limits, modes).
     """
 
     def __init__(
@@ -108,6 +129,7 @@ class APIHarness:
         policy: Policy = Policy(),
         rootPypi: bool = False,
         outsideURL: str | None = None,
+        **settings: Any,
     ) -> None:
         self.testCase = testCase
         self.clock = Clock()
@@ -116,19 +138,24 @@ class APIHarness:
         self.blobs = MemoryBlobStore()
         self.hashing = fastHashing()
         self.secret = b"s" * 48
-        self.auth = Authenticator(
-            self.storage, maybeDeferred, self.secret, self.clock, hashing=self.hashing
-        )
         self.config = ServerConfig(
             serverdir=FilePath("/nonexistent/serverdir"),
             listen=("tcp:0:interface=127.0.0.1",),
             outsideURL=outsideURL,
             policy=policy,
+            **settings,
         )
         self.nodeinfo = {"uuid": UUID, "role": "standalone", "storage": "memory"}
-        self.users = Users(self.storage, self.auth, policy)
-        self.indexes = Indexes(self.storage, policy, 1800)
-        self.resource = makeWebResource(**self._webArguments())
+        self.upstream = FakePyPI(self.clock)  # root/pypi's upstream: no projects
+        self.upstreamAgent = RequestTraversalAgent(self.upstream.resource())
+        self.server = buildTestServer(
+            self.config, clock=self.clock, secret=self.secret, hashing=self.hashing,
+            nodeinfo=self.nodeinfo, version=VERSION, **self.collaborators(),
+        )
+        self.auth = self.server.auth
+        self.users = self.server.users
+        self.indexes = self.server.indexes
+        self.resource = self.server.resource
         self.treq = StubTreq(self.resource)
         self.allow500 = False
         rootHash = self.hashing.hash(ROOT_PASSWORD)
@@ -140,44 +167,33 @@ class APIHarness:
 
         testCase.successResultOf(self.storage.write(initial))
 
-    def _webArguments(self) -> dict[str, Any]:
+    def collaborators(self) -> dict[str, Any]:
         """
-        The keyword arguments of L{makeWebResource}, wired as C{makeService}
-        wires them but over memory and the fake clock.  Collaborators that
-        later parts of the server add are built only when the signature asks
-        for them, so this harness follows the route table as it grows.
+        What the server is built over: C{storage}, C{blobs}, C{runner},
+        C{upstreamAgent}.  A subclass may wrap or replace them (recording
+        fakes).
         """
-        known: dict[str, Any] = {
-            "config": lambda: self.config,
-            "nodeinfo": lambda: self.nodeinfo,
-            "storage": lambda: self.storage,
-            "auth": lambda: self.auth,
-            "users": lambda: self.users,
-            "indexes": lambda: self.indexes,
-            "version": lambda: VERSION,
-            "blobs": lambda: self.blobs,
-            "releases": self._releases,
-            "pages": self._pages,
-            "clock": lambda: self.clock,
-            "reactor": lambda: self.clock,
-        }
-        arguments = {}
-        for name, parameter in inspect.signature(makeWebResource).parameters.items():
-            if name in known:
-                arguments[name] = known[name]()
-            elif parameter.default is inspect.Parameter.empty:
-                raise TypeError(f"tests.helpers does not know how to build {name!r} for makeWebResource")
-        return arguments
+        return {"storage": self.storage, "blobs": self.blobs, "runner": SynchronousRunner(),
+                "upstreamAgent": self.upstreamAgent}
 
-    def _releases(self) -> Any:
-        from devpi_twisted.services.releases import Releases
-
-        return Releases(self.storage, self.clock.seconds)
-
-    def _pages(self) -> Any:
-        from devpi_twisted.services.simple import SimplePages
-
-        return SimplePages(self.storage)
+    def settle(self, d: "Deferred[Any]") -> Any:
+        """
+        The result of C{d}, pumping due calls on the clock and the in-memory
+        connections (upstream's, then ours) until it has one.
+        """
+        box: list[Any] = []
+        d.addBoth(box.append)
+        for _ in range(10_000):
+            if box:
+                break
+            self.clock.advance(0)
+            self.upstreamAgent.flush()
+            self.treq.flush()
+        if not box:
+            self.testCase.fail("the request never finished")
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return box[0]
 
     # requests
 
@@ -203,10 +219,8 @@ class APIHarness:
             data = jsonlib.dumps(json).encode("utf-8")
             sendHeaders[b"Content-Type"] = [b"application/json"]
         serialBefore = self.storage.currentSerial()
-        response = self.testCase.successResultOf(
-            self.treq.request(method, BASE + path, headers=sendHeaders, data=data)
-        )
-        content = self.testCase.successResultOf(response.content())
+        response = self.settle(self.treq.request(method, BASE + path, headers=sendHeaders, data=data))
+        content = self.settle(response.content())
         answer = Answer(response.code, response.headers, content, serialBefore)
         self.checkCommon(answer)
         return answer

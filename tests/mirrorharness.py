@@ -1,47 +1,36 @@
 """
 The whole server in memory with C{root/pypi} mirroring a L{FakePyPI}.
 
-L{MirrorHarness} extends L{ServerHarness} with the mirror parts wired as
-L{devpi_twisted.app.tap.makeMirrors} and C{makeService} wire them: an
-L{UpstreamClient} whose agent (a L{RequestTraversalAgent} over the fake's
-resource, behind a L{RedirectAgent}, pages decoded by a
-L{ContentDecoderAgent}) never opens a socket, L{Mirrors}, and
-L{SimplePages} and the web resource that use them.  Upstream and our
-server share the test's L{Clock}, so timeouts, back-off and slow files are
-driven by C{clock.advance}.
+L{MirrorHarness} is L{ServerHarness} - the server built by the factory
+C{makeService} uses, L{devpi_twisted.app.compose.buildServer} - whose
+upstream agent is a L{RequestTraversalAgent} over the fake's resource, so
+no socket is opened; the mirror parts around it are production's, limits
+included: redirects followed, pages decoded, at most
+C{--max-upstream-fetches} upstream requests at once, C{--request-timeout}.
+Upstream and our server share the test's L{Clock}, so timeouts, back-off
+and slow files are driven by C{clock.advance}.
 
 Requests are pumped inner stub first (upstream), then the outer one, as
-treq's in-memory transports need.  L{RawClient} speaks raw HTTP to a
-L{Site} over a fake TCP connection, for the tests that must see exactly
-what went over the wire or drop the connection half-way.
+treq's in-memory transports need.  L{RawClient} speaks raw HTTP to the
+server's site over a fake TCP connection, for the tests that must see
+exactly what went over the wire or drop the connection half-way.
 """
 
 import hashlib
 import json as jsonlib
 from typing import Any
 
-from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ContentDecoderAgent, GzipDecoder, RedirectAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-
-from devpi_twisted.mirror.service import Mirrors
-from devpi_twisted.mirror.upstream import UpstreamClient
-from devpi_twisted.services.simple import SimplePages
-from devpi_twisted.testing.fakepypi import FakePyPI
-from devpi_twisted.services.users import Users
-from devpi_twisted.services.indexes import Indexes
-from devpi_twisted.web.routes import makeWebResource
 
 from .releaseharness import (
     BASE,
     PIP_ACCEPT,
-    UUID,
     Answer,
     Headers,
     RawAnswer,
@@ -63,74 +52,34 @@ class MirrorHarness(ServerHarness):
 
     def __init__(self, testCase: SynchronousTestCase, *, offlineMode: bool = False,
                  expiry: int = 1800, timeout: float = TIMEOUT, mirrorURL: str = UPSTREAM) -> None:
-        super().__init__(testCase, rootPypi=True)
-        self.fake = FakePyPI(self.clock)
-        self.upstreamHeaders: list[tuple[str, dict[bytes, list[bytes]]]] = []
-        self.recording = _Recording(self.fake.resource(), self.upstreamHeaders)
-        self.recording.stall = set()
-        self.recording.redirects = {}
-        self.upstreamAgent = RequestTraversalAgent(self.recording)
         self.timeout = timeout
-        self.mirrors: Mirrors | None = None
+        self.rawClients: list[RawClient] = []
+        self.upstreamHeaders: list[tuple[str, dict[bytes, list[bytes]]]] = []
+        super().__init__(testCase, rootPypi=True)
         self.restart(offlineMode=offlineMode)
         self.modifyIndex("root", "pypi", {"mirror_url": mirrorURL, "mirror_cache_expiry": expiry},
                          auth=self.root)
-        testCase.addCleanup(self.stop)
+
+    def upstreamResource(self) -> Resource:
+        """The fake upstream, recording what it is asked."""
+        self.recording = _Recording(self.fake.resource(), self.upstreamHeaders)
+        self.recording.stall = set()
+        self.recording.redirects = {}
+        return self.recording
+
+    def stop(self) -> None:
+        """The server stops: its raw connections are closed too."""
+        for client in getattr(self, "rawClients", ()):
+            client.lose(Failure(ConnectionLost("the server stopped")))
+        super().stop()
 
     def restart(self, offlineMode: bool = False, filesElsewhere: Any = None) -> None:
         """
-        Build the mirror parts, the page cache and the web resource anew over
-        the same storage, as a restarted server would (in-memory state, such
-        as freshness and the status machines, is lost).
+        Build the server anew over the same storage and upstream, as a
+        restarted server would (in-memory state, such as freshness and the
+        status machines, is lost).
         """
-        self.stop()
-        agent = RedirectAgent(self.upstreamAgent)
-        pageAgent = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
-        self.upstream = UpstreamClient(agent, pageAgent, self.clock, timeout=self.timeout,
-                                       idleTimeout=self.timeout * 6)
-        self.mirrors = Mirrors(self.storage, self.blobs, self.upstream, self.clock, offlineMode=offlineMode,
-                               filesElsewhere=filesElsewhere)
-        self.pages = SimplePages(self.storage, self.mirrors)
-        self.resource = makeWebResource(
-            config=self.config,
-            nodeinfo={"uuid": UUID, "role": "standalone", "storage": "memory"},
-            storage=self.storage,
-            blobs=self.blobs,
-            auth=self.auth,
-            users=Users(self.storage, self.auth, self.config.policy),
-            indexes=Indexes(self.storage, self.config.policy, 1800),
-            releases=self.releases,
-            pages=self.pages,
-            mirrors=self.mirrors,
-            version="0.0-test",
-        )
-        self.treq = StubTreq(self.resource)
-        self.mirrors.startService()
-
-    def stop(self) -> None:
-        if self.mirrors is not None and self.mirrors.running:
-            self.mirrors.stopService()
-
-    # pumping
-
-    def pump(self) -> None:
-        """One round: due calls on the clock, then upstream's connections, then ours."""
-        self.clock.advance(0)
-        self.upstreamAgent.flush()
-        self.treq.flush()
-
-    def settle(self, d: Deferred) -> Any:
-        box: list[Any] = []
-        d.addBoth(box.append)
-        for _ in range(100_000):
-            if box:
-                break
-            self.pump()
-        if not box:
-            self.testCase.fail("the request never finished")
-        if isinstance(box[0], Failure):
-            box[0].raiseException()
-        return box[0]
+        self.build(filesElsewhere, offlineMode=offlineMode, requestTimeout=self.timeout)
 
     def begin(self, method: str, path: str, headers: Headers | None = None) -> "Deferred[Answer]":
         """Start a request without waiting; the Deferred fires with the whole answer."""
@@ -245,6 +194,8 @@ class RawClient:
             peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
         )
         self.protocol.makeConnection(self.transport)
+        self.lost = False
+        harness.rawClients.append(self)
         self.protocol.dataReceived(request)
         self.aborted = False
         original = self.transport.abortConnection
@@ -261,13 +212,19 @@ class RawClient:
     def body(self) -> bytes:
         return self.received().partition(b"\r\n\r\n")[2]
 
+    def lose(self, reason: Failure) -> None:
+        """The connection is gone (once: TCP tells a protocol once)."""
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(reason)
+
     def disconnect(self) -> None:
         """The client goes away."""
-        self.protocol.connectionLost(Failure(ConnectionLost("the client went away")))
+        self.lose(Failure(ConnectionLost("the client went away")))
 
     def close(self) -> RawAnswer:
         closed = self.transport.disconnecting
-        self.protocol.connectionLost(Failure(ConnectionLost()))
+        self.lose(Failure(ConnectionLost()))
         return parseRawResponse(self.transport.value(), closed)
 
 

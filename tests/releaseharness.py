@@ -1,12 +1,13 @@
 """
 The whole server in memory, for tests of uploads, files and simple pages.
 
-L{ServerHarness} wires the production objects the way
-L{devpi_twisted.app.tap.makeService} does (L{Authenticator}, L{Users},
-L{Indexes}, L{Releases}, L{SimplePages}, L{makeWebResource}) over a
-L{MemoryStorage} and a L{MemoryBlobStore}.  Password checks run inline with
-a cheap argon2 hasher, time is a L{Clock}, and requests go through
-L{StubTreq}, so routing, negotiation, errors and headers are the real thing.
+L{ServerHarness} builds the server as C{makeService} does, with
+L{devpi_twisted.app.compose.buildServer} (see L{tests.helpers.buildTestServer}),
+over a L{MemoryStorage} and a L{MemoryBlobStore}, with C{root/pypi}'s
+upstream an empty L{FakePyPI} reached in memory.  Password checks run
+inline with a cheap argon2 hasher, time is a L{Clock}, and requests go
+through L{StubTreq}, so routing, negotiation, errors and headers are the
+real thing; raw requests go to the server's own site.
 
 Files are served by a pull producer, which twisted.web drives with the
 global L{Cooperator}; the harness patches that cooperator to run on the
@@ -15,14 +16,13 @@ test clock and pumps clock and connection until each answer is complete.
 
 import base64
 import json as jsonlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from argon2 import PasswordHasher
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, Cooperator
 from twisted.python.failure import Failure
@@ -31,19 +31,15 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from devpi_twisted.services.auth import Authenticator, PasswordHashing
-from devpi_twisted.config import ServerConfig
-from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
+from devpi_twisted.config import ServerConfig
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
-from devpi_twisted.services.releases import Releases
-from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.services.users import Users
-from devpi_twisted.web.routes import makeWebResource
+from devpi_twisted.testing.fakepypi import FakePyPI
 
 from .distbuilder import Dist, UploadBody, uploadBody
+from .helpers import buildTestServer, fastHashing
 
 BASE = "http://devpi.test"
 UUID = "fedcba9876543210fedcba9876543210"
@@ -166,28 +162,17 @@ class ServerHarness:
         self.clock.advance(START_TIME)
         self.storage = MemoryStorage(clock=self.clock.seconds)
         self.blobs = MemoryBlobStore()
-        self.hashing = PasswordHashing(PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-        self.auth = Authenticator(self.storage, maybeDeferred, b"k" * 48, self.clock, hashing=self.hashing)
+        self.hashing = fastHashing()
         self.config = ServerConfig(
             serverdir=FilePath("/nonexistent/serverdir"),
             listen=("tcp:0:interface=127.0.0.1",),
             policy=policy,
         )
-        self.releases = Releases(self.storage, self.clock.seconds)
-        self.pages = SimplePages(self.storage)
-        self.resource = makeWebResource(
-            config=self.config,
-            nodeinfo={"uuid": UUID, "role": "standalone", "storage": "memory"},
-            storage=self.storage,
-            blobs=self.blobs,
-            auth=self.auth,
-            users=Users(self.storage, self.auth, policy),
-            indexes=Indexes(self.storage, policy, 1800),
-            releases=self.releases,
-            pages=self.pages,
-            version="0.0-test",
-        )
-        self.treq = StubTreq(self.resource)
+        self.fake = FakePyPI(self.clock)  # root/pypi's upstream
+        self.upstreamAgent = RequestTraversalAgent(self.upstreamResource())
+        self.server: Any = None
+        self.build()
+        testCase.addCleanup(self.stop)
         cooperator = Cooperator(scheduler=lambda step: self.clock.callLater(0, step))
         testCase.patch(task, "_theCooperator", cooperator)
 
@@ -206,7 +191,45 @@ class ServerHarness:
         self.bob = basic("bob", "bobpw")
         self.carol = basic("carol", "carolpw")
 
+    def build(self, filesElsewhere: Any = None, **settings: Any) -> None:
+        """
+        Build the server anew over the same storage and upstream, as a
+        restarted server would (in-memory state, such as cached pages,
+        freshness and the mirrors' status machines, is lost), with
+        C{settings} changed in its config (and, to play a replica's, the
+        mirrors' C{filesElsewhere}).
+        """
+        self.stop()
+        self.config = replace(self.config, **settings)
+        self.server = buildTestServer(
+            self.config, clock=self.clock, storage=self.storage, blobs=self.blobs,
+            upstreamAgent=self.upstreamAgent, secret=b"k" * 48, hashing=self.hashing,
+            nodeinfo={"uuid": UUID, "role": "standalone", "storage": "memory"}, version="0.0-test",
+            filesElsewhere=filesElsewhere,
+        )
+        self.auth = self.server.auth
+        self.releases = self.server.releases
+        self.pages = self.server.pages
+        self.mirrors = self.server.mirrors
+        self.resource = self.server.resource
+        self.treq = StubTreq(self.resource)
+        self.mirrors.startService()
+
+    def upstreamResource(self) -> Any:
+        """What upstream indexes answer with."""
+        return self.fake.resource()
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.mirrors.running:
+            self.server.mirrors.stopService()
+
     # driving requests
+
+    def pump(self) -> None:
+        """One round: due calls on the clock, then upstream's connections, then ours."""
+        self.clock.advance(0)
+        self.upstreamAgent.flush()
+        self.treq.flush()
 
     def settle(self, d: Deferred) -> Any:
         """Pump the clock and the in-memory connection until C{d} fires."""
@@ -215,8 +238,7 @@ class ServerHarness:
         for _ in range(100_000):
             if box:
                 break
-            self.clock.advance(0)
-            self.treq.flush()
+            self.pump()
         if not box:
             self.testCase.fail("the request never finished")
         if isinstance(box[0], Failure):
@@ -242,10 +264,8 @@ class ServerHarness:
         return answer
 
     def makeSite(self) -> Site:
-        """A L{Site} over the resource, configured as C{makeService} does."""
-        site = Site(self.resource, reactor=self.clock, parsePOSTFormSubmission=False)
-        site.displayTracebacks = False
-        return site
+        """The server's site, as C{makeService} builds it."""
+        return self.server.site
 
     def raw(self, data: bytes, site: Site | None = None) -> RawAnswer:
         """
@@ -265,7 +285,7 @@ class ServerHarness:
         for _ in range(100_000):
             if transport.disconnecting:
                 break
-            self.clock.advance(0)
+            self.pump()
         closed = transport.disconnecting
         protocol.connectionLost(Failure(ConnectionDone()))
         self.rawWritten = transport.value()

@@ -115,11 +115,11 @@ class DocHarness(APIHarness):
             answer = replace(answer, body=b"")
         super().checkCommon(answer)
 
-    def _webArguments(self) -> dict[str, Any]:
-        arguments = super()._webArguments()
-        self.blobs = arguments["blobs"] = RecordingBlobs(self.blobs)
-        arguments["runFile"] = self.runner
-        return arguments
+    def collaborators(self) -> dict[str, Any]:
+        parts = super().collaborators()
+        self.blobs = parts["blobs"] = RecordingBlobs(self.blobs)
+        parts["runner"].runFile = self.runner
+        return parts
 
 
 class StallingTransport(StringTransport):

@@ -293,11 +293,13 @@ class UpstreamTLSTests(TestCase):
 
         from devpi_twisted.config import ServerConfig
         from devpi_twisted.model.inheritance import Stage
-        from devpi_twisted.app.tap import makeMirrors
+        from devpi_twisted.app.compose import mirrorsOver, upstreamPool
         from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
         config = ServerConfig(serverdir=FilePath(self.dir), listen=(), upstreamCA=caFile, requestTimeout=10)
-        mirrors = makeMirrors(config, MemoryStorage(clock=reactor.seconds), MemoryBlobStore(), reactor)
+        agent, pool = upstreamPool(config, reactor)
+        mirrors = mirrorsOver(config, MemoryStorage(clock=reactor.seconds), MemoryBlobStore(), agent, reactor)
+        pool.setServiceParent(mirrors)
         mirrors.startService()
         self.addCleanup(mirrors.stopService)
         stage = Stage("root", "pypi", {"type": "mirror", "mirror_url": mirrorURL, "mirror_cache_expiry": 1800})

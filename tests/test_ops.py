@@ -15,10 +15,9 @@ import subprocess
 import sys
 from typing import Any
 
-from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -40,16 +39,13 @@ from devpi_twisted.admin import cli
 from devpi_twisted.admin import genconfig
 
 from devpi_twisted.app import tap
-from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.app.logs import JSONLinesObserver, JSONLogService, jsonRecord
-from devpi_twisted.model.acl import Policy
 from devpi_twisted.model.redact import scrubRequestURI, scrubText, scrubURL
 from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
 from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.app.endpoints import listenAddress
 from devpi_twisted.app.tlsdir import CertificateDirectory, NoCertificates, tlsDirectoryParser
 from devpi_twisted.mirror.agent import LimitedAgent
-from devpi_twisted.services.users import Users
 from devpi_twisted.web.accesslog import ACCESS_NAMESPACE, AccessLog
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.web.limits import limitedRequestFactory
@@ -62,7 +58,7 @@ from devpi_twisted.web.metrics import (
     UpstreamStats,
     makeRegistry,
 )
-from devpi_twisted.web.routes import Routes, makeWebResource
+from devpi_twisted.web.routes import Routes
 from devpi_twisted.web.server import DOC_CSP, HSTS, HTML_CSP, DevpiRequest, DevpiSite, SiteLimits
 
 from .certs import CA
@@ -547,14 +543,8 @@ class RedactTests(SynchronousTestCase):
 
 def throttledHarness(testCase: SynchronousTestCase, maxFailures: int = 5) -> tuple[APIHarness, LoginThrottle]:
     """The JSON API in memory with a login throttle on the harness's clock."""
-    harness = APIHarness(testCase)
-    throttle = LoginThrottle(harness.clock, maxFailures=maxFailures, window=60)
-    harness.auth = Authenticator(harness.storage, maybeDeferred, harness.secret, harness.clock,
-                                 hashing=harness.hashing, throttle=throttle)
-    harness.users = Users(harness.storage, harness.auth, Policy())
-    harness.resource = makeWebResource(**harness._webArguments())
-    harness.treq = StubTreq(harness.resource)
-    return harness, throttle
+    harness = APIHarness(testCase, loginMaxFailures=maxFailures, loginWindow=60)
+    return harness, harness.server.throttle
 
 
 class LoginThrottleTests(SynchronousTestCase):
@@ -795,15 +785,12 @@ class MetricsRouteTests(SynchronousTestCase):
     """/+metrics and /+status through the real routes."""
 
     def setUp(self) -> None:
-        self.harness = APIHarness(self)
-        self.metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=self.harness.storage,
-                               mirrors=FakeMirrors(), version="9.9")
-        arguments = self.harness._webArguments()
-        arguments["metrics"] = MetricsView(self.metrics, makeRegistry(self.metrics))
-        arguments["mirrors"] = FakeMirrors()
-        arguments["config"] = self.harness.config.__class__(
-            **{**self.harness.config.__dict__, "outsideURL": "https://robot:hunter2@pypi.example.com"})
-        self.treq = StubTreq(makeWebResource(**arguments))
+        self.harness = APIHarness(self, rootPypi=True, outsideURL="https://robot:hunter2@pypi.example.com")
+        # root/pypi's upstream fails until the mirror is offline
+        self.harness.upstream.down = True
+        for project in ("a", "b", "c"):
+            self.harness.settle(self.harness.treq.get(BASE + f"/root/pypi/+simple/{project}/"))
+        self.treq = self.harness.treq
 
     def test_metrics(self) -> None:
         """GET /+metrics answers the Prometheus text format with the serial and process metrics."""

@@ -551,9 +551,10 @@ class UploadLimitTests(_Case):
     def test_tooLargeChunked(self) -> None:
         """A chunked body that grows past the limit gets 413."""
         data = b"x" * 5000
+        auth = basic("alice", "alicepw")[b"Authorization"][0]  # else the upload gate answers 401 first
         request = (
-            b"POST /alice/dev/ HTTP/1.1\r\nHost: devpi.test\r\nConnection: close\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /alice/dev/ HTTP/1.1\r\nHost: devpi.test\r\nConnection: close\r\nAuthorization: " + auth +
+            b"\r\nContent-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n"
         )
         before = self.snapshot()

@@ -46,8 +46,6 @@ from devpi_twisted.replica.sync import SyncCore, makeReplicaSync
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage import BLOB_REF, ChangeRecord
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.web.changelog import ChangelogFeed
-from devpi_twisted.web.routes import makeWebResource
 
 from .helpers import APIHarness, ROOT_PASSWORD, basicAuth, devpiAuth, fastHashing
 from .serverprocess import waitForAnswer
@@ -104,11 +102,9 @@ class Primary:
         self.storage = self.harness.storage
         self.blobs = self.harness.blobs
         self.secret = self.harness.secret
-        self.feed = ChangelogFeed(self.storage, self.blobs, self.secret, self.clock)
-        arguments = self.harness._webArguments()
-        arguments["changelog"] = self.feed
-        self.resource = makeWebResource(**arguments)
-        self.treq = StubTreq(self.resource)
+        self.feed = self.harness.server.feed
+        self.resource = self.harness.resource
+        self.treq = self.harness.treq
         patchCooperator(testCase, self.clock)
 
     def credential(self) -> dict[bytes, list[bytes]]:

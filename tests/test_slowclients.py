@@ -23,9 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from devpi_twisted.app import tap
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.web.limits import limitedRequestFactory
-from devpi_twisted.web.routes import Routes
 from devpi_twisted.web.server import LINGER, DevpiRequest, DevpiSite, SiteLimits
-from devpi_twisted.web.upload import UploadGate
 
 from .distbuilder import buildWheel, moduleName, writeDist
 from .helpers import APIHarness, basicAuth
@@ -245,8 +243,7 @@ class UploadGateTests(SiteMixin, SynchronousTestCase):
         self.harness.createUser("alice")
         self.harness.createUser("bob")
         self.harness.createIndex("alice", "dev")
-        gate = UploadGate(self.harness.auth, self.harness._releases(), Routes.app.url_map)
-        self.makeSite(SiteLimits(), gate=gate, resource=self.harness.resource)
+        self.makeSite(SiteLimits(), gate=self.harness.server.site.bodyGate, resource=self.harness.resource)
 
     def upload(self, length: int, auth: bytes = b"", path: bytes = b"/alice/dev/") -> Connection:
         connection = self.connect()

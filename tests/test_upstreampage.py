@@ -1160,15 +1160,16 @@ class MirrorNamesParsingTests(SynchronousTestCase):
 class WiringTests(SynchronousTestCase):
     """The composition root hands the storage service's runner to the mirror pages."""
 
-    def test_makeMirrorsParsesInTheGivenRunner(self) -> None:
+    def test_mirrorsOverParsesInTheGivenRunner(self) -> None:
         from twisted.python.filepath import FilePath
 
-        from devpi_twisted.app.tap import makeMirrors
+        from devpi_twisted.app.compose import mirrorsOver
         from devpi_twisted.config import ServerConfig
 
         runner = HeldRunner()
         config = ServerConfig(serverdir=FilePath(self.mktemp()), listen=())
-        mirrors = makeMirrors(config, MemoryStorage(), MemoryBlobStore(), Clock(), runner=runner)
+        mirrors = mirrorsOver(config, MemoryStorage(), MemoryBlobStore(), object(), Clock(),  # type: ignore[arg-type]
+                              runner=runner)
         self.assertIs(mirrors.pages.parseRunner, runner)
 
 

@@ -18,7 +18,7 @@ from typing import TextIO
 from twisted.python import usage
 
 from devpi_twisted.config import DEFAULT_LISTEN
-from devpi_twisted.app.options import Options as TypedOptions
+from devpi_twisted.app.options import TypedOptions
 
 SERVICE = "devpi-twisted.service"
 SOCKET = "devpi-twisted.socket"
