@@ -245,7 +245,7 @@ class UploadGateTests(SiteMixin, SynchronousTestCase):
         self.harness.createUser("alice")
         self.harness.createUser("bob")
         self.harness.createIndex("alice", "dev")
-        gate = UploadGate(self.harness.auth, self.harness._releases(), Routes.app.url_map)
+        gate = UploadGate(self.harness.auth, self.harness._releases(), self.harness.blobs, Routes.app.url_map)
         self.makeSite(SiteLimits(), gate=gate, resource=self.harness.resource)
 
     def upload(self, length: int, auth: bytes = b"", path: bytes = b"/alice/dev/") -> Connection:

@@ -619,7 +619,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         registry.register(BlobCollectorMetrics(collector))  # type: ignore[arg-type]
     releases = Releases(storage, reactor.seconds)
     # A replica forwards uploads to its primary, which decides.
-    bodyGate = UploadGate(auth, releases, Routes.app.url_map) if replica is None else None
+    bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
         config=config,
         nodeinfo=nodeinfo,
