@@ -532,14 +532,20 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual(self.leftovers(), [])
 
     def test_refusedViewDropsTheFile(self) -> None:
-        """A small upload whose credentials are wrong (checked by the view) leaves nothing."""
-        data = body(field(b":action", b"file_upload"), contentPart(b"demo-1.0.tar.gz", b"x" * 1000))
-        head = self.head(len(data)).replace(basicAuth("alice", "secret")[b"Authorization"][0],
-                                            basicAuth("alice", "wrong")[b"Authorization"][0])
-        self.connection.send(head + data)
+        """
+        An upload the gate let in but the view refuses (its index was
+        deleted meanwhile) leaves nothing of the megabytes written.
+        """
+        data = body(field(b":action", b"file_upload"), contentPart(b"demo-1.0.tar.gz", b"x" * (3 * BATCH_SIZE)))
+        self.connection.send(self.head(len(data)) + data[:2 * BATCH_SIZE])
+        self.runner.runAll()
+        self.assertNotEqual(self.leftovers(), [])
+        answer = self.harness.request("DELETE", "/alice/dev", headers=basicAuth("alice", "secret"))
+        self.assertEqual(answer.code, 201, answer.body)
+        self.connection.send(data[2 * BATCH_SIZE:])
         while self.runner.runAll():
             pass
-        self.assertEqual(self.answer()[0], 401)
+        self.assertEqual(self.answer()[0], 404)
         self.assertEqual(self.leftovers(), [])
 
     def test_otherBodiesSpooled(self) -> None:
