@@ -487,6 +487,21 @@ class StreamingTests(SynchronousTestCase):
         with open(blob, "rb") as f:
             self.assertEqual(f.read(), dist.data)
 
+    def test_pausedIsNotSlow(self) -> None:
+        """While the server waits for its disk, the body's deadline does not count against the client."""
+        data = body(contentPart(b"demo-1.0.tar.gz", b"q" * (3 * BATCH_SIZE)))
+        self.connection.send(self.head(len(data)))
+        for start in range(0, 2 * BATCH_SIZE + 65536, 65536):
+            self.connection.send(data[start:start + 65536])
+        self.assertEqual(self.connection.transport.producerState, "paused")
+        self.harness.clock.advance(60)
+        self.harness.clock.advance(60)
+        self.assertEqual(self.connection.transport.value(), b"")
+        self.runner.runAll()
+        self.assertEqual(self.connection.transport.producerState, "producing")
+        self.harness.clock.advance(60)
+        self.assertEqual(self.answer()[0], 408, "a client that then sends nothing is cut off")
+
     def test_cutOffLeavesNothing(self) -> None:
         """A body cut off mid-way leaves no blob and no temporary."""
         data = body(contentPart(b"demo-1.0.tar.gz", os.urandom(3 * BATCH_SIZE)))

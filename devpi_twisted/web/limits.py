@@ -53,6 +53,9 @@ class LimitedRequest(Request):
     spoolDirectory: str | None = None
     bodyReceiver: BodyReceiver | None = None
 
+    bodyPaused = False
+    """The server stopped reading the body (L{pauseBody}): its slowness is not the client's."""
+
     _refused = False
     _bodyComplete = False
     _refusedCode = 413
@@ -110,6 +113,7 @@ class LimitedRequest(Request):
 
     def pauseBody(self) -> None:
         """Stop reading the body for now (its receiver is behind)."""
+        self.bodyPaused = True
         self.channel._networkProducer.pauseProducing()
 
     def resumeBody(self) -> None:
@@ -117,6 +121,7 @@ class LimitedRequest(Request):
         Read the body again, unless it is complete or refused: the channel
         then decides when to read (the next request, after this answer).
         """
+        self.bodyPaused = False
         if not (self._bodyComplete or self._refused or self.channel._waitingForTransport):
             self.channel._networkProducer.resumeProducing()
 
