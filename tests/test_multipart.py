@@ -445,6 +445,18 @@ class StreamingTests(SynchronousTestCase):
                 + b"Authorization: " + basicAuth("alice", "secret")[b"Authorization"][0] + b"\r\n"
                 + b"Content-Type: " + contentType + b"\r\n\r\n")
 
+    def sendPieces(self, data: bytes, runWrites: bool = False) -> None:
+        """Send C{data} as the network would, 64 KiB at a time, optionally letting writes run after each."""
+        for start in range(0, len(data), 65536):
+            self.connection.send(data[start:start + 65536])
+            if runWrites:
+                self.runner.runAll()
+
+    def runWrites(self) -> None:
+        """Run the blob store's calls until none is left."""
+        while self.runner.runAll():
+            pass
+
     def leftovers(self) -> list[str]:
         """Files in the blob store: temporaries and blobs."""
         return sorted(str(p.path) for p in self.root.walk() if p.isfile()) if self.root.exists() else []
@@ -469,8 +481,7 @@ class StreamingTests(SynchronousTestCase):
         self.connection.send(self.head(len(data), upload.contentType))
         request = self.connection.channel.requests[-1]
         half = 2 * BATCH_SIZE + 4 * 65536
-        for start in range(0, half, 65536):
-            self.connection.send(data[start:min(start + 65536, half)])
+        self.sendPieces(data[:half])
         self.assertEqual(self.connection.transport.producerState, "paused", "a write is behind")
         self.assertEqual(request.content.getvalue(), b"", "nothing spooled")
         self.runner.runAll()
@@ -479,8 +490,7 @@ class StreamingTests(SynchronousTestCase):
         self.assertIn("/tmp/", temporary)
         self.assertGreaterEqual(os.path.getsize(temporary), BATCH_SIZE)
         self.connection.send(data[half:])
-        while self.runner.runAll():
-            pass
+        self.runWrites()
         self.assertEqual(self.answer()[0], 200)
         [blob] = self.leftovers()
         self.assertTrue(blob.endswith(dist.sha256))
@@ -491,8 +501,7 @@ class StreamingTests(SynchronousTestCase):
         """While the server waits for its disk, the body's deadline does not count against the client."""
         data = body(contentPart(b"demo-1.0.tar.gz", b"q" * (3 * BATCH_SIZE)))
         self.connection.send(self.head(len(data)))
-        for start in range(0, 2 * BATCH_SIZE + 65536, 65536):
-            self.connection.send(data[start:start + 65536])
+        self.sendPieces(data[:2 * BATCH_SIZE + 65536])
         self.assertEqual(self.connection.transport.producerState, "paused")
         self.harness.clock.advance(60)
         self.harness.clock.advance(60)
@@ -509,8 +518,7 @@ class StreamingTests(SynchronousTestCase):
         self.runner.runAll()
         self.assertNotEqual(self.leftovers(), [])
         self.connection.close()
-        while self.runner.runAll():
-            pass
+        self.runWrites()
         self.assertEqual(self.leftovers(), [])
 
     def test_malformedLeavesNothing(self) -> None:
@@ -518,11 +526,8 @@ class StreamingTests(SynchronousTestCase):
         data = body(field(b":action", b"file_upload"),
                     contentPart(b"demo-1.0.tar.gz", os.urandom(2 * BATCH_SIZE) + b"\r\n--" + BOUNDARY + b"!"))
         self.connection.send(self.head(len(data)))
-        for start in range(0, len(data), 65536):
-            self.connection.send(data[start:start + 65536])
-            self.runner.runAll()
-        while self.runner.runAll():
-            pass
+        self.sendPieces(data, runWrites=True)
+        self.runWrites()
         status, answer = self.answer()
         self.assertEqual(status, 400)
         self.assertIn("malformed multipart body", answer["message"])
@@ -539,8 +544,7 @@ class StreamingTests(SynchronousTestCase):
             self.connection.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
             sent += len(piece)
             self.runner.runAll()
-        while self.runner.runAll():
-            pass
+        self.runWrites()
         status, answer = self.answer()
         self.assertEqual(status, 413)
         self.assertIn("--max-upload-size", answer["message"])
@@ -558,8 +562,7 @@ class StreamingTests(SynchronousTestCase):
         answer = self.harness.request("DELETE", "/alice/dev", headers=basicAuth("alice", "secret"))
         self.assertEqual(answer.code, 201, answer.body)
         self.connection.send(data[2 * BATCH_SIZE:])
-        while self.runner.runAll():
-            pass
+        self.runWrites()
         self.assertEqual(self.answer()[0], 404)
         self.assertEqual(self.leftovers(), [])
 
