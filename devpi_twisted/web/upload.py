@@ -28,7 +28,7 @@ from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import BadRequest, DevpiError, Unauthorized
-from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.interfaces import IBlobStore
 from devpi_twisted.model import distfile
 from devpi_twisted.model.attestations import checkAttestations
 from devpi_twisted.model.doczip import DocLimits, checkDocZip
