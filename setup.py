@@ -22,6 +22,7 @@ setup(
         "packaging>=24.0",
         "argon2-cffi>=23.1",
         "prometheus-client>=0.20",
+        "multipart>=2.0",
     ],
     entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.admin.cli:main"]},
     classifiers=[

@@ -245,7 +245,7 @@ def buildServer(
     users = Users(storage, auth, config.policy)
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
     # A replica forwards uploads to its primary, which decides.
-    bodyGate = UploadGate(auth, releases, Routes.app.url_map) if replica is None else None
+    bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
         config=config,
         nodeinfo=nodeinfo,

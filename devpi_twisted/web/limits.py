@@ -7,7 +7,9 @@ C{Content-Length} (or, for chunked bodies, the bytes so far) exceeds the
 limit, and closes the connection without reading the rest.  Large bodies
 are spooled in C{spoolDirectory} (in the server directory) instead of the
 system's temporary directory, which is often a RAM-backed tmpfs: a
-multi-gigabyte upload must cost disk, not memory.
+multi-gigabyte upload must cost disk, not memory.  An upload's body is not
+spooled at all: the site's body gate gives the request a C{bodyReceiver}
+(L{devpi_twisted.web.uploadform}), which parses it as it arrives.
 
 L{LimitedRequest.refuse} is the one way a request is answered before its
 body is read (413 here, and the channel's 408 for a body that comes too
@@ -17,6 +19,7 @@ JSON message straight to the transport, since the request never reaches a
 resource.
 """
 
+import io
 import tempfile
 from typing import Any
 
@@ -25,6 +28,7 @@ from twisted.web.server import Request
 
 from devpi_twisted.errors import diskFullError
 from devpi_twisted.web.responses import rawAnswer
+from devpi_twisted.web.uploadform import BodyReceiver
 
 log = Logger()
 
@@ -35,19 +39,34 @@ _IN_MEMORY = SPOOL_THRESHOLD
 
 
 class LimitedRequest(Request):
-    """A request whose body may not exceed C{maxBodySize} bytes."""
+    """
+    A request whose body may not exceed C{maxBodySize} bytes.
+
+    @ivar bodyReceiver: set (by the site's body gate) before the body comes,
+        to take the body instead of C{content}, which stays empty.  It is
+        discarded when the request is refused, cut off or finished, so what
+        the view did not take is dropped.
+    """
 
     maxBodySize: int | None = None
     extraHeaders: list[tuple[bytes, bytes]] = []
     spoolDirectory: str | None = None
+    bodyReceiver: BodyReceiver | None = None
+
+    bodyPaused = False
+    """The server stopped reading the body (L{pauseBody}): its slowness is not the client's."""
 
     _refused = False
+    _bodyComplete = False
     _refusedCode = 413
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
         if self.maxBodySize is not None and length is not None and length > self.maxBodySize:
             self._refuse()
+            return
+        if self.bodyReceiver is not None:
+            self.content = io.BytesIO()
             return
         if self.spoolDirectory is not None and (length is None or length >= _IN_MEMORY):
             # Unnamed (or unlinked at once): a crash leaves nothing behind.
@@ -64,6 +83,9 @@ class LimitedRequest(Request):
         self._received += len(data)
         if self.maxBodySize is not None and self._received > self.maxBodySize:
             self._refuse()
+            return
+        if self.bodyReceiver is not None:
+            self.bodyReceiver.feed(data)
             return
         try:
             super().handleContentChunk(data)
@@ -86,7 +108,34 @@ class LimitedRequest(Request):
         # answer, so the request must not reach the resource as well.
         if self._refused:
             return
+        self._bodyComplete = True
         super().requestReceived(command, path, version)
+
+    def pauseBody(self) -> None:
+        """Stop reading the body for now (its receiver is behind)."""
+        self.bodyPaused = True
+        self.channel._networkProducer.pauseProducing()
+
+    def resumeBody(self) -> None:
+        """
+        Read the body again, unless it is complete or refused: the channel
+        then decides when to read (the next request, after this answer).
+        """
+        self.bodyPaused = False
+        if not (self._bodyComplete or self._refused or self.channel._waitingForTransport):
+            self.channel._networkProducer.resumeProducing()
+
+    def _dropBody(self) -> None:
+        if self.bodyReceiver is not None:
+            self.bodyReceiver.discard()
+
+    def finish(self) -> None:
+        self._dropBody()
+        super().finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._dropBody()
+        super().connectionLost(reason)
 
     def _refuse(self) -> None:
         self.refuse(413, f"request body larger than the limit of {self.maxBodySize} bytes (--max-upload-size)")
@@ -102,6 +151,7 @@ class LimitedRequest(Request):
             return
         self._refused = True
         self._refusedCode = status
+        self._dropBody()
         transport: Any = self.channel.transport
         transport.write(rawAnswer(status, message, list(headers) + self.extraHeaders, reason))
         if close:

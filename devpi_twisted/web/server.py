@@ -12,7 +12,9 @@ L{DevpiSite} is a L{twisted.web.server.Site} that
     bytes a second, else the client gets 408 and the connection closes.  A
     small body must so arrive within C{bodyTimeout}; a multi-gigabyte upload
     on any working link goes on as long as it keeps coming; a body dripped a
-    byte at a time holds its connection for C{bodyTimeout} at most;
+    byte at a time holds its connection for C{bodyTimeout} at most; a period
+    in which the server itself stopped reading (an upload waiting for its
+    disk writes) does not count;
   - keeps C{maxConnections} slots, and when they are all taken gives a new
     connection the slot of the connection that has waited longest for its
     client: idle between requests, or still sending a request head or body
@@ -358,7 +360,7 @@ class DevpiChannel(HTTPChannel):
         if self._gone or not self.requests or self.requests[-1]._refused:
             return
         assert self.bodyTimeout is not None
-        if self._bodyBytes >= self.minBodyRate * self.bodyTimeout:
+        if self._bodyBytes >= self.minBodyRate * self.bodyTimeout or self.requests[-1].bodyPaused:
             self._bodyBytes = 0
             self._bodyCall = self.callLater(self.bodyTimeout, self._checkBody)
             return

@@ -2,21 +2,22 @@
 The legacy upload API (twine, uv publish, poetry, pdm, devpi-client):
 C{POST /user/index/} with C{:action=file_upload}.
 
-The body (which twisted.web has already spooled to a temporary file) is
-parsed incrementally and the file part streamed into the blob store, so
-memory stays flat for any size.  Every check runs before the blob is
-committed; a refused upload stores nothing.  Errors carry their message in
-the reason phrase too, because twine shows only that.
+The body was parsed while it arrived (L{devpi_twisted.web.uploadform}),
+its file part written once, into a blob writer; the view checks and
+completes the upload.  Every check runs before the blob is committed; a
+refused upload stores nothing.  Errors carry their message in the reason
+phrase too, because twine shows only that.
 
-L{UploadGate} runs earlier, when the head of a large upload has arrived:
-it checks the credentials and the index's upload permission from the
-headers, so an upload that would be refused is answered 401/403 before its
-body is read, and no anonymous client can fill the spool directory.
+L{UploadGate} runs earlier, when the head of an upload has arrived: it gives
+the request the receiver that parses its body, and for a large body checks
+the credentials and the index's upload permission from the headers, so an
+upload that would be refused is answered 401/403 before its body is read,
+and no anonymous client can fill the disk.
 """
 
 import json
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from werkzeug.exceptions import HTTPException
@@ -27,30 +28,22 @@ from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import BadRequest, DevpiError, Unauthorized
-from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.interfaces import IBlobStore
 from devpi_twisted.model import distfile
 from devpi_twisted.model.attestations import checkAttestations
 from devpi_twisted.model.doczip import DocLimits, checkDocZip
 from devpi_twisted.model.names import isValidProjectName
-from devpi_twisted.model.multipart import Field, FileData, FileEnd, FileStart, MultipartParser, parseBoundary
 from devpi_twisted.model.names import checkVersion, normalizeProject
 from devpi_twisted.services.releases import Documentation, Releases, UploadedFile
 from devpi_twisted.storage import newHashes
 from devpi_twisted.web.context import hasCredentials, requesterOf
-from devpi_twisted.web.limits import SPOOL_THRESHOLD
+from devpi_twisted.web.limits import SPOOL_THRESHOLD, LimitedRequest
 from devpi_twisted.web.responses import withLength
+from devpi_twisted.web.uploadform import (
+    DIGEST_FIELDS, FORM_TYPES, MultipartReceiver, UploadForm, UrlencodedReceiver, contentTypeOf, formReceiver,
+)
 
 READ_SIZE = 1024 * 1024
-PARSE_SIZE = 64 * 1024
-_DIGEST_FIELDS = {"md5_digest": "md5", "sha256_digest": "sha256", "blake2_256_digest": "blake2b_256"}
-
-
-def _extraHashes(form: "_Form") -> tuple[str, ...]:
-    """Hashes to compute while the file streams in: those the client sent digests for."""
-    return tuple(
-        hashName for field, hashName in _DIGEST_FIELDS.items()
-        if hashName != "sha256" and form.first(field)
-    )
 
 
 def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
@@ -62,34 +55,29 @@ def _hashFile(file: Any, names: list[str]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
-"""The content types that make a POST to an index an upload (the others are a push)."""
-
-
 class UploadGate:
     """
-    Decides from the head of a large upload (what the site's body gate asks)
-    whether its body may come in: C{POST /user/index/} with a form body of
-    at least C{minSize} bytes, or chunked.  The requester found here is kept
+    The site's body gate for uploads, C{POST /user/index/} with a form
+    body: gives the request a receiver that parses the body as it arrives,
+    and decides from the head whether a body of at least C{minSize} bytes
+    (or chunked) may come in.  The requester found here is kept
     on the request (L{requesterOf}), so the view does not check the password
     again; the view still checks the permission, which may change meanwhile.
 
     @param urlMap: the routes' map, to find the index route as the routes do.
     """
 
-    def __init__(self, auth: Authenticator, releases: Releases, urlMap: Map,
+    def __init__(self, auth: Authenticator, releases: Releases, blobs: IBlobStore, urlMap: Map,
                  endpoint: str = "index", minSize: int = SPOOL_THRESHOLD) -> None:
         self._auth = auth
         self._releases = releases
+        self._blobs = blobs
         self._adapter = urlMap.bind("localhost", "/")
         self._endpoint = endpoint
         self._minSize = minSize
 
     def __call__(self, request: IRequest, length: int | None) -> "Deferred[None] | None":
-        if request.method != b"POST" or (length is not None and length < self._minSize):
-            return None
-        contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if contentType not in FORM_TYPES:
+        if request.method != b"POST" or contentTypeOf(request.getHeader(b"content-type")) not in FORM_TYPES:
             return None
         try:
             endpoint, values = self._adapter.match(
@@ -98,60 +86,16 @@ class UploadGate:
             return None
         if endpoint != self._endpoint or any(str(v).startswith("+") for v in values.values()):
             return None
+        if isinstance(request, LimitedRequest):
+            request.bodyReceiver = formReceiver(self._blobs, request.getHeader(b"content-type"),
+                                                pause=request.pauseBody, resume=request.resumeBody)
+        if length is not None and length < self._minSize:
+            return None
         return ensureDeferred(self._check(request, values["user"], values["index"]))
 
     async def _check(self, request: IRequest, user: str, index: str) -> None:
         requester = await requesterOf(request, self._auth)
         await self._releases.checkCanUpload(requester, user, index)
-
-
-class _ContentSink:
-    """
-    Batches the file part into large writes and keeps one write in flight,
-    so parsing the next chunk here overlaps writing and hashing the last one
-    in the storage thread, while memory stays bounded by two batches.
-    """
-
-    def __init__(self, writer: IBlobWriter) -> None:
-        self._writer = writer
-        self._batch: list[bytes] = []
-        self._size = 0
-        self._inFlight: Any = None
-
-    async def add(self, data: bytes) -> None:
-        self._batch.append(data)
-        self._size += len(data)
-        if self._size >= READ_SIZE:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        data = b"".join(self._batch)
-        self._batch, self._size = [], 0
-        if self._inFlight is not None:
-            await self._inFlight
-        self._inFlight = self._writer.write(data)
-
-    async def drain(self, write: bool = True) -> None:
-        """Write what is left and wait for every write to finish."""
-        if write and self._batch:
-            await self._flush()
-        self._batch, self._size = [], 0
-        if self._inFlight is not None:
-            inFlight, self._inFlight = self._inFlight, None
-            await inFlight
-
-
-class _Form:
-    """What the form carried: fields, and the content part in a blob writer."""
-
-    def __init__(self) -> None:
-        self.fields: dict[str, list[str]] = {}
-        self.writer: IBlobWriter | None = None
-        self.filename: str | None = None
-
-    def first(self, name: str) -> str:
-        values = self.fields.get(name) or [""]
-        return values[0]
 
 
 class UploadViews:
@@ -201,51 +145,20 @@ class UploadViews:
         request.setResponseCode(200)
         return withLength(request, b"")
 
-    async def _readForm(self, request: IRequest) -> _Form:
-        contentType = request.getHeader(b"content-type") or b""
-        form = _Form()
-        request.content.seek(0)
-        if contentType.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded":
-            body = request.content.read(10 * 1024 * 1024 + 1)
-            if len(body) > 10 * 1024 * 1024:
-                raise BadRequest("form too large")
-            form.fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-            return form
-        parser = MultipartParser(parseBoundary(contentType))
-        sink: _ContentSink | None = None
-        try:
-            while True:
-                chunk = request.content.read(PARSE_SIZE)
-                events = parser.feed(chunk) if chunk else parser.close()
-                for event in events:
-                    if isinstance(event, Field):
-                        form.fields.setdefault(event.name, []).append(event.value)
-                    elif isinstance(event, FileStart):
-                        if event.name == "content":
-                            if form.writer is not None:
-                                raise BadRequest("more than one 'content' file in the form")
-                            # Hash on the way in only what the client sent
-                            # digests for (fields usually precede the file).
-                            form.writer = self._blobs.openWriter(_extraHashes(form))
-                            form.filename = event.filename
-                            sink = _ContentSink(form.writer)
-                    elif isinstance(event, FileData):
-                        if sink is not None:
-                            await sink.add(event.data)
-                    elif isinstance(event, FileEnd):
-                        if sink is not None:
-                            await sink.drain()
-                            sink = None
-                if not chunk:
-                    return form
-        except BaseException:
-            if sink is not None:
-                await sink.drain(write=False)
-            if form.writer is not None:
-                await form.writer.abort()
-            raise
+    async def _readForm(self, request: IRequest) -> UploadForm:
+        """
+        The form the body carried.  Through the site it was parsed while it
+        arrived (L{UploadGate}); a request that came another way (an
+        in-memory test request) has its body in C{content}, fed at once.
+        """
+        receiver = getattr(request, "bodyReceiver", None)
+        if not isinstance(receiver, (MultipartReceiver, UrlencodedReceiver)):
+            receiver = formReceiver(self._blobs, request.getHeader(b"content-type"))
+            request.content.seek(0)
+            receiver.feed(request.content.read())
+        return await receiver.finish()
 
-    async def _register(self, requester: str | None, user: str, index: str, form: _Form) -> None:
+    async def _register(self, requester: str | None, user: str, index: str, form: UploadForm) -> None:
         metadata = distfile.parseUploadMetadata(form.fields)
         name = str(metadata["name"])
         await self._releases.register(
@@ -253,7 +166,7 @@ class UploadViews:
         )
 
     async def _fileUpload(self, request: IRequest, requester: str | None, user: str, index: str,
-                          config: dict[str, Any], form: _Form) -> None:
+                          config: dict[str, Any], form: UploadForm) -> None:
         if form.writer is None or not form.filename:
             raise BadRequest("content file field not found")
         metadata = distfile.parseUploadMetadata(form.fields)
@@ -263,9 +176,9 @@ class UploadViews:
         if config.get("pypi_strict"):
             distfile.checkStrict(filename, name, version)
         info = await form.writer.close()
-        digests = {field: form.first(field) for field in _DIGEST_FIELDS}
+        digests = {field: form.first(field) for field in DIGEST_FIELDS}
         hashes = dict(info.hashes)
-        late = [name for field, name in _DIGEST_FIELDS.items() if digests[field] and name not in hashes]
+        late = [name for field, name in DIGEST_FIELDS.items() if digests[field] and name not in hashes]
         if late:
             hashes.update(await form.writer.read(lambda f: _hashFile(f, late)))
         distfile.checkDigests(digests, hashes)
@@ -298,7 +211,7 @@ class UploadViews:
             index=f"{user}/{index}", who=requester,
         )
 
-    async def _docUpload(self, requester: str | None, user: str, index: str, form: _Form) -> None:
+    async def _docUpload(self, requester: str | None, user: str, index: str, form: UploadForm) -> None:
         """A documentation zip for a release (devpi-client's C{upload --with-docs})."""
         if self._docs is None:
             raise BadRequest("documentation uploads are not enabled")
@@ -325,7 +238,7 @@ class UploadViews:
         )
 
     @staticmethod
-    def _attestations(form: _Form) -> list[Any] | None:
+    def _attestations(form: UploadForm) -> list[Any] | None:
         raw = form.first("attestations")
         if not raw:
             return None
