@@ -22,9 +22,7 @@ from devpi_twisted.errors import BadRequest
 from devpi_twisted.storage.blobs import FileBlobStore
 from devpi_twisted.testing import MemoryBlobStore
 from devpi_twisted.web.limits import limitedRequestFactory
-from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
-from devpi_twisted.web.upload import UploadGate
 from devpi_twisted.web.uploadform import (
     BATCH_SIZE,
     FormLimits,
@@ -423,15 +421,21 @@ class StreamingTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = APIHarness(self)
-        self.harness.createUser("alice")
-        self.harness.createIndex("alice", "dev")
         self.root = FilePath(self.mktemp())
         self.runner = ManualRunner()
         self.blobs = FileBlobStore(self.root, self.runner)  # type: ignore[arg-type]
+        blobs = self.blobs
+
+        class OnFileBlobs(APIHarness):
+            def collaborators(self) -> dict[str, Any]:
+                return {**super().collaborators(), "blobs": blobs}
+
+        self.harness = OnFileBlobs(self)
         self.harness.blobs = self.blobs  # type: ignore[assignment]
-        resource = makeWebResource(**self.harness._webArguments())
-        gate = UploadGate(self.harness.auth, self.harness._releases(), self.blobs, Routes.app.url_map)
+        self.harness.createUser("alice")
+        self.harness.createIndex("alice", "dev")
+        resource = self.harness.resource
+        gate = self.harness.server.site.bodyGate
         request = limitedRequestFactory(8 * BATCH_SIZE, [], base=DevpiRequest, spoolDirectory=self.mktemp())
         os.mkdir(request.spoolDirectory)  # type: ignore[arg-type]
         self.done: list[Any] = []
