@@ -7,7 +7,6 @@ storage so later requests are served from disk like private files.
 
 import base64
 import hashlib
-import io
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -32,6 +31,7 @@ from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.model.upstreampage import UpstreamLink, toSimpleFile
 from devpi_twisted.services.releases import httpDate, logEntry
 from devpi_twisted.storage import BLOB_REF, BlobInfo
+from devpi_twisted.storage.readers import BytesReader
 from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor
 from devpi_twisted.mirror.files import FetchedFile, FileFetch, attachLiveClient, startFetch
 from devpi_twisted.mirror.names import MirrorNames
@@ -295,7 +295,7 @@ class Mirrors(MultiService):
             encoded = base64.b64encode(data).decode("ascii")
             await self._storage.write(lambda txn: txn.set(key, {"data": encoded}))
         return FileResponse(
-            file=io.BytesIO(data), size=len(data), filename=link.filename + ".metadata",
+            file=BytesReader(data), size=len(data), filename=link.filename + ".metadata",
             etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
             lastModified=None, contentType=b"text/plain; charset=utf-8",
         )

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -39,6 +39,7 @@ from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.names import isValidProjectName, normalizeProject, splitIndexName
 from devpi_twisted.services.releases import addFileEntry, existingFile, indexConfig, logEntry, _removeFile
+from devpi_twisted.storage.readers import blockingFile
 
 log = Logger()
 
@@ -325,9 +326,12 @@ class Pusher:
         parts.append(head)
         if file is not None:
             filename, entry = file
-            blob = await self._blobs.open(entry["sha256"])
-            if blob is None:
+            reader = await self._blobs.open(entry["sha256"])
+            if reader is None:
                 raise NotFound(f"content of {entry['filename']} is missing on this server")
+            # FileBodyProducer reads on the reactor thread: a local blob's own
+            # file (a blob elsewhere is copied to a temporary file first).
+            blob = await blockingFile(reader, maybeDeferred)
             start = (f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="{filename}"\r\n'
                      "Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
             parts += [io.BytesIO(start), blob, io.BytesIO(b"\r\n")]

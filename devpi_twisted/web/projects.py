@@ -25,6 +25,7 @@ from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import collectProject, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases, lookupFile
 from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.storage.readers import BytesReader
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
@@ -210,7 +211,7 @@ class ProjectViews:
             raise NotFound(f"no metadata found in {entry['filename']}")
         data = base64.b64decode(stored["data"])
         return FileResponse(
-            file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",
+            file=BytesReader(data), size=len(data), filename=entry["filename"] + ".metadata",
             etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
             lastModified=entry.get("last_modified"), contentType=b"text/plain; charset=utf-8",
         )
