@@ -201,8 +201,6 @@ class ProjectViews:
 
     async def _coreMetadata(self, request: IRequest, user: str, index: str, entry: dict[str, Any],
                             mirror: Stage | None) -> Any:
-        import io
-
         stored = await self._storage.read(lambda view: view.get(
             keys.coreMetadataKey(user, index, entry["project"], entry["filename"])))
         if stored is None:
