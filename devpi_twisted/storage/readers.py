@@ -93,11 +93,10 @@ class BytesReader(ReaderBase):
         return self._later(lambda: self._data[position:position + size])
 
 
-def _copyToTemporary(chunks: list[bytes], file: BinaryIO | None) -> BinaryIO:
+def _appendToTemporary(data: bytes, file: BinaryIO | None) -> BinaryIO:
     if file is None:
         file = tempfile.TemporaryFile()
-    for chunk in chunks:
-        file.write(chunk)
+    file.write(data)
     return file
 
 
@@ -110,8 +109,8 @@ async def blockingFile(reader: Any, runFile: RunFile) -> BinaryIO:
     """
     try:
         if ILocalBlobReader.providedBy(reader):
-            # Its own description of the open file, so a blob retired
-            # meanwhile stays readable; read from its start.
+            # The same open file (a blob retired meanwhile stays readable),
+            # read from its start.
             file = os.fdopen(os.dup(reader.fileno()), "rb")
             file.seek(0)
             return file
@@ -120,11 +119,9 @@ async def blockingFile(reader: Any, runFile: RunFile) -> BinaryIO:
         try:
             while True:
                 data = await reader.read(CHUNK)
-                if not data:
+                if not data and copy is not None:
                     break
-                copy = await runFile(_copyToTemporary, [data], copy)
-            if copy is None:
-                copy = await runFile(_copyToTemporary, [], None)
+                copy = await runFile(_appendToTemporary, data, copy)
             await runFile(copy.seek, 0)
         except BaseException:
             if copy is not None:
