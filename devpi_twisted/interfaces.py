@@ -180,7 +180,7 @@ class IBlobStore(Interface):
         Open the blob for reading (bringing it back if L{collect} had
         retired it).
 
-        @return: a Deferred with a binary file object, or C{None} when absent.
+        @return: a Deferred with an L{IBlobReader}, or C{None} when absent.
         """
 
     def exists(sha256):
@@ -217,6 +217,47 @@ class IBlobStore(Interface):
         C{referenced} must be read from storage before the pass starts.
 
         @return: a Deferred with a L{devpi_twisted.storage.CollectResult}.
+        """
+
+
+class IBlobReader(Interface):
+    """
+    An open blob.  Every read answers with a Deferred, so a backend whose
+    reads go over the network fits as well as one on the local disk.
+    """
+
+    size = Attribute("The blob's size in bytes, known once it is open.")
+
+    def seek(offset):
+        """Where the next L{read} starts (no I/O happens here)."""
+
+    def read(size):
+        """
+        Read from the current position, one read at a time.
+
+        @return: a Deferred with up to C{size} bytes (fewer only at the end,
+            C{b""} after it).
+        """
+
+    def close():
+        """
+        Let go of the blob, after the read that may be running.  Closing
+        again does nothing.  @return: a Deferred.
+        """
+
+
+class ILocalBlobReader(IBlobReader):
+    """
+    An optional capability of an L{IBlobReader} whose content is a file on
+    this machine: the web layer sends it with C{sendfile(2)}, and code that
+    parses it in a thread reads it directly instead of a copy.
+    """
+
+    def fileno():
+        """
+        The file's OS descriptor, valid until L{close}.  Read it only with
+        positional reads (C{os.pread}, C{os.sendfile}): the reader's own
+        position is not the descriptor's.
         """
 
 

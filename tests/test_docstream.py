@@ -21,8 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from devpi_twisted.services.releases import Documentation
+from devpi_twisted.storage import doczip
 from devpi_twisted.storage.doczip import CHUNK, DocMemberError, DocZipReader
-from devpi_twisted.testing import MemoryBlobStore
+from devpi_twisted.storage.readers import BytesReader, blockingFile
 
 from .distbuilder import buildWheel, uploadBody
 from .helpers import APIHarness, basicAuth, merge
@@ -69,23 +70,17 @@ class RecordingRunner:
         return self.calls.count(name)
 
 
-class RecordingBlobs:
-    """The memory blob store, keeping every file it opens."""
+def recordZipFiles(testCase: SynchronousTestCase) -> list[Any]:
+    """Every blocking file the documentation zips are read from, kept in the list returned."""
+    files: list[Any] = []
 
-    def __init__(self, blobs: MemoryBlobStore) -> None:
-        self._blobs = blobs
-        self.opened: list[io.BytesIO] = []
+    async def recording(reader: Any, runFile: Any) -> Any:
+        file = await blockingFile(reader, runFile)
+        files.append(file)
+        return file
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._blobs, name)
-
-    def open(self, sha256: str) -> "Deferred[Any]":
-        def _keep(file: Any) -> Any:
-            if file is not None:
-                self.opened.append(file)
-            return file
-
-        return self._blobs.open(sha256).addCallback(_keep)
+    testCase.patch(doczip, "blockingFile", recording)
+    return files
 
 
 class DocHarness(APIHarness):
@@ -93,6 +88,7 @@ class DocHarness(APIHarness):
 
     def __init__(self, testCase: SynchronousTestCase) -> None:
         self.runner = RecordingRunner()
+        self.zipFiles = recordZipFiles(testCase)
         super().__init__(testCase)
         self.createUser("alice")
         self.createIndex("alice", "dev")
@@ -117,7 +113,6 @@ class DocHarness(APIHarness):
 
     def collaborators(self) -> dict[str, Any]:
         parts = super().collaborators()
-        self.blobs = parts["blobs"] = RecordingBlobs(self.blobs)
         parts["runner"].runFile = self.runner
         return parts
 
@@ -167,7 +162,7 @@ class DocStreamTests(SynchronousTestCase):
         self.assertIn("sandbox", answer.header("Content-Security-Policy") or "")
         self.assertEqual(len(answer.body), BIG)
         self.assertEqual(hashlib.sha256(answer.body).digest(), hashlib.sha256(b"\0" * BIG).digest())
-        self.assertTrue(self.server.blobs.opened[-1].closed)
+        self.assertTrue(self.server.zipFiles[-1].closed)
         # treq follows the redirect to index.html.
         self.assertEqual(self.server.get("/alice/dev/bigdocs/1.0/+doc/").body, b"<p>small</p>")
         self.assertEqual(self.server.get("/alice/dev/bigdocs/1.0/+doc/index.html").body, b"<p>small</p>")
@@ -180,7 +175,7 @@ class DocStreamTests(SynchronousTestCase):
         self.assertEqual(answer.header("Content-Length"), str(BIG))
         self.assertEqual(answer.body, b"")
         self.assertEqual(self.server.runner.count("_read"), 0)
-        self.assertTrue(self.server.blobs.opened[-1].closed)
+        self.assertTrue(self.server.zipFiles[-1].closed)
 
     def test_readInRunner(self) -> None:
         """The zip's directory and every chunk are read and decompressed inside the file runner."""
@@ -215,7 +210,7 @@ class DocStreamTests(SynchronousTestCase):
             before = self.server.runner.count("_read")
             received += transport.drain()
             self.assertLessEqual(self.server.runner.count("_read") - before, 3)
-        self.assertFalse(self.server.blobs.opened[-1].closed)
+        self.assertFalse(self.server.zipFiles[-1].closed)
         channel.connectionLost(Failure(ConnectionDone()))
 
     def test_disconnectClosesZip(self) -> None:
@@ -223,7 +218,7 @@ class DocStreamTests(SynchronousTestCase):
         channel, transport = connect(self.server)
         channel.dataReceived(f"GET {BIG_PATH} HTTP/1.1\r\nHost: devpi.test\r\n\r\n".encode())
         transport.drain()
-        file = self.server.blobs.opened[-1]
+        file = self.server.zipFiles[-1]
         self.assertFalse(file.closed)
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(file.closed)
@@ -245,7 +240,7 @@ class DocStreamTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: %d" % (4 * CHUNK + 10), received)
         self.assertTrue(transport.disconnected)
         self.assertLess(len(received.split(b"\r\n\r\n", 1)[1]), 4 * CHUNK + 10)
-        self.assertTrue(self.server.blobs.opened[-1].closed)
+        self.assertTrue(self.server.zipFiles[-1].closed)
         self.assertEqual(len(self.flushLoggedErrors(DocMemberError)), 1)
 
     def test_toxresultReadInRunner(self) -> None:
@@ -287,19 +282,20 @@ class DocZipReaderTests(SynchronousTestCase):
     def test_cancelledOpenClosesZip(self) -> None:
         """A client gone while the zip's directory is read: the member is closed when it arrives."""
         runner = QueuedRunner()
-        file = io.BytesIO(bigZip())
-        opening = DocZipReader(runner).openMember(file, "index.html")
+        files = recordZipFiles(self)
+        opening = DocZipReader(runner).openMember(BytesReader(bigZip()), "index.html")
         opening.cancel()
         self.failureResultOf(opening, CancelledError)
         runner.runAll()
-        self.assertTrue(file.closed)
+        self.assertTrue(files[0].closed)
 
     def test_closeWaitsForRead(self) -> None:
         """Closing while a chunk is being read closes only after that read, never beside it."""
         runner = QueuedRunner()
-        file = io.BytesIO(bigZip())
-        opening = DocZipReader(runner).openMember(file, "big.html")
+        files = recordZipFiles(self)
+        opening = DocZipReader(runner).openMember(BytesReader(bigZip()), "big.html")
         runner.runAll()
+        [file] = files
         member = self.successResultOf(opening)
         reading = member.read()
         member.close()

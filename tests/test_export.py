@@ -23,7 +23,8 @@ import zipfile
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
@@ -32,14 +33,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from devpi_twisted.admin import cli
 from devpi_twisted.services.auth import PasswordHashing
 from devpi_twisted.errors import Gone, ServerDirError
-from devpi_twisted.admin.exporter import EXTRA, ExportError, exportServerDir, syncResult
+from devpi_twisted.admin.exporter import EXTRA, ExportError, exportServerDir
 from devpi_twisted.admin.importer import ImportFailed, importServerDir
 from devpi_twisted.admin.initstate import createServerDir
 from devpi_twisted.model import keys
 from devpi_twisted.services.fileentries import lookupFile, removeFileEntry
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage.plugin import findBackend
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
 
 from .distbuilder import buildWheel
 
@@ -51,6 +52,19 @@ def fixtureData() -> dict[str, Any]:
     return json.loads(FIXTURE.child("dataindex.json").getContent())
 
 
+def fired(answer: Any) -> Any:
+    """
+    The result of a Deferred (or coroutine) that has fired already, as one
+    does on storage opened with a L{SynchronousRunner}; its failure raised.
+    """
+    results: list[Any] = []
+    ensureDeferred(answer).addBoth(results.append)
+    assert results, "not fired: is the storage on a SynchronousRunner?"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
 def openStorage(path: FilePath) -> tuple[Any, Any]:
     return findBackend("sqlite").open(path, SynchronousRunner(), None)
 
@@ -58,9 +72,9 @@ def openStorage(path: FilePath) -> tuple[Any, Any]:
 def readState(path: FilePath, prefix: str = "") -> dict[str, Any]:
     storage, _ = openStorage(path)
     try:
-        return syncResult(storage.read(lambda view: dict(view.items(prefix))))
+        return fired(storage.read(lambda view: dict(view.items(prefix))))
     finally:
-        syncResult(storage.close())
+        fired(storage.close())
 
 
 def treeContents(path: FilePath) -> dict[str, bytes]:
@@ -91,9 +105,9 @@ def addExtras(path: FilePath) -> dict[str, Any]:
         return entry
 
     try:
-        _, entry = syncResult(storage.write(_edit))
+        _, entry = fired(storage.write(_edit))
     finally:
-        syncResult(storage.close())
+        fired(storage.close())
     return entry
 
 
@@ -104,11 +118,11 @@ class _Dirs:
         self.out = io.StringIO()
 
     def importInto(self, name: str, source: FilePath = FIXTURE, **kw: Any) -> Any:
-        return importServerDir(self.workdir.child(name), source, out=self.out, **kw)
+        return fired(importServerDir(self.workdir.child(name), source, out=self.out, **kw))
 
     def exportTo(self, serverdir: str, name: str, **kw: Any) -> FilePath:
         target = self.workdir.child(name)
-        exportServerDir(self.workdir.child(serverdir), target, out=self.out, **kw)
+        fired(exportServerDir(self.workdir.child(serverdir), target, out=self.out, **kw))
         return target
 
     def copyFixture(self, name: str = "edited") -> FilePath:
@@ -426,10 +440,10 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
         storage, _ = openStorage(self.workdir.child("server1"))
         wheelKey = keys.fileKey("alice", "dev", "hello-devpi", "hello_devpi-1.1-py3-none-any.whl")
         try:
-            entry = syncResult(storage.read(lambda view: view.get(wheelKey)))
-            syncResult(storage.write(lambda txn: removeFileEntry(txn, "alice", "dev", entry)))
+            entry = fired(storage.read(lambda view: view.get(wheelKey)))
+            fired(storage.write(lambda txn: removeFileEntry(txn, "alice", "dev", entry)))
         finally:
-            syncResult(storage.close())
+            fired(storage.close())
         relpath = entry["relpath"].split("/+f/", 1)[1]
         first = self.exportTo("server1", "export1")
         data = json.loads(first.child("dataindex.json").getContent())
@@ -438,9 +452,9 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
         storage, _ = openStorage(self.workdir.child("server2"))
         try:
             with self.assertRaises(Gone):
-                syncResult(storage.read(lambda view: lookupFile(view, "alice", "dev", relpath)))
+                fired(storage.read(lambda view: lookupFile(view, "alice", "dev", relpath)))
         finally:
-            syncResult(storage.close())
+            fired(storage.close())
         self.assertEqual(treeContents(first), treeContents(self.exportTo("server2", "export2")))
 
     def test_badDeletedList(self) -> None:
@@ -458,8 +472,8 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
         storage, blobs = openStorage(path)
         dist = buildWheel("mirrored", "2.0")
         writer = blobs.openWriter()
-        syncResult(writer.write(dist.data))
-        info = syncResult(writer.commit())
+        fired(writer.write(dist.data))
+        info = fired(writer.commit())
         entry = {
             "rel": "releasefile", "filename": dist.filename, "project": "mirrored", "version": "2.0",
             "sha256": info.sha256, "hashes": {"sha256": info.sha256}, "size": info.size, "+blob": info.sha256,
@@ -476,9 +490,9 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
             txn.set(keys.pathKey("root", "pypi", sha[:3], sha[3:16], dist.filename), {"file": fileKey})
 
         try:
-            syncResult(storage.write(_store))
+            fired(storage.write(_store))
         finally:
-            syncResult(storage.close())
+            fired(storage.close())
         return entry
 
     def test_mirroredFiles(self) -> None:
@@ -503,25 +517,6 @@ class RoundTripTests(_Dirs, SynchronousTestCase):
 
 class LockAndCLITests(_Dirs, SynchronousTestCase):
     """The commands on the command line, and the server directory's lock."""
-
-    def test_cli(self) -> None:
-        """devpi-twisted import and export run from the command line and print their summaries."""
-        out, err = io.StringIO(), io.StringIO()
-        server = self.workdir.child("server").path
-        status = cli.main(["import", "--serverdir", server, "--root-passwd", "pw", FIXTURE.path], out, err)
-        self.assertEqual(status, 0, err.getvalue())
-        self.assertIn("files: 6 (1 doczip, 4 releasefile, 1 toxresult)", out.getvalue())
-        target = self.workdir.child("export").path
-        status = cli.main(["export", "--serverdir", server, target], out, err)
-        self.assertEqual(status, 0, err.getvalue())
-        self.assertIn(f"exported {server} to {target}", out.getvalue())
-        self.assertTrue(os.path.isfile(os.path.join(target, "dataindex.json")))
-        status = cli.main(["export", "--serverdir", server, target], out, err)
-        self.assertEqual(status, 1)
-        self.assertIn("must not exist or be empty", err.getvalue())
-        status = cli.main(["import", "--serverdir", server, FIXTURE.path], out, err)
-        self.assertEqual(status, 1)
-        self.assertIn("already initialised", err.getvalue())
 
     def test_exportRefusesRunningServer(self) -> None:
         """Export refuses a directory a running server (or a requests-only worker) holds, and writes nothing."""
@@ -554,6 +549,59 @@ class LockAndCLITests(_Dirs, SynchronousTestCase):
         self.assertEqual([c for c in self.workdir.listdir() if c.startswith(".")], [])
 
 
+class OnTheReactorTests(_Dirs, TestCase):
+    """Export and import as the console script runs them: on the reactor, the storage on real threads."""
+
+    async def test_cli(self) -> None:
+        """devpi-twisted import and export run from the command line and print their summaries."""
+        out, err = io.StringIO(), io.StringIO()
+        server = self.workdir.child("server").path
+        status = await cli.run(reactor, ["import", "--serverdir", server, "--root-passwd", "pw", FIXTURE.path],
+                               out, err)
+        self.assertEqual(status, 0, err.getvalue())
+        self.assertIn("files: 6 (1 doczip, 4 releasefile, 1 toxresult)", out.getvalue())
+        target = self.workdir.child("export").path
+        status = await cli.run(reactor, ["export", "--serverdir", server, target], out, err)
+        self.assertEqual(status, 0, err.getvalue())
+        self.assertIn(f"exported {server} to {target}", out.getvalue())
+        self.assertTrue(os.path.isfile(os.path.join(target, "dataindex.json")))
+        status = await cli.run(reactor, ["export", "--serverdir", server, target], out, err)
+        self.assertEqual(status, 1)
+        self.assertIn("must not exist or be empty", err.getvalue())
+        status = await cli.run(reactor, ["import", "--serverdir", server, FIXTURE.path], out, err)
+        self.assertEqual(status, 1)
+        self.assertIn("already initialised", err.getvalue())
+
+    async def test_threadedRoundTrip(self) -> None:
+        """On a real thread pool (answers that fire later), import and export give what they give inline."""
+        runner = ThreadRunner(reactor)
+        runner.start()
+        self.addCleanup(runner.stopService)
+        await importServerDir(self.workdir.child("threaded"), FIXTURE, out=self.out, runner=runner)
+        self.importInto("inline")
+        self.assertEqual(readState(self.workdir.child("threaded"), "file/"),
+                         readState(self.workdir.child("inline"), "file/"))
+        threaded = self.workdir.child("threaded-export")
+        await exportServerDir(self.workdir.child("threaded"), threaded, out=self.out, runner=runner)
+        self.assertEqual(treeContents(threaded), treeContents(self.exportTo("inline", "inline-export")))
+
+    async def test_consoleScript(self) -> None:
+        """The console script runs export with task.react and exits with the command's status."""
+        self.importInto("server")
+        target = self.workdir.child("export").path
+        script = "import sys; from devpi_twisted.admin.cli import main; sys.exit(main())"
+        command = [sys.executable, "-c", script, "export", "--serverdir", self.workdir.child("server").path, target]
+        # This tree's package, not an installed one.
+        tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__))))
+        env = dict(os.environ, PYTHONPATH=tree)
+        for status, expected in ((0, "exported"), (1, "must not exist or be empty")):
+            result = await deferToThread(subprocess.run, command, capture_output=True, text=True, timeout=120,
+                                         env=env, stdin=subprocess.DEVNULL)
+            self.assertEqual(result.returncode, status, result.stdout + result.stderr)
+            self.assertIn(expected, result.stdout + result.stderr)
+        self.assertTrue(os.path.isfile(os.path.join(target, "dataindex.json")))
+
+
 # A real server on the imported directory
 
 
@@ -577,7 +625,7 @@ class InstallFromImportTests(TestCase):
         self.harness = harness
         self.workdir = os.path.abspath(self.mktemp())
         os.makedirs(self.workdir)
-        importServerDir(FilePath(os.path.join(self.workdir, "server")), FIXTURE, out=io.StringIO())
+        await importServerDir(FilePath(os.path.join(self.workdir, "server")), FIXTURE, out=io.StringIO())
         self.env = harness.clientEnvironment(self.workdir)
         self.server = harness.ServerProcess(self, self.workdir, "--offline-mode")
         await self.waitForServer()

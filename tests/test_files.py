@@ -7,7 +7,6 @@ files that end early.
 
 import errno
 import hashlib
-import io
 import os
 import socket
 from collections.abc import Callable
@@ -23,6 +22,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from devpi_twisted.storage.blobs import FileBlobReader
+from devpi_twisted.storage.readers import BytesReader
+from devpi_twisted.storage.threads import ThreadRunner
 from devpi_twisted.web.files import SENDFILE_SLICE, directSocket, serveBytesOrFile
 
 from .certs import CA
@@ -55,22 +57,41 @@ class CountingSendfile:
         return sent
 
 
-class TrackedFile(io.FileIO):
-    """A stored file that remembers it was closed."""
+class TrackedFile(FileBlobReader):
+    """A stored file (read in a real thread pool) that remembers it was closed."""
 
     closedCount = 0
 
-    def close(self) -> None:
-        if not self.closed:
+    def _release(self) -> None:
+        if self._fd is not None:
             TrackedFile.closedCount += 1
-        super().close()
+        super()._release()
+
+
+def openTracked(path: str, runner: Any) -> TrackedFile:
+    fd = os.open(path, os.O_RDONLY)
+    return TrackedFile(fd, os.fstat(fd).st_size, runner)
+
+
+class RemoteFile(BytesReader):
+    """A blob whose reads answer later, as a blob store across the network would."""
+
+    reads = 0
+
+    def __init__(self, data: bytes) -> None:
+        def later(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            RemoteFile.reads += 1
+            return deferLater(reactor, 0.0, f, *args)
+
+        super().__init__(data, later)
 
 
 class OneFile(Resource):
     isLeaf = True
 
-    def __init__(self, path: str, size: int, sendfile: Callable | None) -> None:
+    def __init__(self, path: str, size: int, sendfile: Callable | None, runner: Any) -> None:
         super().__init__()
+        self.runner = runner
         self.path = path
         self.size = size
         self.sendfile = sendfile
@@ -78,8 +99,17 @@ class OneFile(Resource):
 
     def render(self, request: Any) -> Any:
         request.notifyFinish().addBoth(lambda _: self.finished.append(request.sentLength))
-        return serveBytesOrFile(request, file=TrackedFile(self.path, "rb"), size=self.size, filename="f.whl",
+        return serveBytesOrFile(request, file=self.open(), size=self.size, filename="f.whl",
                                 etag=ETAG, lastModified=None, sendfile=self.sendfile)
+
+    def open(self) -> Any:
+        return openTracked(self.path, self.runner)
+
+
+class OneRemoteFile(OneFile):
+    def open(self) -> Any:
+        with open(self.path, "rb") as f:
+            return RemoteFile(f.read())
 
 
 class LateFile(OneFile):
@@ -158,11 +188,15 @@ class ServeFileTests(TestCase):
         with open(self.path, "wb") as f:
             f.write(self.content)
         TrackedFile.closedCount = 0
+        RemoteFile.reads = 0
+        self.runner = ThreadRunner(reactor)
+        self.runner.start()
+        self.addCleanup(self.runner.stopService)
         return self.listen(CountingSendfile())
 
-    def listen(self, sendfile: Callable | None, size: int = SIZE, tls: Any = None) -> Deferred:
+    def listen(self, sendfile: Callable | None, size: int = SIZE, tls: Any = None, kind: type = OneFile) -> Deferred:
         self.sendfile = sendfile
-        self.resource = OneFile(self.path, size, sendfile)
+        self.resource = kind(self.path, size, sendfile, self.runner)
         site = Site(self.resource)
         if tls is not None:
             endpoint = SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1")
@@ -247,7 +281,7 @@ class ServeFileTests(TestCase):
         """A client that left while its file was looked up: the file is closed, nothing fails."""
         self.port.stopListening()
         await self.listen(CountingSendfile())
-        self.resource = LateFile(self.path, SIZE, self.sendfile)
+        self.resource = LateFile(self.path, SIZE, self.sendfile, self.runner)
         self.port.factory.resource = self.resource
         data = await self.fetch(get(), dropAtOnce=True)
         self.assertEqual(data, b"")
@@ -265,6 +299,23 @@ class ServeFileTests(TestCase):
             self.assertIn(b"Content-Length: %d" % (SIZE + 1000), head)
             self.assertLess(len(body), SIZE + 1000)
             self.assertEqual(body, self.content[:len(body)])
+
+    async def test_blobElsewhereIsReadAsynchronously(self) -> None:
+        """
+        A blob that is not a local file (a store across the network) is sent
+        with its asynchronous reads, even on a plain socket, to a fast or a
+        stalling client, and a short one is still cut off.
+        """
+        for stallEvery in (0, 256 * 1024):
+            self.port.stopListening()
+            await self.listen(CountingSendfile(), kind=OneRemoteFile)
+            self.assertWhole(await self.fetch(get(), stallEvery=stallEvery))
+            self.assertEqual(self.sendfile.calls, 0)
+        self.assertGreater(RemoteFile.reads, SIZE // (256 * 1024))
+        self.port.stopListening()
+        await self.listen(CountingSendfile(), size=SIZE + 1000, kind=OneRemoteFile)
+        head, _, body = (await self.fetch(get())).partition(b"\r\n\r\n")
+        self.assertLess(len(body), SIZE + 1000)
 
     async def test_tlsNeverUsesSendfile(self) -> None:
         ca = CA()

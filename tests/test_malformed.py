@@ -17,7 +17,6 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.test.requesthelper import DummyRequest
 
 from devpi_twisted.errors import InsufficientStorage
 from devpi_twisted.storage.sqlite import SqliteStorage

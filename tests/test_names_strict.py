@@ -17,7 +17,7 @@ from typing import Any
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted.admin.exporter import recordProblem, syncResult
+from devpi_twisted.admin.exporter import recordProblem
 from devpi_twisted.model import keys
 from devpi_twisted.model.names import isValidProjectName, normalizeVersion, versionProblem
 from devpi_twisted.model.upstream.projectlist import parseProjectList
@@ -26,7 +26,7 @@ from devpi_twisted.storage import BlobInfo
 
 from .distbuilder import Dist, buildSdist, buildWheel, uploadBody
 from .releaseharness import ServerHarness
-from .test_export import _Dirs, openStorage, readState, treeContents
+from .test_export import _Dirs, fired, openStorage, readState, treeContents
 
 # Each looks like an ASCII name, and Python's case-insensitive matching of
 # [A-Z] accepts it; the Kelvin sign even lower-cases to "k".
@@ -154,8 +154,8 @@ def _addBadRecords(path: FilePath) -> None:
     """
     storage, blobs = openStorage(path)
     writer = blobs.openWriter()
-    syncResult(writer.write(b"not really an sdist"))
-    info: BlobInfo = syncResult(writer.commit())
+    fired(writer.write(b"not really an sdist"))
+    info: BlobInfo = fired(writer.commit())
     bad = [("hello-devpi", "1.0/../../../../../tmp/pwn", "hello_devpi-1.0.post9.tar.gz"),
            ("\u017fix", "1.0", "\u017fix-1.0.tar.gz")]
 
@@ -168,9 +168,9 @@ def _addBadRecords(path: FilePath) -> None:
             txn.set(keys.fileKey("alice", "dev", project, entry["filename"]), entry)
 
     try:
-        syncResult(storage.write(_store))
+        fired(storage.write(_store))
     finally:
-        syncResult(storage.close())
+        fired(storage.close())
 
 
 class ExportImportBadRecordTests(_Dirs, SynchronousTestCase):

@@ -7,22 +7,33 @@ import os
 import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
 from devpi_twisted.storage.blobs import FileBlobStore
 from devpi_twisted.storage.sqlite import SqliteStorage
 from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
-from devpi_twisted.testing.contract import BlobStoreContract, StorageContract
+from devpi_twisted.testing.contract import AnswersLater, BlobStoreContract, StorageContract
 
 
-class MemoryStorageTests(StorageContract, SynchronousTestCase):
+class MemoryStorageTests(StorageContract, TestCase):
+    """The memory fake, answering on a later turn of the reactor as a storage across the network would."""
+
     def makeStorage(self) -> Any:
-        return MemoryStorage()
+        self.later = AnswersLater(reactor)
+        return MemoryStorage(later=self.later)
+
+    async def test_answersLater(self) -> None:
+        """The contract runs through answers that have not fired when they are returned."""
+        answer = self.storage.write(lambda txn: txn.set("a", 1))
+        self.assertNoResult(answer)
+        await answer
+        self.assertGreater(self.later.calls, 0)
 
 
-class SqliteStorageTests(StorageContract, SynchronousTestCase):
+class SqliteStorageTests(StorageContract, TestCase):
     def makeStorage(self) -> Any:
         self.path = FilePath(self.mktemp())
         self.path.makedirs()
@@ -45,33 +56,60 @@ class SqliteStorageTests(StorageContract, SynchronousTestCase):
         self.assertEqual(mode, "wal")
 
 
-class MemoryBlobStoreTests(BlobStoreContract, SynchronousTestCase):
+class _AnswersLater:
+    """For a blob store whose answers come later (threads, a network): the contract's awaits are real."""
+
+    async def test_answersLater(self) -> None:
+        """Opening and reading answer later, not at once."""
+        info = await self.store(b"later")
+        opening = self.blobs.open(info.sha256)
+        self.assertNoResult(opening)
+        reader = await opening
+        reading = reader.read(100)
+        self.assertNoResult(reading)
+        self.assertEqual(await reading, b"later")
+        await reader.close()
+
+
+class MemoryBlobStoreTests(_AnswersLater, BlobStoreContract, TestCase):
+    """The memory fake, answering (and reading) on a later turn of the reactor, as a blob store across the network."""
+
     def makeBlobStore(self) -> Any:
-        return MemoryBlobStore()
+        return MemoryBlobStore(later=AnswersLater(reactor))
 
 
-class FileBlobStoreTests(BlobStoreContract, SynchronousTestCase):
+class ThreadedFileBlobStoreTests(_AnswersLater, BlobStoreContract, TestCase):
+    """The file blob store on a real thread pool, as the server runs it."""
+
+    def makeBlobStore(self) -> Any:
+        self.runner = ThreadRunner(reactor)
+        self.runner.start()
+        self.addCleanup(self.runner.stopService)
+        return FileBlobStore(FilePath(self.mktemp()), self.runner)
+
+
+class FileBlobStoreTests(BlobStoreContract, TestCase):
     def makeBlobStore(self) -> Any:
         self.root = FilePath(self.mktemp())
         return FileBlobStore(self.root, SynchronousRunner())
 
-    def test_layout(self) -> None:
+    async def test_layout(self) -> None:
         """Blobs live at +files/<first two hex digits>/<sha256>; no temporaries remain."""
-        info = self.store(b"data")
+        info = await self.store(b"data")
         self.assertTrue(self.root.child(info.sha256[:2]).child(info.sha256).isfile())
         self.assertEqual(self.root.child("tmp").listdir(), [])
 
-    def test_storingAgainMakesAnOldBlobFresh(self) -> None:
+    async def test_storingAgainMakesAnOldBlobFresh(self) -> None:
         """
         The collector goes by a blob's modification time: content stored
         again (a second upload of the same bytes, whose metadata is about to
         point at it) is not retired however old its file is.
         """
-        info = self.store(b"old but wanted")
+        info = await self.store(b"old but wanted")
         path = self.root.child(info.sha256[:2]).child(info.sha256).path
         longAgo = time.time() - 86400
         os.utime(path, (longAgo, longAgo))
-        self.store(b"old but wanted")
+        await self.store(b"old but wanted")
         self.assertEqual(self.successResultOf(self.blobs.collect(set(), time.time(), 3600)).retired, 0)
         os.utime(path, (longAgo, longAgo))
         self.assertEqual(self.successResultOf(self.blobs.collect(set(), time.time(), 3600)).retired, 1)
@@ -100,6 +138,20 @@ class FileBlobStoreTests(BlobStoreContract, SynchronousTestCase):
     def test_rejectsNonDigest(self) -> None:
         """Only sha256 hex digests name blobs, so no path can escape the store."""
         self.assertRaises(ValueError, self.blobs.pathFor, "../../etc/passwd")
+
+
+class ThreadedSqliteStorageTests(StorageContract, TestCase):
+    """The storage contract on the embedded backend on a real thread pool, as the server runs it."""
+
+    def makeStorage(self) -> Any:
+        self.runner = ThreadRunner(reactor)
+        self.runner.start()
+        self.addCleanup(self.runner.stopService)
+        path = FilePath(self.mktemp())
+        path.makedirs()
+        storage = SqliteStorage(path.child("db.sqlite"), self.runner)
+        self.addCleanup(storage.close)
+        return storage
 
 
 class ThreadedStorageTests(TestCase):

@@ -297,12 +297,12 @@ class WorkerProcessTests(TestCase):
         await main.stop()
         err = io.StringIO()
         export = os.path.join(self.workdir, "export")
-        self.assertEqual(cli.main(["export", "--serverdir", self.serverdir, export], io.StringIO(), err), 1)
+        self.assertEqual(await cli.run(reactor, ["export", "--serverdir", self.serverdir, export], io.StringIO(), err), 1)
         self.assertIn("--requests-only workers are using", err.getvalue())
         self.assertFalse(os.path.exists(export))
         await worker.stop()
-        self.assertEqual(cli.main(["export", "--serverdir", self.serverdir, export], io.StringIO(), err), 0,
-                         err.getvalue())
+        self.assertEqual(await cli.run(reactor, ["export", "--serverdir", self.serverdir, export], io.StringIO(), err),
+                         0, err.getvalue())
 
     async def test_reusePort(self) -> None:
         """With the reuseport: endpoint a main process and a worker share one port; it keeps answering when one stops."""

@@ -12,8 +12,10 @@ and C{gen-config} writes systemd units for this installation.
 import getpass
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
+from twisted.internet import task
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
@@ -25,7 +27,7 @@ from devpi_twisted.admin.initstate import PYPI_URL, createServerDir
 from devpi_twisted.model import indexconfig, keys
 from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage.plugin import findBackend
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.threads import Runner, SynchronousRunner, ThreadRunner
 from devpi_twisted.model.timeutil import isoNow
 
 
@@ -142,21 +144,22 @@ def _passwd(options: PasswdOptions, out: TextIO, readPassword: Any) -> None:
         serverdir.unlock()
 
 
-def _export(options: ExportOptions, out: TextIO) -> None:
+async def _export(options: ExportOptions, out: TextIO, runner: Runner) -> None:
     from devpi_twisted.admin.exporter import exportServerDir
 
-    exportServerDir(
+    await exportServerDir(
         serverdirPath(options["serverdir"]),
         FilePath(os.path.abspath(os.path.expanduser(options["directory"]))),
         includeMirrored=bool(options["include-mirrored-files"]),
         out=out,
+        runner=runner,
     )
 
 
-def _import(options: ImportOptions, out: TextIO) -> None:
+async def _import(options: ImportOptions, out: TextIO, runner: Runner) -> None:
     from devpi_twisted.admin.importer import importServerDir
 
-    importServerDir(
+    await importServerDir(
         serverdirPath(options["serverdir"]),
         FilePath(os.path.abspath(os.path.expanduser(options["directory"]))),
         storageName=options["storage"],
@@ -164,12 +167,17 @@ def _import(options: ImportOptions, out: TextIO) -> None:
         rootPypi=not options["no-root-pypi"],
         skipTypes=tuple(options["skip-import-type"]),
         out=out,
+        runner=runner,
     )
 
 
-def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-         readPassword: Any = getpass.getpass) -> int:
-    """Run a subcommand; return the exit status."""
+# The commands that read or write a whole server directory through the
+# storage interfaces: they run on the reactor, the storage on its threads.
+_ON_REACTOR = {"export": _export, "import": _import}
+_FAILED = (ServerDirError, StorageError, OSError)
+
+
+def _parse(argv: list[str] | None, err: TextIO) -> Options | None:
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
@@ -177,22 +185,71 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
         # One line, not the whole --help above it.
         command = f" {options.subCommand}" if options.subCommand else ""
         err.write(f"devpi-twisted: {e} (see 'devpi-twisted{command} --help')\n")
-        return 2
+        return None
+    return options
+
+
+def _runDirectly(options: Options, out: TextIO, err: TextIO, readPassword: Any) -> int:
     try:
         if options.subCommand == "init":
             _init(options.subOptions, err)
         elif options.subCommand == "passwd":
             _passwd(options.subOptions, out, readPassword)
-        elif options.subCommand == "export":
-            _export(options.subOptions, out)
-        elif options.subCommand == "import":
-            _import(options.subOptions, out)
         elif options.subCommand == "gen-config":
             genConfig(options.subOptions, out)
-    except (ServerDirError, StorageError, OSError) as e:
+    except _FAILED as e:
         err.write(f"devpi-twisted: {e}\n")
         return 1
     return 0
+
+
+async def _runOnReactor(reactor: Any, options: Options, out: TextIO, err: TextIO) -> int:
+    runner = ThreadRunner(reactor)
+    runner.start()
+    try:
+        await _ON_REACTOR[options.subCommand](options.subOptions, out, runner)
+    except _FAILED as e:
+        err.write(f"devpi-twisted: {e}\n")
+        return 1
+    finally:
+        runner.stopService()
+    return 0
+
+
+async def run(reactor: Any, argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+              readPassword: Any = getpass.getpass) -> int:
+    """Run a subcommand on a running C{reactor}; the exit status."""
+    options = _parse(argv, err)
+    if options is None:
+        return 2
+    if options.subCommand in _ON_REACTOR:
+        return await _runOnReactor(reactor, options, out, err)
+    return _runDirectly(options, out, err, readPassword)
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         readPassword: Any = getpass.getpass, react: Callable[..., None] = task.react) -> int:
+    """
+    The console script: run a subcommand; return the exit status.  Export
+    and import run on the reactor, started and stopped by C{react}.
+    """
+    options = _parse(argv, err)
+    if options is None:
+        return 2
+    if options.subCommand not in _ON_REACTOR:
+        return _runDirectly(options, out, err, readPassword)
+    status: list[int] = []
+
+    def _main(reactor: Any) -> Deferred[None]:
+        return ensureDeferred(_runOnReactor(reactor, options, out, err)).addCallback(status.append)
+
+    try:
+        react(_main)
+    except SystemExit:
+        # react ends with sys.exit; the status is ours to return.
+        if not status:
+            raise
+    return status[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,10 +32,9 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, BinaryIO, Callable, TextIO
 
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
+from twisted.internet.defer import maybeDeferred
 from twisted.python.filepath import FilePath
 
 from devpi_twisted import __version__
@@ -47,7 +46,8 @@ from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.names import isValidProjectName
 from devpi_twisted.app.serverdir import ServerDir, builtInPlace
 from devpi_twisted.storage.plugin import findBackend
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.readers import RunFile, blockingFile
+from devpi_twisted.storage.threads import Runner, SynchronousRunner
 
 DUMPVERSION = "2"
 EXTRA = "devpi_twisted"
@@ -291,45 +291,41 @@ def planExport(view: IReadView, includeMirrored: bool = False, warnings: list[st
     return data, copies
 
 
-def syncResult(d: "Deferred[Any]") -> Any:
-    """The result of a Deferred that has fired (storage on a L{SynchronousRunner})."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    if not results:
-        raise RuntimeError("the storage answered asynchronously; use a SynchronousRunner")
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
 def checkExportTarget(target: FilePath) -> None:
     if target.exists() and (not target.isdir() or target.listdir()):
         raise ExportError(f"export directory {target.path} must not exist or be empty")
 
 
-def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: bool = False,
-                progress: Callable[[str], None] = lambda line: None) -> ExportSummary:
+def _copyOut(source: BinaryIO, destination: FilePath) -> int:
+    """Write a blob's file out; the bytes written."""
+    destination.parent().makedirs(ignoreExistingDirectory=True)
+    with source, open(destination.path, "wb") as out:
+        shutil.copyfileobj(source, out, 1024 * 1024)
+    return destination.getsize()
+
+
+async def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: bool = False,
+                      progress: Callable[[str], None] = lambda line: None,
+                      runFile: RunFile = maybeDeferred) -> ExportSummary:
     """
-    Export the state of C{storage} and C{blobs} (opened with a
-    L{SynchronousRunner}) into C{target}, which must be missing or empty.
+    Export the state of C{storage} and C{blobs} into C{target}, which must
+    be missing or empty; C{runFile} runs the file copies (a storage
+    runner's).
 
     The export is built in a temporary sibling directory and renamed into
     place, so a failed export leaves nothing at C{target}.
     """
     checkExportTarget(target)
     summary = ExportSummary()
-    data, copies = syncResult(storage.read(
-        lambda view: planExport(view, includeMirrored, summary.warnings, summary.skipped)))
+    data, copies = await storage.read(
+        lambda view: planExport(view, includeMirrored, summary.warnings, summary.skipped))
     with builtInPlace(target, "export") as building:
         for copy in copies:
-            source = syncResult(blobs.open(copy.sha256))
-            if source is None:
+            reader = await blobs.open(copy.sha256)
+            if reader is None:
                 raise ExportError(f"the content of {copy.relpath} (sha256 {copy.sha256}) is missing")
-            destination = building.preauthChild(copy.relpath)
-            destination.parent().makedirs(ignoreExistingDirectory=True)
-            with source, open(destination.path, "wb") as out:
-                shutil.copyfileobj(source, out, 1024 * 1024)
-            summary.size += destination.getsize()
+            source = await blockingFile(reader, runFile)
+            summary.size += await runFile(_copyOut, source, building.preauthChild(copy.relpath))
             progress(f"wrote {copy.relpath}")
         with open(building.child("dataindex.json").path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
@@ -346,20 +342,25 @@ def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrored: boo
     return summary
 
 
-def exportServerDir(path: FilePath, target: FilePath, includeMirrored: bool = False,
-                    out: TextIO = sys.stdout) -> ExportSummary:
-    """Export the stopped server directory at C{path} into C{target}; report to C{out}."""
+async def exportServerDir(path: FilePath, target: FilePath, includeMirrored: bool = False,
+                          out: TextIO = sys.stdout, runner: Runner | None = None) -> ExportSummary:
+    """
+    Export the stopped server directory at C{path} into C{target}; report
+    to C{out}.  C{runner} runs the storage's work (by default on the
+    calling thread).
+    """
     serverdir = ServerDir(path)
     serverdir.checkFormat()
     checkExportTarget(target)
     serverdir.lockForMaintenance()
     try:
         backend = findBackend(serverdir.nodeinfo().get("storage", "sqlite"))
-        storage, blobs = backend.open(path, SynchronousRunner(), None)
+        runner = runner or SynchronousRunner()
+        storage, blobs = backend.open(path, runner, None)
         try:
-            summary = writeExport(storage, blobs, target, includeMirrored)
+            summary = await writeExport(storage, blobs, target, includeMirrored, runFile=runner.runFile)
         finally:
-            syncResult(storage.close())
+            await storage.close()
     finally:
         serverdir.unlock()
     out.write(f"devpi-twisted: exported {path.path} to {target.path}\n" + summary.describe())

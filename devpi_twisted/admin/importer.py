@@ -42,7 +42,7 @@ from twisted.python.filepath import FilePath
 
 from devpi_twisted.services.auth import PasswordHashing
 from devpi_twisted.errors import BadRequest, DevpiError, ServerDirError
-from devpi_twisted.admin.exporter import EXTRA, recordProblem, safeSegment, syncResult, versionFromFilename
+from devpi_twisted.admin.exporter import EXTRA, recordProblem, safeSegment, versionFromFilename
 from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
 from devpi_twisted.interfaces import IWriteTransaction
 from devpi_twisted.model import indexconfig, keys
@@ -51,10 +51,10 @@ from devpi_twisted.model.doczip import DocLimits, checkDocZip
 from devpi_twisted.model.names import checkName, normalizeProject
 from devpi_twisted.services.fileentries import httpDate, logEntry, newEntry, toxresultRelpath, uploadTime, writeFileEntry
 from devpi_twisted.services.releases import docFilename
-from devpi_twisted.app.serverdir import checkCanInitialise, initialise
+from devpi_twisted.app.serverdir import checkCanInitialise, initialising
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.storage.plugin import findBackend
-from devpi_twisted.storage.threads import SynchronousRunner
+from devpi_twisted.storage.threads import Runner, SynchronousRunner
 from devpi_twisted.model.timeutil import isoNow
 
 USER_KEYS = ("pwhash", "created", "modified", "email", "title", "description", "custom_data")
@@ -245,8 +245,8 @@ class Importer:
             self.summary.skipped.append(f"{what} not imported: {problem}")
         return problem is not None
 
-    def _write(self, function: Any) -> Any:
-        return syncResult(self._storage.write(function))
+    async def _write(self, function: Any) -> Any:
+        return await self._storage.write(function)
 
     # users and indexes
 
@@ -330,7 +330,7 @@ class Importer:
             raise ImportFailed(f"{where}: the file {path.path} is missing")
         return path
 
-    def _storeBlob(self, path: FilePath, expected: dict[str, str], where: str,
+    async def _storeBlob(self, path: FilePath, expected: dict[str, str], where: str,
                    inspect: str | None) -> tuple[BlobInfo, dict[str, str], bytes | None]:
         """
         Copy one file into the blob store, checking every hash the export
@@ -354,8 +354,8 @@ class Importer:
                         break
                     for hasher in hashers.values():
                         hasher.update(chunk)
-                    syncResult(writer.write(chunk))
-            info = syncResult(writer.close())
+                    await writer.write(chunk)
+            info = await writer.close()
             digests = {name: h.hexdigest() for name, h in hashers.items()}
             if digests["sha256"] != info.sha256:
                 raise ImportFailed(f"{where}: the blob store computed another sha256")
@@ -368,30 +368,30 @@ class Importer:
             metadata = None
             if inspect is not None:
                 try:
-                    metadata = syncResult(writer.read(lambda fileobj: inspectArchive(inspect, fileobj))).metadataBytes
+                    metadata = (await writer.read(lambda fileobj: inspectArchive(inspect, fileobj))).metadataBytes
                 except BadRequest as e:
                     self.warn(f"{where}: no METADATA read ({e.message}); no PEP 658 metadata for it")
             elif path.basename().endswith(".doc.zip"):
                 try:
-                    syncResult(writer.read(lambda fileobj: checkDocZip(fileobj, DocLimits())))
+                    await writer.read(lambda fileobj: checkDocZip(fileobj, DocLimits()))
                 except DevpiError as e:
                     self.warn(f"{where}: the documentation zip would be refused on upload: {e.message}")
-            info = syncResult(writer.commit())
+            info = await writer.commit()
         except BaseException:
-            syncResult(writer.abort())
+            await writer.abort()
             raise
         hashes = dict(expected)
         hashes.update({k: v for k, v in digests.items() if k in expected or k == "sha256"})
         self.summary.size += info.size
         return info, hashes, metadata
 
-    def _fileEntry(self, user: str, index: str, desc: dict[str, Any], project: str, version: str,
+    async def _fileEntry(self, user: str, index: str, desc: dict[str, Any], project: str, version: str,
                    filename: str, rel: str, versions: dict[str, Any], where: str,
                    isMirror: bool) -> tuple[dict[str, Any], bytes | None]:
         mapping = desc["entrymapping"]
         path = self._sourcePath(desc["relpath"], where)
         wheel = rel == "releasefile" and filename.endswith(".whl") and not isMirror
-        blob, hashes, metadata = self._storeBlob(path, mapping.get("hashes") or {}, where,
+        blob, hashes, metadata = await self._storeBlob(path, mapping.get("hashes") or {}, where,
                                                  filename if wheel else None)
         extras = desc.get(EXTRA) if isinstance(desc.get(EXTRA), dict) else {}
         log = desc.get("log")
@@ -415,7 +415,7 @@ class Importer:
             entry["core_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
         return entry, metadata
 
-    def _importProject(self, user: str, index: str, isMirror: bool, project: str,
+    async def _importProject(self, user: str, index: str, isMirror: bool, project: str,
                        versions: dict[str, Any], descs: list[dict[str, Any]],
                        projectConfig: dict[str, Any] | None) -> int:
         """Copy one project's files, then write it in one transaction.  @return: files stored."""
@@ -439,7 +439,7 @@ class Importer:
                 continue
             if rel == "doczip":
                 filename = docFilename(project, version)
-            entry, metadata = self._fileEntry(user, index, desc, project, version, filename, rel,
+            entry, metadata = await self._fileEntry(user, index, desc, project, version, filename, rel,
                                               versions, where, isMirror)
             if rel == "toxresult":
                 forName = str(desc.get("for_entrypath", "")).rsplit("/", 1)[-1]
@@ -466,10 +466,10 @@ class Importer:
             for entry in entries:
                 writeFileEntry(txn, user, index, entry, coremeta.get(entry["filename"]))
 
-        self._write(_store)
+        await self._write(_store)
         return len(entries)
 
-    def _importIndex(self, name: str, config: dict[str, Any]) -> None:
+    async def _importIndex(self, name: str, config: dict[str, Any]) -> None:
         user, _, index = name.partition("/")
         exported = self._data["indexes"].get(name) or {}
         isMirror = config["type"] == indexconfig.MIRROR
@@ -507,12 +507,12 @@ class Importer:
             self.summary.configOnly.append(name)
             return
         for project in names:
-            count += self._importProject(user, index, isMirror, project, projects.get(project, {}),
+            count += await self._importProject(user, index, isMirror, project, projects.get(project, {}),
                                          files.get(project, []), projectConfigs.get(project))
-        self._importDeleted(name, extras.get("deleted") or [])
+        await self._importDeleted(name, extras.get("deleted") or [])
         self.summary.indexes[name] = (len(names), count)
 
-    def _importDeleted(self, name: str, deleted: Any) -> None:
+    async def _importDeleted(self, name: str, deleted: Any) -> None:
         """The paths of deleted files, which keep answering 410 (our own exports carry them)."""
         user, _, index = name.partition("/")
         if not isinstance(deleted, list):
@@ -527,9 +527,9 @@ class Importer:
             tombstones.append((keys.tombstoneKey(user, index, *parts),
                                {"project": normalizeProject(project) if isinstance(project, str) else None}))
         if tombstones:
-            self._write(lambda txn: [txn.set(key, value) for key, value in tombstones])
+            await self._write(lambda txn: [txn.set(key, value) for key, value in tombstones])
 
-    def run(self) -> ImportSummary:
+    async def run(self) -> ImportSummary:
         users = self._userConfigs()
         indexes = self._indexConfigs(users)
 
@@ -540,10 +540,10 @@ class Importer:
                 user, _, index = name.partition("/")
                 txn.set(keys.indexKey(user, index), config)
 
-        self._write(_accounts)
+        await self._write(_accounts)
         self.summary.users = sorted(users)
         for name, config in sorted(indexes.items()):
-            self._importIndex(name, config)
+            await self._importIndex(name, config)
         skipped = sorted(set(self._data["indexes"]) - set(indexes))
         for name in skipped:
             files = self._data["indexes"][name].get("files") or []
@@ -552,12 +552,14 @@ class Importer:
         return self.summary
 
 
-def importServerDir(path: FilePath, source: FilePath, storageName: str = "sqlite",
-                    rootPassword: str | None = None, rootPypi: bool = True,
-                    skipTypes: tuple[str, ...] = (), out: TextIO = sys.stdout) -> ImportSummary:
+async def importServerDir(path: FilePath, source: FilePath, storageName: str = "sqlite",
+                          rootPassword: str | None = None, rootPypi: bool = True,
+                          skipTypes: tuple[str, ...] = (), out: TextIO = sys.stdout,
+                          runner: Runner | None = None) -> ImportSummary:
     """
     Create the server directory C{path} (missing or empty) from the export
-    in C{source}; report to C{out}.
+    in C{source}; report to C{out}.  C{runner} runs the storage's work (by
+    default on the calling thread).
 
     @param rootPassword: root's new password; by default root keeps the one
         from the export (or, if the export has no root, gets a generated one,
@@ -572,22 +574,18 @@ def importServerDir(path: FilePath, source: FilePath, storageName: str = "sqlite
                   f"    {rootPassword}\n"
                   "It is shown only this once; change it with 'devpi-twisted passwd root'.\n")
     rootHash = None if rootPassword is None else PasswordHashing().hash(rootPassword)
-    summaries: list[ImportSummary] = []
-
-    def populate(directory: FilePath) -> None:
-        storage, blobs = backend.open(directory, SynchronousRunner(), None)
+    with initialising(path, storageName) as directory:
+        storage, blobs = backend.open(directory, runner or SynchronousRunner(), None)
         try:
             importer = Importer(storage, blobs, source, copy.deepcopy(data), rootPasswordHash=rootHash,
                                 rootPypi=rootPypi, skipTypes=skipTypes)
-            summaries.append(importer.run())
+            summary = await importer.run()
         finally:
-            syncResult(storage.close())
-
-    initialise(path, storageName, populate)
+            await storage.close()
     origin = data.get(EXTRA, {}).get("version")
     made = f"devpi-twisted {origin}" if origin else f"devpi-server {data.get('devpi_server', '?')}"
     out.write(f"devpi-twisted: imported {source.path} ({made} export, dumpversion {data['dumpversion']}) "
-              f"into {path.path}\n" + summaries[0].describe())
-    return summaries[0]
+              f"into {path.path}\n" + summary.describe())
+    return summary
 
 

@@ -250,6 +250,17 @@ def initialise(
     @param nodeinfo: entries of C{.nodeinfo} besides the defaults (a
         replica's role and primary URL).
     """
+    with initialising(path, storageName, nodeinfo) as building:
+        populate(building)
+    return ServerDir(path)
+
+
+@contextmanager
+def initialising(path: FilePath, storageName: str, nodeinfo: dict[str, Any] | None = None) -> Iterator[FilePath]:
+    """
+    L{initialise} for a caller that populates the directory itself, and
+    may await while it does (import): the block writes the storage.
+    """
     checkCanInitialise(path)
     with builtInPlace(path, "init") as building:
         os.chmod(building.path, 0o700)
@@ -259,6 +270,5 @@ def initialise(
                         **(nodeinfo or {})}).encode(),
         )
         _writeFile(building.child(".secret"), secrets.token_urlsafe(48).encode("ascii"), 0o600)
-        populate(building)
+        yield building
         _writeFile(building.child(".serverversion"), FORMAT_TEXT.encode("ascii"))
-    return ServerDir(path)

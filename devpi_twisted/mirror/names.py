@@ -8,7 +8,7 @@ C{mirror_cache_expiry}; when upstream fails the last list is used, and
 without any the locally cached project names stand in.
 """
 
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -180,8 +180,8 @@ class MirrorNames:
             stored = await self._refreshes.run(stage.name, lambda: self._refresh(stage, current))
         return stored
 
-    async def openCurrent(self, stage: Stage) -> tuple[str, BinaryIO] | None:
-        """The current list's content hash and an open file of its names, one per line; or C{None}."""
+    async def openCurrent(self, stage: Stage) -> tuple[str, Any] | None:
+        """The current list's content hash and an open L{IBlobReader} of its names, one per line; or C{None}."""
         stored = await self.current(stage)
         if stored is None:
             return None

@@ -19,7 +19,7 @@ import base64
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
@@ -42,6 +42,7 @@ from devpi_twisted.services.fileentries import (
     coreMetadata, existingFile, logEntry, projectEntries, removeFileEntry, toxresultRelpath, writeFileEntry,
 )
 from devpi_twisted.services.releases import indexConfig
+from devpi_twisted.storage.readers import blockingFile
 
 log = Logger()
 
@@ -299,9 +300,12 @@ class Pusher:
         blob = None
         if file is not None:
             filename, entry = file
-            blob = await self._blobs.open(entry["sha256"])
-            if blob is None:
+            reader = await self._blobs.open(entry["sha256"])
+            if reader is None:
                 raise NotFound(f"content of {entry['filename']} is missing on this server")
+            # FileBodyProducer reads on the reactor thread: a local blob's own
+            # file (a blob elsewhere is copied to a temporary file first).
+            blob = await blockingFile(reader, maybeDeferred)
             content = FileBodyProducer(blob, cooperator=self._client.cooperator)
             form.append(("content", (filename, "application/octet-stream", content)))
         # treq's encoder streams the file part from the blob as the connection takes it.

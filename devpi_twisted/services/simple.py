@@ -19,7 +19,7 @@ import gzip
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Hashable, Iterable, Iterator, Protocol
+from typing import Any, Hashable, Iterable, Iterator, Protocol
 
 from packaging.utils import canonicalize_name
 
@@ -41,6 +41,7 @@ from devpi_twisted.model.simplepage import (
 )
 from devpi_twisted.storage import ChangeRecord
 from devpi_twisted.storage.threads import Runner, SynchronousRunner
+from devpi_twisted.storage.readers import blockingFile
 
 _PROJECT_KINDS = {"project", "version", "file", "simple"}
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
@@ -139,7 +140,7 @@ class MirrorSource(Protocol):
     async def projectNames(self, stage: Stage) -> list[str]:
         """The names the mirror can list without fetching upstream's whole list."""
 
-    async def projectNameList(self, stage: Stage) -> tuple[str, BinaryIO] | None:
+    async def projectNameList(self, stage: Stage) -> tuple[str, Any] | None:
         """
         The identity (content hash) of upstream's list of names, fetched
         anew when due, with an open file of it (one name a line); or C{None}.
@@ -486,8 +487,8 @@ class SimplePages:
                 for stage in mirrors:
                     opened = await self._mirrors.projectNameList(stage)
                     if opened is not None:
-                        ref, nameFile = opened
-                        sources.append(nameFile)
+                        ref, nameReader = opened
+                        sources.append(await blockingFile(nameReader, self._runner.runFile))
                         versions.append(("file", ref))
                     else:
                         known = await self._mirrors.projectNames(stage)

@@ -22,8 +22,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.interfaces import IBlobStore, IBlobWriter, ILocalBlobReader
 from devpi_twisted.storage import BlobInfo, CollectResult, newHashes
+from devpi_twisted.storage.readers import ReaderBase
 from devpi_twisted.storage.threads import Runner
 
 TRASH = "trash"
@@ -125,6 +126,32 @@ class _FileBlobWriter:
         return self._store._runner.runFile(self._abort)
 
 
+@implementer(ILocalBlobReader)
+class FileBlobReader(ReaderBase):
+    """
+    An open blob file: reads run in the runner's file threads; the
+    descriptor is at hand for C{sendfile(2)}.
+    """
+
+    def __init__(self, fd: int, size: int, runner: Runner) -> None:
+        super().__init__(size)
+        self._fd: int | None = fd
+        self._runner = runner
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("the blob reader is closed")
+        return self._fd
+
+    def _startRead(self, size: int, position: int) -> Deferred[bytes]:
+        return self._runner.runFile(os.pread, self.fileno(), size, position)
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 @implementer(IBlobStore)
 class FileBlobStore:
     """Blobs as files named by their sha256 under one directory."""
@@ -174,18 +201,18 @@ class FileBlobStore:
     def openWriter(self, extraHashes: tuple[str, ...] = ()) -> _FileBlobWriter:
         return _FileBlobWriter(self, tuple(extraHashes))
 
-    def open(self, sha256: str) -> Deferred[BinaryIO | None]:
-        def _open() -> BinaryIO | None:
+    def open(self, sha256: str) -> "Deferred[FileBlobReader | None]":
+        def _open() -> FileBlobReader | None:
             path = self._pathFor(sha256).path
-            try:
-                return open(path, "rb")
-            except FileNotFoundError:
-                if not self._restore(sha256):
-                    return None
-            try:
-                return open(path, "rb")
-            except FileNotFoundError:
-                return None
+            for _ in range(2):
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    if not self._restore(sha256):
+                        return None
+                    continue
+                return FileBlobReader(fd, os.fstat(fd).st_size, self._runner)
+            return None
 
         return self._runner.runFile(_open)
 

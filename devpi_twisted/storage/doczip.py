@@ -12,19 +12,17 @@ asks for the next chunk only when its consumer wants more.
 import lzma
 import zipfile
 import zlib
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from devpi_twisted.errors import NotFound
 from devpi_twisted.model.doczip import findDocMember
+from devpi_twisted.storage.readers import RunFile, blockingFile
 
 CHUNK = 64 * 1024
-# A L{devpi_twisted.storage.threads.Runner}'s C{runFile}: (f, *args) -> Deferred.
-RunFile = Callable[..., "Deferred[Any]"]
 
 log = Logger()
 
@@ -156,12 +154,13 @@ class DocZipReader:
             raise
         return DocMember(self._runFile, file, archive, stream, name, info.file_size, self._chunkSize)
 
-    def openMember(self, file: BinaryIO, path: str) -> "Deferred[DocMember | None]":
+    def openMember(self, reader: Any, path: str) -> "Deferred[DocMember | None]":
         """
         Open the member a documentation URL path names (see
         L{findDocMember}), reading the zip's directory in a file thread.
 
-        Takes C{file}: closed here when there is no such member, else by
+        Takes C{reader}, the zip's L{IBlobReader} (see L{blockingFile}):
+        closed here when there is no such member, else by
         L{DocMember.close}.  Cancelling the answer (a client gone away)
         closes the member when it arrives.
 
@@ -185,5 +184,9 @@ class DocZipReader:
             if not outer.called:
                 outer.errback(failure)
 
-        self._runFile(self._open, file, path).addCallbacks(_deliver, _failed)
+        async def _openFile() -> DocMember | None:
+            file = await blockingFile(reader, self._runFile)
+            return await self._runFile(self._open, file, path)
+
+        ensureDeferred(_openFile()).addCallbacks(_deliver, _failed)
         return outer

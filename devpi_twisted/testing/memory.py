@@ -13,13 +13,30 @@ import json
 import time
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 
 from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
 from devpi_twisted.storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
+from devpi_twisted.storage.readers import BytesReader, RunFile
 
 T = TypeVar("T")
+
+
+def _answerWith(later: RunFile) -> Callable[["Deferred[Any]"], "Deferred[Any]"]:
+    """
+    How a fake hands over an answer it has at once: as it is, or through
+    C{later} (a runner that answers on a later turn, as across a network).
+    """
+    if later is maybeDeferred:
+        return lambda answer: answer
+
+    def deliver(answer: "Deferred[Any]") -> "Deferred[Any]":
+        delivered: Deferred[Any] = Deferred()
+        answer.addBoth(lambda result: later(lambda: result).chainDeferred(delivered))
+        return delivered
+
+    return deliver
 
 
 def _copy(value: Any) -> Any:
@@ -67,9 +84,15 @@ class _Transaction(_View):
 
 @implementer(IStorage)
 class MemoryStorage:
-    """L{IStorage} in a dict, with its full history."""
+    """
+    L{IStorage} in a dict, with its full history.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    @param later: delivers every answer (at once by default), as
+        L{MemoryBlobStore}'s.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, later: RunFile = maybeDeferred) -> None:
+        self._answer = _answerWith(later)
         self._clock = clock
         self._state: dict[str, Any] = {}
         self._log: list[ChangeRecord] = []
@@ -84,9 +107,9 @@ class MemoryStorage:
 
     def read(self, function: Callable[[IReadView], T]) -> Deferred[T]:
         try:
-            return succeed(function(_View(self._state, self.currentSerial())))
+            return self._answer(succeed(function(_View(self._state, self.currentSerial()))))
         except Exception as e:
-            return fail(e)
+            return self._answer(fail(e))
 
     def _stateAsOf(self, serial: int) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -100,21 +123,21 @@ class MemoryStorage:
 
     def readAsOf(self, serial: int, function: Callable[[IReadView], T]) -> Deferred[T]:
         try:
-            return succeed(function(_View(self._stateAsOf(serial), serial)))
+            return self._answer(succeed(function(_View(self._stateAsOf(serial), serial))))
         except Exception as e:
-            return fail(e)
+            return self._answer(fail(e))
 
     def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
         txn = _Transaction(self._state, self.currentSerial())
         try:
             result = function(txn)
         except Exception as e:
-            return fail(e)
+            return self._answer(fail(e))
         if not txn.changes:
-            return succeed((self.currentSerial(), result))
+            return self._answer(succeed((self.currentSerial(), result)))
         record = ChangeRecord(len(self._log), self._clock(), copy.deepcopy(txn.changes))
         self._commit(record)
-        return succeed((record.serial, result))
+        return self._answer(succeed((record.serial, result)))
 
     def _commit(self, record: ChangeRecord) -> None:
         self._log.append(record)
@@ -128,27 +151,27 @@ class MemoryStorage:
 
     def applyChange(self, record: ChangeRecord) -> Deferred[int]:
         if record.serial != self.currentSerial() + 1:
-            return fail(SerialMismatch(f"change {record.serial} cannot follow serial {self.currentSerial()}"))
+            return self._answer(fail(SerialMismatch(f"change {record.serial} cannot follow serial {self.currentSerial()}")))
         changes = {k: None if v is None else _copy(v) for k, v in record.changes.items()}
         self._commit(ChangeRecord(record.serial, record.time, changes))
-        return succeed(record.serial)
+        return self._answer(succeed(record.serial))
 
     def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
-        return succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]])
+        return self._answer(succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]]))
 
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
     def referencedBlobs(self) -> Deferred[set[str]]:
-        return succeed({ref for ref in map(blobRef, self._state.values()) if ref})
+        return self._answer(succeed({ref for ref in map(blobRef, self._state.values()) if ref}))
 
     def isBlobReferenced(self, sha256: str) -> Deferred[bool]:
-        return succeed(any(blobRef(v) == sha256 for v in self._state.values()))
+        return self._answer(succeed(any(blobRef(v) == sha256 for v in self._state.values())))
 
     def close(self) -> Deferred[None]:
         self.closed = True
-        return succeed(None)
+        return self._answer(succeed(None))
 
 
 @implementer(IBlobWriter)
@@ -161,11 +184,11 @@ class _MemoryBlobWriter:
 
     def write(self, data: bytes) -> Deferred[None]:
         if self._info is not None:
-            return fail(ValueError("write after close"))
+            return self._store._answer(fail(ValueError("write after close")))
         self._buffer.write(data)
         for h in self._hashes.values():
             h.update(data)
-        return succeed(None)
+        return self._store._answer(succeed(None))
 
     def _close(self) -> BlobInfo:
         if self._info is None:
@@ -174,21 +197,21 @@ class _MemoryBlobWriter:
         return self._info
 
     def close(self) -> Deferred[BlobInfo]:
-        return succeed(self._close())
+        return self._store._answer(succeed(self._close()))
 
     def read(self, function: Callable[[Any], T]) -> Deferred[T]:
         try:
-            return succeed(function(io.BytesIO(self._buffer.getvalue())))
+            return self._store._answer(succeed(function(io.BytesIO(self._buffer.getvalue()))))
         except Exception as e:
-            return fail(e)
+            return self._store._answer(fail(e))
 
     def commit(self) -> Deferred[BlobInfo]:
         info = self._close()
         self._store.stored(info.sha256, self._buffer.getvalue())
-        return succeed(info)
+        return self._store._answer(succeed(info))
 
     def abort(self) -> Deferred[None]:
-        return succeed(None)
+        return self._store._answer(succeed(None))
 
 
 @implementer(IBlobStore)
@@ -196,9 +219,15 @@ class MemoryBlobStore:
     """
     L{IBlobStore} in a dict from sha256 to bytes; C{storedAt} and C{retired}
     play the part of the file store's modification times and trash.
+
+    @param later: delivers every answer, and runs each read of an opened
+        blob (at once by default); one that answers later makes the store
+        behave as one across the network.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, later: RunFile = maybeDeferred) -> None:
+        self._later = later
+        self._answer = _answerWith(later)
         self.blobs: dict[str, bytes] = {}
         self.storedAt: dict[str, float] = {}
         self.retired: dict[str, tuple[bytes, float]] = {}
@@ -221,15 +250,15 @@ class MemoryBlobStore:
     def open(self, sha256: str) -> Deferred[Any]:
         self._restore(sha256)
         data = self.blobs.get(sha256)
-        return succeed(None if data is None else io.BytesIO(data))
+        return self._answer(succeed(None if data is None else BytesReader(data, self._later)))
 
     def exists(self, sha256: str) -> Deferred[bool]:
-        return succeed(sha256 in self.blobs or self._restore(sha256))
+        return self._answer(succeed(sha256 in self.blobs or self._restore(sha256)))
 
     def delete(self, sha256: str) -> Deferred[None]:
         self.blobs.pop(sha256, None)
         self.retired.pop(sha256, None)
-        return succeed(None)
+        return self._answer(succeed(None))
 
     def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
         for digest in [d for d in self.retired if d in referenced]:
@@ -239,7 +268,7 @@ class MemoryBlobStore:
             del self.blobs[digest]
         removed = len(gone) + len(self.retired)
         self.retired.clear()
-        return succeed(removed)
+        return self._answer(succeed(removed))
 
     def collect(self, referenced: set[str], now: float, grace: float) -> Deferred[CollectResult]:
         restored = deleted = retired = 0
@@ -253,4 +282,4 @@ class MemoryBlobStore:
             if self.storedAt.get(digest, 0.0) <= now - grace:
                 self.retired[digest] = (self.blobs.pop(digest), now)
                 retired += 1
-        return succeed(CollectResult(retired=retired, restored=restored, deleted=deleted))
+        return self._answer(succeed(CollectResult(retired=retired, restored=restored, deleted=deleted)))

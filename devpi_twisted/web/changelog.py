@@ -183,11 +183,8 @@ class ChangelogFeed:
         file = await self._blobs.open(sha256)
         if file is None:
             raise NotFound(f"no blob {sha256}")
-        file.seek(0, 2)
-        size = file.tell()
-        file.seek(0)
         return FileResponse(
-            file=file, size=size, filename=sha256, etag=b'"' + sha256.encode("ascii") + b'"',
+            file=file, size=file.size, filename=sha256, etag=b'"' + sha256.encode("ascii") + b'"',
             lastModified=None, contentType=b"application/octet-stream",
         )
 

@@ -180,10 +180,10 @@ class DocViews:
         if not path:
             return redirect(request, request.path.decode("latin-1").rstrip("/") + "/index.html")
         entry = await self._entry(user, index, name, version)
-        file = await self._blobs.open(entry["sha256"])
-        if file is None:
+        reader = await self._blobs.open(entry["sha256"])
+        if reader is None:
             raise NotFound("documentation content is missing on this server")
-        member = await self._reader.openMember(file, path)
+        member = await self._reader.openMember(reader, path)
         if member is None:
             raise NotFound(f"no {path!r} in the documentation of {entry['project']} {entry['version']}")
         return _MemberResponse(member, b'"' + entry["sha256"].encode("ascii") + b'"')

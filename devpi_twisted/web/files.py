@@ -5,12 +5,13 @@ itself; a client that decompressed it would fail its hash check).
 """
 
 import errno
+import hashlib
 import mimetypes
 import os
 import re
 import socket
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
@@ -18,6 +19,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
+
+from devpi_twisted.storage.readers import BytesReader
+from devpi_twisted.interfaces import ILocalBlobReader
 
 CHUNK = 256 * 1024
 # The most one connection sends with sendfile before the others get a turn
@@ -59,42 +63,43 @@ def directSocket(transport: object) -> socket.socket | None:
     return handle if isinstance(handle, socket.socket) else None
 
 
-def _fileno(file: BinaryIO) -> int | None:
-    try:
-        return file.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
+def _closeReader(reader: Any) -> None:
+    reader.close().addErrback(lambda f: log.failure("closing a stored file", f))
 
 
 @implementer(IPushProducer)
 class _FileProducer:
     """
-    Sends C{length} bytes of an open file from C{offset}, paced by the
-    transport.
+    Sends C{length} bytes of an open blob (an L{IBlobReader}) from
+    C{offset}, paced by the transport.
 
-    On a plain socket most bytes go with C{sendfile(2)}: the kernel copies
-    them from the page cache, and Python never holds them.  That is only
-    safe while the transport's own buffer is empty, so the bytes stay in
-    order; the transport tells us exactly that when it resumes us after it
-    paused us (it resumes a paused producer only once everything it held is
-    written).  So every stretch of C{sendfile} begins after such a resume,
-    and when the socket is full the next piece goes through the transport,
-    large enough to make it pause us again.  Elsewhere (TLS, a file without
-    a descriptor, a file system without C{sendfile}) every piece goes
-    through the transport.
+    On a plain socket a local blob (L{ILocalBlobReader}) goes mostly with
+    C{sendfile(2)}: the kernel copies it from the page cache, and Python
+    never holds it.  That is only safe while the transport's own buffer is
+    empty, so the bytes stay in order; the transport tells us exactly that
+    when it resumes us after it paused us (it resumes a paused producer
+    only once everything it held is written).  So every stretch of
+    C{sendfile} begins after such a resume, and when the socket is full the
+    next piece goes through the transport, large enough to make it pause
+    us again.  Elsewhere (TLS, a blob that is not a local file, a file
+    system without C{sendfile}) the blob is read with the reader's
+    asynchronous reads, the next piece read while the last one is written.
     """
 
-    def __init__(self, request: IRequest, file: BinaryIO, offset: int, length: int,
+    def __init__(self, request: IRequest, reader: Any, offset: int, length: int,
                  sendfile: Sendfile | None) -> None:
         self._request = request
-        self._file: BinaryIO | None = file
+        self._reader: Any = reader
         self._offset = offset
         self._remaining = length
         self._paused = False
-        self._filePositioned = False
+        self._looping = False
+        self._reading = False
+        self._ready: bytes | None = None
         transport = request.channel.transport
         self._socket = directSocket(transport) if sendfile is not None else None
-        self._fileno = _fileno(file) if self._socket is not None else None
+        local = self._socket is not None and ILocalBlobReader.providedBy(reader)
+        self._fileno = reader.fileno() if local else None
         self._sendfile = sendfile if self._fileno is not None else None
         # A piece written through the transport must exceed its buffer, or
         # it would not pause us, and we would never learn when it is empty.
@@ -116,22 +121,67 @@ class _FileProducer:
         self._produce(transportEmpty)
 
     def stopProducing(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            _closeReader(reader)
 
     def _produce(self, transportEmpty: bool) -> None:
-        while not self._paused and self._file is not None:
-            if self._remaining <= 0:
-                self._finish()
-                return
-            if transportEmpty and self._sendfile is not None:
-                if not self._sendDirect():
+        # A loop, not recursion: a reader that answers at once would
+        # otherwise recurse once per piece.
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while not self._paused and self._reader is not None:
+                if self._ready is not None:
+                    data, self._ready = self._ready, None
+                    self._readAhead()
+                    self._request.write(data)
+                elif self._remaining <= 0:
+                    if not self._reading:
+                        self._finish()
                     return
-                transportEmpty = False
-                continue
-            if not self._writePiece():
-                return
+                elif self._sendfile is not None:
+                    if transportEmpty:
+                        if not self._sendDirect():
+                            return
+                        transportEmpty = False
+                    elif not self._writePiece():
+                        return
+                else:
+                    self._readAhead()
+                    if self._ready is None:
+                        return  # the piece arrives later
+        finally:
+            self._looping = False
+
+    def _readAhead(self) -> None:
+        """Ask the reader for the next piece, unless one is on its way or waiting."""
+        if self._reading or self._ready is not None or self._remaining <= 0 or self._reader is None:
+            return
+        self._reading = True
+        self._reader.seek(self._offset)
+        self._reader.read(min(CHUNK, self._remaining)).addCallbacks(self._gotPiece, self._readFailed)
+
+    def _gotPiece(self, data: bytes) -> None:
+        self._reading = False
+        if self._reader is None:
+            return
+        if not data:
+            log.error("stored file shorter than its recorded size; connection aborted")
+            self._abort()
+            return
+        self._offset += len(data)
+        self._remaining -= len(data)
+        self._ready = data
+        self._produce(transportEmpty=False)
+
+    def _readFailed(self, failure: Any) -> None:
+        self._reading = False
+        if self._reader is None:
+            return
+        log.failure("reading a stored file; connection aborted", failure)
+        self._abort()
 
     def _sendDirect(self) -> bool:
         """
@@ -168,16 +218,16 @@ class _FileProducer:
             self._remaining -= sent
             budget -= sent
             self._request.sentLength += sent
-            self._filePositioned = False
         return True
 
     def _writePiece(self) -> bool:
-        assert self._file is not None
-        if not self._filePositioned:
-            self._file.seek(self._offset)
-            self._filePositioned = True
-        size = self._handoffSize if self._sendfile is not None else CHUNK
-        data = self._file.read(min(size, self._remaining))
+        """
+        The piece that fills the transport between two stretches of
+        C{sendfile}: read from the page cache as C{sendfile} reads it, with
+        no thread hop per piece.
+        """
+        assert self._fileno is not None
+        data = os.pread(self._fileno, min(self._handoffSize, self._remaining), self._offset)
         if not data:
             log.error("stored file shorter than its recorded size; connection aborted")
             self._abort()
@@ -232,12 +282,13 @@ def etagMatches(request: IRequest, etag: bytes) -> bool:
     return etag in tags or b"*" in tags
 
 
-def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: str, etag: bytes,
+def serveBytesOrFile(request: IRequest, *, file: Any, size: int, filename: str, etag: bytes,
                      lastModified: str | None, contentType: bytes | None = None,
                      sendfile: Sendfile | None = SYSTEM_SENDFILE) -> Any:
     """
     Answer a GET or HEAD for an immutable stored file, honouring
-    If-None-Match, Range and If-Range.  Closes C{file} when done.
+    If-None-Match, Range and If-Range.  C{file} is an open
+    L{IBlobReader}, closed when done.
     C{sendfile} (C{None} to never use it) sends the body on plain sockets.
     """
     request.setHeader(b"Content-Type", contentType or contentTypeFor(filename))
@@ -247,7 +298,7 @@ def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: 
     if lastModified:
         request.setHeader(b"Last-Modified", lastModified.encode("ascii"))
     if etagMatches(request, etag):
-        file.close()
+        _closeReader(file)
         request.setResponseCode(304)
         request.responseHeaders.removeHeader(b"Content-Type")
         return b""
@@ -257,7 +308,7 @@ def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: 
     if rangeHeader and (not ifRange or ifRange == etag or ifRange == (lastModified or "").encode("ascii")):
         parsed = _parseRange(rangeHeader, size)
         if parsed is False:
-            file.close()
+            _closeReader(file)
             request.setResponseCode(416)
             request.setHeader(b"Content-Range", b"bytes */%d" % size)
             request.setHeader(b"Content-Length", b"0")
@@ -269,11 +320,11 @@ def serveBytesOrFile(request: IRequest, *, file: BinaryIO, size: int, filename: 
             request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (start, end, size))
     request.setHeader(b"Content-Length", str(length).encode("ascii"))
     if request.method == b"HEAD" or length == 0:
-        file.close()
+        _closeReader(file)
         return b""
     if request.channel is None:
         # The client went away while the file was looked up.
-        file.close()
+        _closeReader(file)
         return NOT_DONE_YET
     _FileProducer(request, file, start, length, sendfile).start()
     return NOT_DONE_YET
@@ -293,3 +344,12 @@ class FileResponse(Resource):
 
     def render(self, request: IRequest) -> Any:
         return serveBytesOrFile(request, **self._kwargs)
+
+
+def metadataResponse(distFilename: str, data: bytes, lastModified: str | None = None) -> "FileResponse":
+    """A wheel's core metadata (PEP 658) as the file C{NAME.whl.metadata}."""
+    return FileResponse(
+        file=BytesReader(data), size=len(data), filename=distFilename + ".metadata",
+        etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
+        lastModified=lastModified, contentType=b"text/plain; charset=utf-8",
+    )

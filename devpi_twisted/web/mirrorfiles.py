@@ -7,8 +7,6 @@ streamed to the request, cut off if it fails verification; a redirect to
 upstream; or the headers alone for a HEAD.
 """
 
-import hashlib
-import io
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -21,7 +19,7 @@ from devpi_twisted.mirror.files import (
     CoreMetadata, Elsewhere, FileAnswer, ILiveSink, LinkOnly, LiveFile, StoredFile,
 )
 from devpi_twisted.model.inheritance import Stage
-from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor
+from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor, metadataResponse
 
 
 class MirrorFileSource(Protocol):
@@ -49,11 +47,7 @@ def respond(request: IRequest, answer: FileAnswer) -> Any:
     if isinstance(answer, LiveFile):
         return _LiveResponse(answer)
     if isinstance(answer, CoreMetadata):
-        return FileResponse(
-            file=io.BytesIO(answer.data), size=len(answer.data), filename=answer.filename + ".metadata",
-            etag=b'"' + hashlib.sha256(answer.data).hexdigest().encode("ascii") + b'"',
-            lastModified=None, contentType=b"text/plain; charset=utf-8",
-        )
+        return metadataResponse(answer.filename, answer.data)
     if isinstance(answer, LinkOnly):
         request.setHeader(b"Content-Type", contentTypeFor(answer.filename))
         if answer.size is not None:

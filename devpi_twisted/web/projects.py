@@ -4,7 +4,6 @@ their C{.metadata}, deletions, and yanking and project status (which devpi
 does not have).
 """
 
-import hashlib
 import json
 from typing import Any
 
@@ -22,7 +21,7 @@ from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
-from devpi_twisted.web.files import FileResponse
+from devpi_twisted.web.files import FileResponse, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.pages import redirect
@@ -184,18 +183,12 @@ class ProjectViews:
 
     async def _coreMetadata(self, request: IRequest, user: str, index: str, entry: dict[str, Any],
                             mirror: Stage | None) -> Any:
-        import io
-
         data = await self._queries.coreMetadata(user, index, entry)
         if data is None:
             if mirror is not None and self._mirrorFiles is not None:
                 return await self._mirrorFiles.answer(request, mirror, entry["relpath"].split("/+f/", 1)[1] + ".metadata")
             raise NotFound(f"no metadata found in {entry['filename']}")
-        return FileResponse(
-            file=io.BytesIO(data), size=len(data), filename=entry["filename"] + ".metadata",
-            etag=b'"' + hashlib.sha256(data).hexdigest().encode("ascii") + b'"',
-            lastModified=entry.get("last_modified"), contentType=b"text/plain; charset=utf-8",
-        )
+        return metadataResponse(entry["filename"], data, entry.get("last_modified"))
 
     async def deleteFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         requester = await requesterOf(request, self._auth)

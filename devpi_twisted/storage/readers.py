@@ -1,0 +1,132 @@
+"""
+Blob readers that are not a blob store's own: bytes held in memory, and a
+blocking file of any reader's content for code that parses it in a thread.
+"""
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from zope.interface import implementer
+
+from devpi_twisted.interfaces import IBlobReader, ILocalBlobReader
+
+CHUNK = 1024 * 1024
+# A L{devpi_twisted.storage.threads.Runner}'s C{runFile}: (f, *args) -> Deferred.
+RunFile = Callable[..., "Deferred[Any]"]
+
+
+class ReaderBase:
+    """
+    What every L{IBlobReader} here shares: its position, one read at a
+    time, and a close that waits for the read in flight (whose thread may
+    still use the file).  Subclasses start a read in C{_startRead} and let
+    go in C{_release}.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.closed = False
+        self._position = 0
+        self._reading: Deferred[bytes] | None = None
+
+    def _startRead(self, size: int, position: int) -> "Deferred[bytes]":
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    def seek(self, offset: int) -> None:
+        self._position = offset
+
+    def read(self, size: int) -> "Deferred[bytes]":
+        if self._reading is not None:
+            raise RuntimeError("one read at a time")
+        if self.closed:
+            return fail(ValueError("read of a closed blob reader"))
+        reading = self._reading = self._startRead(size, self._position)
+
+        def _done(data: Any) -> Any:
+            self._reading = None
+            if isinstance(data, bytes):
+                self._position += len(data)
+            return data
+
+        return reading.addBoth(_done)
+
+    def close(self) -> "Deferred[None]":
+        if self.closed:
+            return succeed(None)
+        self.closed = True
+        if self._reading is None:
+            self._release()
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+
+        def _afterRead(result: Any) -> Any:
+            self._release()
+            closed.callback(None)
+            return result
+
+        self._reading.addBoth(_afterRead)
+        return closed
+
+
+@implementer(IBlobReader)
+class BytesReader(ReaderBase):
+    """
+    An L{IBlobReader} over bytes in memory (core metadata, the memory fake).
+
+    @param later: runs each read, as a storage runner's C{runFile} does; by
+        default at once.  A runner that answers later makes this behave as
+        a blob store across the network.
+    """
+
+    def __init__(self, data: bytes, later: RunFile = maybeDeferred) -> None:
+        super().__init__(len(data))
+        self._data = data
+        self._later = later
+
+    def _startRead(self, size: int, position: int) -> "Deferred[bytes]":
+        return self._later(lambda: self._data[position:position + size])
+
+
+def _appendToTemporary(data: bytes, file: BinaryIO | None) -> BinaryIO:
+    if file is None:
+        file = tempfile.TemporaryFile()
+    file.write(data)
+    return file
+
+
+async def blockingFile(reader: Any, runFile: RunFile) -> BinaryIO:
+    """
+    A blocking file of C{reader}'s content, to be read (only) in a thread:
+    zip directories and name lists are parsed there.  A local blob's own
+    file is used; any other reader is copied into a temporary file first.
+    Takes C{reader} (closed here); the caller closes the file.
+    """
+    try:
+        if ILocalBlobReader.providedBy(reader):
+            # The same open file (a blob retired meanwhile stays readable),
+            # read from its start.
+            file = os.fdopen(os.dup(reader.fileno()), "rb")
+            file.seek(0)
+            return file
+        copy: BinaryIO | None = None
+        reader.seek(0)
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data and copy is not None:
+                    break
+                copy = await runFile(_appendToTemporary, data, copy)
+            await runFile(copy.seek, 0)
+        except BaseException:
+            if copy is not None:
+                copy.close()
+            raise
+        return copy
+    finally:
+        await reader.close()
