@@ -1144,7 +1144,7 @@ class MirrorNamesParsingTests(SynchronousTestCase):
         self.assertEqual(result, [])
         self.runner.release()
         [(sha256, opened)] = result
-        self.assertEqual(opened.read().decode("utf-8").splitlines(), names)
+        self.assertEqual(self.successResultOf(opened.read(10 ** 7)).decode("utf-8").splitlines(), names)
         self.assertEqual(names, parseProjectList(body, JSON_TYPE))
 
     def test_unreadableListFromRunner(self) -> None:
