@@ -48,7 +48,7 @@ from devpi_twisted.storage import BLOB_REF, ChangeRecord
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
 from .helpers import APIHarness, ROOT_PASSWORD, basicAuth, devpiAuth, fastHashing
-from .serverprocess import waitForAnswer
+from .serverprocess import environment, waitForAnswer
 from .test_tap import ThreadedMemoryReactor, readState
 
 PRIMARY = "http://primary.test"
@@ -1110,10 +1110,6 @@ def _freePort() -> int:
         return s.getsockname()[1]
 
 
-def _environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DEVPI_TWISTED_")}
-
-
 class DevpiProcess:
     """One C{twistd -n devpi} process on 127.0.0.1, its log and output kept in the work directory."""
 
@@ -1128,7 +1124,7 @@ class DevpiProcess:
             [TWISTD, "-n", "--pidfile=", f"--logfile={self.logfile}", "devpi", "--serverdir", serverdir,
              "--listen", f"tcp:{port}:interface=127.0.0.1", *options],
             stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
-            env=_environment(),
+            env=environment(workdir),
         )
         testCase.addCleanup(self.cleanup)
 
