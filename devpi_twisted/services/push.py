@@ -43,6 +43,7 @@ from devpi_twisted.services.fileentries import (
     coreMetadata, existingFile, logEntry, projectEntries, removeFileEntry, toxresultRelpath, writeFileEntry,
 )
 from devpi_twisted.services.releases import indexConfig
+from devpi_twisted.storage.readers import PiecePump
 
 log = Logger()
 
@@ -140,61 +141,28 @@ class BlobBodyProducer:
         self.length = reader.size
         self._reader = reader
         self._pieceSize = pieceSize
-        self._consumer: Any = None
-        self._done: Deferred[None] | None = None
-        self._paused = False
-        self._stopped = False
-        self._reading = False
-        self._looping = False
+        self._pump: PiecePump | None = None
 
     def startProducing(self, consumer: Any) -> "Deferred[None]":
-        self._consumer = consumer
-        self._done = done = Deferred()
+        done: Deferred[None] = Deferred()
+        self._pump = PiecePump(lambda: self._reader.read(self._pieceSize), consumer.write,
+                               lambda: done.callback(None), done.errback)
         self._reader.seek(0)
-        self._produce()  # may finish at once, with a reader that answers at once
+        self._pump.pump()
         return done
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        if self._pump is not None:
+            self._pump.pause()
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        self._produce()
+        if self._pump is not None:
+            self._pump.resume()
 
     def stopProducing(self) -> None:
         """Read no more; as for any body producer, the start's Deferred never fires."""
-        self._stopped = True
-
-    def _produce(self) -> None:
-        # A loop, not recursion: a reader that answers at once would
-        # otherwise recurse once per piece.
-        if self._looping:
-            return
-        self._looping = True
-        try:
-            while not (self._paused or self._stopped or self._reading or self._done is None):
-                self._reading = True
-                self._reader.read(self._pieceSize).addCallbacks(self._piece, self._failed)
-        finally:
-            self._looping = False
-
-    def _piece(self, data: bytes) -> None:
-        self._reading = False
-        if self._stopped or self._done is None:
-            return
-        if not data:
-            done, self._done = self._done, None
-            done.callback(None)
-            return
-        self._consumer.write(data)
-        self._produce()
-
-    def _failed(self, failure: Failure) -> None:
-        self._reading = False
-        if self._stopped or self._done is None:
-            return
-        done, self._done = self._done, None
-        done.errback(failure)
+        if self._pump is not None:
+            self._pump.stop()
 
 
 def pushClient(reactor: Any, timeout: float = TOTAL_TIMEOUT, maxReply: int = MAX_REPLY) -> PushClient:
