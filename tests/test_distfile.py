@@ -1,5 +1,5 @@
 """
-Tests for L{devpi_twisted.model.distfile}.
+Tests for L{devpi_twisted.model.distfile} and L{devpi_twisted.model.archive}.
 
 Archives are built in memory with C{zipfile} and C{tarfile}, so each test
 shows exactly which archive shape it is about.
@@ -13,16 +13,14 @@ import zipfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from devpi_twisted.errors import BadRequest
-from devpi_twisted.model import distfile
+from devpi_twisted.model import archive
+from devpi_twisted.model.archive import ArchiveMetadata, checkConsistency, inspectArchive
 from devpi_twisted.model.distfile import (
     ARCHIVE_SUFFIXES,
-    ArchiveMetadata,
-    checkConsistency,
     checkDigests,
     checkFilename,
     checkStrict,
     fileType,
-    inspectArchive,
     parseUploadMetadata,
     presentMetadataKeys,
 )
@@ -221,14 +219,14 @@ class InspectWheelTests(SynchronousTestCase):
 
     def test_hugeMetadata(self) -> None:
         """A METADATA larger than the limit is refused without reading it all."""
-        self.patch(distfile, "MAX_METADATA_SIZE", 100)
+        self.patch(archive, "MAX_METADATA_SIZE", 100)
         error = self.assertRaises(BadRequest, inspectArchive, WHEEL_NAME,
                                   makeWheel(metadata=METADATA + b"x" * 200))
         self.assertIn("larger than 100 bytes", error.message)
 
     def test_lyingSize(self) -> None:
         """A METADATA bigger than its header claims is refused (reads stop there, CRC fails)."""
-        self.patch(distfile, "MAX_METADATA_SIZE", 100)
+        self.patch(archive, "MAX_METADATA_SIZE", 100)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("demo_pkg-1.0.dist-info/WHEEL", b"")
@@ -238,7 +236,7 @@ class InspectWheelTests(SynchronousTestCase):
 
     def test_tooManyEntries(self) -> None:
         """A wheel with more entries than the limit is refused."""
-        self.patch(distfile, "MAX_ARCHIVE_ENTRIES", 3)
+        self.patch(archive, "MAX_ARCHIVE_ENTRIES", 3)
         error = self.assertRaises(BadRequest, inspectArchive, WHEEL_NAME, makeWheel())
         self.assertIn("entries", error.message)
 
@@ -290,7 +288,7 @@ class InspectSdistTests(SynchronousTestCase):
 
     def test_tarBomb(self) -> None:
         """A tarball that unpacks far beyond the scan limit is refused."""
-        self.patch(distfile, "MIN_TAR_SCAN", 10000)
+        self.patch(archive, "MIN_TAR_SCAN", 10000)
         sdist = makeTar({"demo-1.0/zeros": b"\x00" * 1_000_000, "demo-1.0/PKG-INFO": METADATA})
         error = self.assertRaises(BadRequest, inspectArchive, "demo-1.0.tar.gz", sdist)
         self.assertIn("unpacks to more than", error.message)

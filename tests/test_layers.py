@@ -127,6 +127,53 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(list(serverImports(source, "devpi_twisted.mirror.example")), [])
 
 
+# What model/ may not use: it does no I/O.  The clock is allowed in
+# model/timeutil.py only, whose callers may pass the time themselves.
+IO_MODULES = ("os", "socket", "time", "tempfile", "subprocess", "threading", "shutil", "select", "asyncio",
+              "urllib.request", "http.client", "sqlite3", "twisted.internet.reactor", "twisted.internet.threads",
+              "twisted.internet.task", "twisted.internet.protocol", "twisted.internet.endpoints", "treq")
+IO_ALLOWED = {"devpi_twisted.model.timeutil": {"time"}}
+
+
+def ioUses(source: str, moduleName: str) -> Iterator[str]:
+    """The I/O modules C{source} imports, and its calls of the builtin C{open}."""
+    allowed = IO_ALLOWED.get(moduleName, set())
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(node, moduleName)
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
+            yield f"line {node.lineno}: open()"
+        for name in names:
+            if any(_within(name, bad) for bad in IO_MODULES if bad not in allowed):
+                yield f"line {node.lineno}: {name}"
+                break
+
+
+class ModelDoesNoIOTests(SynchronousTestCase):
+    """model/ is pure: file objects and times are passed in."""
+
+    def test_noIO(self) -> None:
+        """No module of devpi_twisted.model imports an I/O module or opens a file."""
+        found = []
+        for path in sorted((PACKAGE / "model").rglob("*.py")):
+            moduleName = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+            found.extend(f"{moduleName}, {each}" for each in ioUses(path.read_text("utf-8"), moduleName))
+        self.assertEqual(found, [])
+
+    def test_checkerFinds(self) -> None:
+        """Each way of reaching I/O is reported."""
+        for source in ("import os", "from os import path", "import time", "from twisted.internet import reactor",
+                       "from twisted.internet.threads import deferToThread", "open('x')", "import socket"):
+            self.assertEqual(len(list(ioUses(source, "devpi_twisted.model.example"))), 1, source)
+        self.assertEqual(list(ioUses("import time", "devpi_twisted.model.timeutil")), [])
+        self.assertEqual(list(ioUses("from twisted.internet.defer import Deferred\nzf.open(info)",
+                                     "devpi_twisted.model.example")), [])
+
+
 @implementer(ILiveSink)
 class RecordingSink:
     """A live transfer's reader that is no HTTP request."""

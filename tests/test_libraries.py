@@ -17,9 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpointStringParser
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
@@ -36,7 +34,7 @@ from .certs import CA
 from .distbuilder import buildWheel
 from .releaseharness import ServerHarness, combine
 from .test_docs_push import form, makeZip
-from .test_push_outbound import DATA, WHEEL, storeRelease
+from .test_push_outbound import DATA, WHEEL, Answered, storeRelease
 
 
 def _request(acceptEncoding: bytes | None) -> Request:
@@ -79,15 +77,6 @@ class _Consumer(StringTransport):
     """Where a request body is written."""
 
 
-class _Response:
-    code = 200
-    phrase = b"OK"
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(StringTransport())
-        protocol.connectionLost(Failure(ResponseDone()))
-
-
 class _BodyReadingAgent:
     """Reads each request's body to its end, then answers 200."""
 
@@ -99,7 +88,7 @@ class _BodyReadingAgent:
 
         def read(_: Any) -> Any:
             self.bodies.append((headers, body, consumer.value()))
-            return _Response()
+            return Answered()
 
         return body.startProducing(consumer).addCallback(read)
 

@@ -18,17 +18,21 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.model import keys
-from devpi_twisted.services.push import CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, PushClient, Pusher, pushClient
+from devpi_twisted.services.push import (
+    CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, BlobBodyProducer, PushClient, Pusher, pushClient,
+)
 from devpi_twisted.services.fileentries import newEntry, writeFileEntry
 from devpi_twisted.storage import BlobInfo
+from devpi_twisted.storage.readers import BytesReader
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
 from .distbuilder import buildWheel, uploadBody
@@ -319,3 +323,142 @@ class PushOverwriteLogTests(SynchronousTestCase):
         log = self.pushAndLog()
         self.assertEqual([e["what"] for e in log], ["overwrite", "upload", "push"])
         self.assertEqual(log[0]["count"], 2)
+
+
+class _LaterReader:
+    """
+    An L{IBlobReader} that is not a local file, each of whose reads waits
+    until the test answers it: a blob store across the network.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+        self._data = data
+        self._position = 0
+        self.pending: list[tuple[Deferred[bytes], int]] = []
+        self.reads = 0
+        self.closed = False
+
+    def seek(self, offset: int) -> None:
+        self._position = offset
+
+    def read(self, size: int) -> Deferred[bytes]:
+        self.reads += 1
+        d: Deferred[bytes] = Deferred()
+        self.pending.append((d, size))
+        return d
+
+    def answer(self) -> None:
+        d, size = self.pending.pop(0)
+        data = self._data[self._position:self._position + size]
+        self._position += len(data)
+        d.callback(data)
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+class Answered:
+    """A 200 with an empty body."""
+
+    code = 200
+    phrase = b"OK"
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(StringTransport())
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class BlobBodyProducerTests(SynchronousTestCase):
+    """The file part of a push is read through the blob's asynchronous reads, as the connection takes it."""
+
+    def test_readsAsTaken(self) -> None:
+        """One read at a time; none while paused; the start's Deferred fires after the last piece."""
+        reader, consumer = _LaterReader(b"0123456789"), StringTransport()
+        producer = BlobBodyProducer(reader, pieceSize=4)
+        self.assertEqual(producer.length, 10)
+        done = producer.startProducing(consumer)
+        self.assertEqual((reader.reads, consumer.value()), (1, b""))
+        reader.answer()
+        self.assertEqual((reader.reads, consumer.value()), (2, b"0123"))
+        producer.pauseProducing()
+        reader.answer()
+        self.assertEqual((reader.reads, consumer.value()), (2, b"01234567"))
+        producer.resumeProducing()
+        self.assertEqual(reader.reads, 3)
+        reader.answer()
+        self.assertNoResult(done)
+        reader.answer()  # the end
+        self.successResultOf(done)
+        self.assertEqual(consumer.value(), b"0123456789")
+        self.assertEqual(reader.pending, [])
+
+    def test_readerAnsweringAtOnce(self) -> None:
+        """A reader whose reads answer at once is read in a loop, not by recursion."""
+        data = b"x" * 100_000
+        consumer = StringTransport()
+        self.successResultOf(BlobBodyProducer(BytesReader(data), pieceSize=1).startProducing(consumer))
+        self.assertEqual(consumer.value(), data)
+
+    def test_stop(self) -> None:
+        """After stopProducing nothing more is read or written, and the start's Deferred never fires."""
+        reader, consumer = _LaterReader(b"0123456789"), StringTransport()
+        producer = BlobBodyProducer(reader, pieceSize=4)
+        done = producer.startProducing(consumer)
+        producer.stopProducing()
+        reader.answer()
+        self.assertEqual((reader.reads, consumer.value()), (1, b""))
+        self.assertNoResult(done)
+
+    def test_readFails(self) -> None:
+        """A failed read fails the body."""
+        reader = _LaterReader(b"0123456789")
+        done = BlobBodyProducer(reader).startProducing(StringTransport())
+        reader.pending.pop(0)[0].errback(OSError("gone"))
+        self.failureResultOf(done, OSError)
+
+    def test_pushStreamsAStoreElsewhere(self) -> None:
+        """
+        An outside push of a blob that is not a local file sends it as the
+        connection takes it: nothing of it is read (or copied) before the
+        request starts, and the reader is closed after the answer.
+        """
+        storage = MemoryStorage()
+        storeRelease(storage, MemoryBlobStore())
+        reader = _LaterReader(DATA)
+
+        class Blobs:
+            def open(self, sha256: str) -> Deferred[Any]:
+                return succeed(reader)
+
+        class Agent:
+            def __init__(self) -> None:
+                self.bodies: list[Any] = []
+                self.answer: Deferred[Any] = Deferred()
+
+            def request(self, method: bytes, url: bytes, headers: Any = None, body: Any = None) -> Deferred[Any]:
+                self.bodies.append(body)
+                return self.answer
+
+        reactor, agent = MemoryReactorClock(), Agent()
+        pusher = Pusher(storage, Blobs(), None, PushClient(agent, reactor))  # type: ignore[arg-type]
+        d = Deferred.fromCoroutine(pusher.push("alice", "alice", "dev", {
+            "name": "demo-pkg", "version": "1.0", "posturl": "https://upload.example/legacy/",
+            "username": "u", "password": "p"}))
+        [body] = agent.bodies
+        self.assertEqual(reader.reads, 0)
+        consumer = StringTransport()
+        sent = body.startProducing(consumer)
+        for _ in range(100):
+            reactor.advance(0)
+            while reader.pending:
+                reader.answer()
+        self.successResultOf(sent)
+        self.assertIn(DATA, consumer.value())
+        self.assertEqual(body.length, len(consumer.value()))
+        self.assertFalse(reader.closed)
+        agent.answer.callback(Answered())
+        status, _ = self.successResultOf(d)
+        self.assertEqual(status, 200)
+        self.assertTrue(reader.closed)

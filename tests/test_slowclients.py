@@ -23,7 +23,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from devpi_twisted.app import tap
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.web.limits import limitedRequestFactory
-from devpi_twisted.web.server import LINGER, DevpiRequest, DevpiSite, SiteLimits
+from devpi_twisted.web.channel import LINGER
+from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 
 from .distbuilder import buildWheel, moduleName, writeDist
 from .helpers import APIHarness, basicAuth

@@ -46,7 +46,7 @@ from devpi_twisted.admin.exporter import EXTRA, recordProblem, safeSegment, vers
 from devpi_twisted.admin.initstate import PYPI_URL, rootPypiConfig
 from devpi_twisted.interfaces import IWriteTransaction
 from devpi_twisted.model import indexconfig, keys
-from devpi_twisted.model.distfile import inspectArchive
+from devpi_twisted.model.archive import inspectArchive
 from devpi_twisted.model.doczip import DocLimits, checkDocZip
 from devpi_twisted.model.names import checkName, normalizeProject
 from devpi_twisted.services.fileentries import httpDate, logEntry, newEntry, toxresultRelpath, uploadTime, writeFileEntry

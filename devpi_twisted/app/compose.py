@@ -46,6 +46,7 @@ from devpi_twisted.services.users import Users
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.changelog import ChangelogFeed
+from devpi_twisted.web.headers import identityHeaders
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.metrics import (
@@ -271,7 +272,7 @@ def buildServer(
     # Answers written before any resource (rawAnswer adds nosniff itself).
     requestClass = limitedRequestFactory(
         config.maxUploadSize,
-        [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", nodeinfo["uuid"].encode())],
+        identityHeaders(nodeinfo["uuid"]),
         base=DevpiRequest,
         spoolDirectory=spoolDirectory,
     )

@@ -23,7 +23,8 @@ from typing import Iterable
 from urllib.parse import quote
 
 from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
+
+from devpi_twisted.model.upstream.common import sortedVersions as pep440Order, validRequiresPython
 
 API_VERSION = "1.4"
 
@@ -105,26 +106,10 @@ def _yankReason(yanked: bool | str | None) -> bool | str:
     return bool(yanked)
 
 
-def _requiresPython(value: str | None) -> str | None:
-    """An empty specifier restricts nothing, so treat it as absent."""
-    if value is None or not value.strip():
-        return None
-    return value
-
-
-@lru_cache(maxsize=4096)
-def _versionKey(version: str) -> tuple:
-    """Sort key: PEP 440 versions in order, then the unparseable ones by text."""
-    try:
-        return (0, Version(version), version)
-    except InvalidVersion:
-        return (1, version)
-
-
 @lru_cache(maxsize=128)
 def _sortVersions(versions: frozenset[str]) -> tuple[str, ...]:
     """Sort once per distinct set: comparing L{Version}s is slow Python code."""
-    return tuple(sorted(versions, key=_versionKey))
+    return pep440Order(versions)
 
 
 def sortedVersions(page: ProjectPage) -> tuple[str, ...]:
@@ -148,7 +133,7 @@ def _fileJSON(f: SimpleFile) -> str:
     """One file object of a PEP 691 project page."""
     sha256 = f.sha256
     hashes = f'{{"sha256":{_jsonString(sha256.lower())}}}' if sha256 else "{}"
-    requiresPython = _requiresPython(f.requiresPython)
+    requiresPython = validRequiresPython(f.requiresPython)
     requiresPython = (
         "" if requiresPython is None
         else f',"requires-python":{_jsonString(requiresPython)}'
@@ -220,7 +205,7 @@ def _fileLink(f: SimpleFile) -> str:
     href = _requote(f.url)
     if f.sha256:
         href = f"{href}#sha256={f.sha256.lower()}"
-    requiresPython = _requiresPython(f.requiresPython)
+    requiresPython = validRequiresPython(f.requiresPython)
     requiresPython = (
         "" if requiresPython is None
         else f' data-requires-python="{escape(requiresPython, quote=True)}"'

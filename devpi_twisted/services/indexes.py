@@ -41,6 +41,13 @@ def _checkBases(view: IReadView, name: str, config: dict[str, Any]) -> None:
         raise BadRequest(f"bases of {name} would form a cycle")
 
 
+def _storeIndex(txn: IWriteTransaction, user: str, index: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Write an index's configuration once its bases are known to exist and form no cycle."""
+    _checkBases(txn, f"{user}/{index}", config)
+    txn.set(keys.indexKey(user, index), config)
+    return config
+
+
 def _indexesNamed(view: IReadView, names: set[str]) -> dict[str, list[str]]:
     """The existing C{user/index} names of the indexes called one of C{names}."""
     found: dict[str, list[str]] = {}
@@ -139,9 +146,7 @@ class Indexes:
                 raise NotFound(f"no user {user!r}")
             if txn.get(keys.indexKey(user, index)) is not None:
                 raise Conflict(f"index {name!r} exists")
-            _checkBases(txn, name, config)
-            txn.set(keys.indexKey(user, index), config)
-            return config
+            return _storeIndex(txn, user, index, config)
 
         _, result = await self._storage.write(_create)
         return result
@@ -176,9 +181,7 @@ class Indexes:
         def _modify(txn: IWriteTransaction) -> dict[str, Any]:
             if txn.get(keys.indexKey(user, index)) != current:
                 raise Conflict(f"index {name} was changed concurrently, try again")
-            _checkBases(txn, name, proposed)
-            txn.set(keys.indexKey(user, index), proposed)
-            return proposed
+            return _storeIndex(txn, user, index, proposed)
 
         _, result = await self._storage.write(_modify)
         return result

@@ -19,20 +19,21 @@ import base64
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from treq.multipart import MultiPartProducer
+from zope.interface import implementer
 
 from devpi_twisted.errors import BadRequest, NotFound, Unauthorized
-from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
+from devpi_twisted.interfaces import IBlobReader, IBlobStore, IReadView, IStorage, IWriteTransaction
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import mayUpload
 from devpi_twisted.model.indexconfig import MIRROR
@@ -42,7 +43,7 @@ from devpi_twisted.services.fileentries import (
     coreMetadata, existingFile, logEntry, projectEntries, removeFileEntry, toxresultRelpath, writeFileEntry,
 )
 from devpi_twisted.services.releases import indexConfig
-from devpi_twisted.storage.readers import blockingFile
+from devpi_twisted.storage.readers import PiecePump
 
 log = Logger()
 
@@ -53,6 +54,7 @@ _RELS = ("releasefile", "doczip", "toxresult")
 CONNECT_TIMEOUT = 10.0
 TOTAL_TIMEOUT = 300.0  # one request, its file upload included
 MAX_REPLY = 64 * 1024
+PIECE_SIZE = 64 * 1024  # of a pushed file, read as the connection takes it
 #: What the client is told when an external push got no usable answer: the
 #: same words whatever went wrong (refused, timed out, unknown host, TLS), so
 #: the answer cannot be used to probe the network behind this server.
@@ -110,7 +112,7 @@ class PushClient:
         self._reactor = reactor
         self._timeout = timeout
         self._maxReply = maxReply
-        #: Schedules the reads of request bodies on this client's reactor.
+        #: Drives the multipart encoder of request bodies on this client's reactor.
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     def post(self, url: bytes, headers: Headers, body: IBodyProducer) -> "Deferred[tuple[IResponse, bytes]]":
@@ -124,6 +126,43 @@ class PushClient:
         reader = _Capped(self._maxReply)
         response.deliverBody(reader)
         return response, await reader.done
+
+
+@implementer(IBodyProducer)
+class BlobBodyProducer:
+    """
+    An open blob as a request body (the file part of a push), read through
+    the blob's own asynchronous reads a piece at a time as the connection
+    takes it: nothing is read on the reactor thread, and a blob that is not
+    a local file is not copied first.  The caller closes the reader.
+    """
+
+    def __init__(self, reader: IBlobReader, pieceSize: int = PIECE_SIZE) -> None:
+        self.length = reader.size
+        self._reader = reader
+        self._pieceSize = pieceSize
+        self._pump: PiecePump | None = None
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        done: Deferred[None] = Deferred()
+        self._pump = PiecePump(lambda: self._reader.read(self._pieceSize), consumer.write,
+                               lambda: done.callback(None), done.errback)
+        self._reader.seek(0)
+        self._pump.pump()
+        return done
+
+    def pauseProducing(self) -> None:
+        if self._pump is not None:
+            self._pump.pause()
+
+    def resumeProducing(self) -> None:
+        if self._pump is not None:
+            self._pump.resume()
+
+    def stopProducing(self) -> None:
+        """Read no more; as for any body producer, the start's Deferred never fires."""
+        if self._pump is not None:
+            self._pump.stop()
 
 
 def pushClient(reactor: Any, timeout: float = TOTAL_TIMEOUT, maxReply: int = MAX_REPLY) -> PushClient:
@@ -297,17 +336,13 @@ class Pusher:
         form: list[tuple[str, Any]] = [
             (key, str(item)) for key, value in fields for item in (value if isinstance(value, list) else [value])
         ]
-        blob = None
+        reader = None
         if file is not None:
             filename, entry = file
             reader = await self._blobs.open(entry["sha256"])
             if reader is None:
                 raise NotFound(f"content of {entry['filename']} is missing on this server")
-            # FileBodyProducer reads on the reactor thread: a local blob's own
-            # file (a blob elsewhere is copied to a temporary file first).
-            blob = await blockingFile(reader, maybeDeferred)
-            content = FileBodyProducer(blob, cooperator=self._client.cooperator)
-            form.append(("content", (filename, "application/octet-stream", content)))
+            form.append(("content", (filename, "application/octet-stream", BlobBodyProducer(reader))))
         # treq's encoder streams the file part from the blob as the connection takes it.
         producer = MultiPartProducer(form, cooperator=self._client.cooperator)
         headers = Headers({
@@ -321,8 +356,8 @@ class Pusher:
             log.warn("external push to {url} failed: {error}", url=url, error=repr(e))
             return -1, PUSH_FAILED
         finally:
-            if blob is not None:
-                blob.close()
+            if reader is not None:
+                await reader.close()
         if response.code in (200, 201):
             return response.code, ""
         log.warn("external push to {url} answered {code}: {reply!r}", url=url, code=response.code,

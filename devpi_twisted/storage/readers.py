@@ -1,6 +1,7 @@
 """
 Blob readers that are not a blob store's own: bytes held in memory, and a
-blocking file of any reader's content for code that parses it in a thread.
+blocking file of any reader's content for code that parses it in a thread;
+and L{PiecePump}, which producers use to pass a reader's pieces on.
 """
 
 import os
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from devpi_twisted.interfaces import IBlobReader, ILocalBlobReader
@@ -91,6 +93,68 @@ class BytesReader(ReaderBase):
 
     def _startRead(self, size: int, position: int) -> "Deferred[bytes]":
         return self._later(lambda: self._data[position:position + size])
+
+
+class PiecePump:
+    """
+    Passes the pieces of an asynchronous C{read()} to C{write} for a
+    producer: one read at a time, none while paused, in a loop rather than
+    by recursion (a reader that answers at once would otherwise recurse once
+    per piece).  After the last piece C{ended()} is called, or C{failed} with
+    a read's failure; after L{stop} neither is.
+    """
+
+    def __init__(self, read: Callable[[], "Deferred[bytes]"], write: Callable[[bytes], object],
+                 ended: Callable[[], object], failed: Callable[[Failure], object]) -> None:
+        self._read = read
+        self._write = write
+        self._ended = ended
+        self._failed = failed
+        self._paused = False
+        self._reading = False
+        self._looping = False
+        self.stopped = False
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.pump()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def pump(self) -> None:
+        """Read on, unless paused (a producer paused before it starts stays so)."""
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while not (self._paused or self._reading or self.stopped):
+                self._reading = True
+                self._read().addCallbacks(self._piece, self._readFailed)
+        finally:
+            self._looping = False
+
+    def _piece(self, data: bytes) -> None:
+        self._reading = False
+        if self.stopped:
+            return
+        if not data:
+            self.stopped = True
+            self._ended()
+            return
+        # May pause us at once, when the consumer's buffer is full.
+        self._write(data)
+        self.pump()
+
+    def _readFailed(self, failure: Failure) -> None:
+        self._reading = False
+        if self.stopped:
+            return
+        self.stopped = True
+        self._failed(failure)
 
 
 def _appendToTemporary(data: bytes, file: BinaryIO | None) -> BinaryIO:

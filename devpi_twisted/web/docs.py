@@ -26,6 +26,7 @@ from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.services.releases import Documentation
 from devpi_twisted.storage.doczip import DocMember, DocZipReader, RunFile
+from devpi_twisted.storage.readers import PiecePump
 from devpi_twisted.web.context import requesterOf
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.pages import redirect
@@ -62,62 +63,38 @@ class _MemberProducer:
     def __init__(self, request: IRequest, member: DocMember) -> None:
         self._request = request
         self._member = member
-        self._paused = False
-        self._reading = False
-        self._looping = False
-        self._done = False
+        self._closed = False
+        self._pump = PiecePump(member.read, request.write, self._ended, self._failed)
 
     def start(self) -> None:
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._request.registerProducer(self, True)
-        self._readNext()
+        self._pump.pump()
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        self._pump.pause()
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        self._readNext()
+        self._pump.resume()
 
     def stopProducing(self) -> None:
         """The client went away: stop reading and close the zip."""
-        if not self._done:
-            self._done = True
+        self._pump.stop()
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
             self._member.close()
 
-    def _readNext(self) -> None:
-        # A loop, not recursion: a runner that answers at once (tests, a
-        # blob store in memory) would otherwise recurse once per chunk.
-        if self._looping:
-            return
-        self._looping = True
-        try:
-            while not (self._paused or self._reading or self._done):
-                self._reading = True
-                self._member.read().addCallbacks(self._gotChunk, self._failed)
-        finally:
-            self._looping = False
-
-    def _gotChunk(self, data: bytes) -> None:
-        self._reading = False
-        if self._done:
-            return
-        if not data:
-            self._done = True
-            self._member.close()
-            self._request.unregisterProducer()
-            self._request.finish()
-            return
-        # May pause us at once, when the transport's buffer is full.
-        self._request.write(data)
-        self._readNext()
+    def _ended(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
 
     def _failed(self, failure: Failure) -> None:
-        self._reading = False
-        if self._done:
-            return
         log.failure("serving documentation member {name}", failure, name=self._member.name)
-        self.stopProducing()
+        self._close()
         # Headers promised the whole member: a cut connection, never a short body.
         channel = self._request.channel
         if channel is not None:

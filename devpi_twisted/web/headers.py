@@ -14,6 +14,15 @@ from twisted.web.resource import Resource
 from devpi_twisted.web.responses import jsonBody
 
 
+def identityHeaders(uuid: str) -> list[tuple[bytes, bytes]]:
+    """
+    The headers that say which devpi answers: on every response, and the
+    only ones besides C{nosniff} on the raw answers written before any
+    resource (L{devpi_twisted.web.limits}).
+    """
+    return [(b"X-Devpi-Api-Version", b"2"), (b"X-Devpi-Uuid", uuid.encode("ascii"))]
+
+
 class DevpiHeadersResource(Resource):
     """
     Wraps the routed resource and adds devpi's headers to every response.
@@ -29,10 +38,8 @@ class DevpiHeadersResource(Resource):
         super().__init__()
         self._wrapped = wrapped
         self._storage = storage
-        self._static = [
-            (b"X-Devpi-Api-Version", b"2"),
+        self._static = identityHeaders(uuid) + [
             (b"X-Devpi-Server-Version", version.encode("ascii")),
-            (b"X-Devpi-Uuid", uuid.encode("ascii")),
             (b"X-Devpi-Primary-Uuid", primaryUUID.encode("ascii")),
             (b"X-Devpi-Master-Uuid", primaryUUID.encode("ascii")),
         ]
@@ -66,6 +73,11 @@ def _serialWhenAnswered(request: IRequest, storage: Any) -> None:
         write(data)
 
     request.write = writeWithSerial  # type: ignore[method-assign]
+
+
+def contentTypeOf(contentType: bytes | None) -> bytes:
+    """The media type of a C{Content-Type} value, lower-cased, without parameters."""
+    return (contentType or b"").split(b";")[0].strip().lower()
 
 
 def setSerial(request: IRequest, serial: int) -> None:

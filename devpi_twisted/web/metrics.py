@@ -36,14 +36,15 @@ from zope.interface import implementer
 from devpi_twisted.mirror.agent import IUpstreamCounter
 from devpi_twisted.web.accesslog import ABORTED
 from devpi_twisted.web.responses import withLength
+from devpi_twisted.web.headers import contentTypeOf
 from devpi_twisted.web.server import DevpiRequest
+from devpi_twisted.web.uploadform import FORM_TYPES
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "PUSH", "OPTIONS"})
 UNMATCHED = "unmatched"
 FILE_ROUTE = "/{user}/{index}/+f/{relpath}"
 UPLOAD_ROUTES = frozenset({"/{user}/{index}/", "/{user}/{index}"})
-UPLOAD_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 MIRROR_STATES = ("online", "offline", "probing", "stopped")
 _MISS = "_devpiMirrorMiss"
 
@@ -188,8 +189,7 @@ class Metrics:
         if route == FILE_ROUTE:
             self._fileRequest(request, method, path)
         elif method == "POST" and route in UPLOAD_ROUTES:
-            contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-            if contentType in UPLOAD_TYPES:
+            if contentTypeOf(request.getHeader(b"content-type")) in FORM_TYPES:
                 self.uploads[status] = self.uploads.get(status, 0) + 1
                 if status == "200":
                     length = request.getHeader(b"content-length")

@@ -30,13 +30,14 @@ from devpi_twisted.services.users import Users
 from devpi_twisted.web.api import APIViews
 from devpi_twisted.web.changelog import ChangelogFeed
 from devpi_twisted.web.errors import HANDLERS
-from devpi_twisted.web.headers import DevpiHeadersResource
+from devpi_twisted.web.headers import DevpiHeadersResource, contentTypeOf
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.upload import UploadViews
+from devpi_twisted.web.uploadform import FORM_TYPES
 
 USER = "<user>"
 INDEX = "<index>"
@@ -158,8 +159,7 @@ class Routes:
         }, user, index)
 
     def _post(self, request: IRequest, user: str, index: str) -> Any:
-        contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if contentType in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
+        if contentTypeOf(request.getHeader(b"content-type")) in FORM_TYPES:
             return self._uploads.submit(request, user, index)
         return self._api.push(request, user, index)
 

@@ -30,6 +30,7 @@ from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import BadRequest, DevpiError, Unauthorized
 from devpi_twisted.interfaces import IBlobStore
 from devpi_twisted.model import distfile
+from devpi_twisted.model.archive import checkConsistency, inspectArchive
 from devpi_twisted.model.attestations import checkAttestations
 from devpi_twisted.model.doczip import DocLimits, checkDocZip
 from devpi_twisted.model.names import isValidProjectName
@@ -37,10 +38,11 @@ from devpi_twisted.model.names import checkVersion, normalizeProject
 from devpi_twisted.services.releases import Documentation, Releases, UploadedFile
 from devpi_twisted.storage import newHashes
 from devpi_twisted.web.context import hasCredentials, requesterOf
+from devpi_twisted.web.headers import contentTypeOf
 from devpi_twisted.web.limits import SPOOL_THRESHOLD, LimitedRequest
 from devpi_twisted.web.responses import withLength
 from devpi_twisted.web.uploadform import (
-    DIGEST_FIELDS, FORM_TYPES, MultipartReceiver, UploadForm, UrlencodedReceiver, contentTypeOf, formReceiver,
+    DIGEST_FIELDS, FORM_TYPES, MultipartReceiver, UploadForm, UrlencodedReceiver, formReceiver,
 )
 
 READ_SIZE = 1024 * 1024
@@ -182,8 +184,8 @@ class UploadViews:
         if late:
             hashes.update(await form.writer.read(lambda f: _hashFile(f, late)))
         distfile.checkDigests(digests, hashes)
-        archive = await form.writer.read(lambda f: distfile.inspectArchive(filename, f))
-        distfile.checkConsistency(filename, name, version, archive)
+        archive = await form.writer.read(lambda f: inspectArchive(filename, f))
+        checkConsistency(filename, name, version, archive)
         attestations = self._attestations(form)
         if attestations is not None:
             checkAttestations(attestations, filename, info.sha256)

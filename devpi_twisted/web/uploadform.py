@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from devpi_twisted.errors import BadRequest, DevpiError
 from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.web.headers import contentTypeOf
 
 log = Logger()
 
@@ -88,11 +89,6 @@ class BodyReceiver(Protocol):
 
     def discard(self) -> None:
         """The body will not be used (refused, cut off, or the request ended): drop it."""
-
-
-def contentTypeOf(contentType: bytes | None) -> bytes:
-    """The media type of a C{Content-Type} value, lower-cased, without parameters."""
-    return (contentType or b"").split(b";")[0].strip().lower()
 
 
 def parseBoundary(contentType: bytes | str | None, maxLength: int = FormLimits.maxBoundary) -> bytes:

@@ -14,7 +14,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterable
 from urllib.parse import urljoin, urlsplit
 
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
@@ -164,11 +165,10 @@ def validUploadTime(value: Any) -> str | None:
 
 
 def validRequiresPython(value: Any) -> str | None:
-    """A non-blank specifier string, as given."""
+    """A non-blank specifier string, as given: an empty one restricts nothing."""
     if isinstance(value, str) and value.strip():
         return value
     return None
-
 
 
 def validStatus(status: Any, reason: Any) -> tuple[str | None, str | None]:
@@ -260,14 +260,41 @@ def distributionVersion(filename: str, project: str) -> tuple[bool, str | None]:
     return False, None
 
 
-def sortedVersions(versions: set[str]) -> tuple[str, ...]:
+@lru_cache(maxsize=4096)
+def versionKey(version: str) -> tuple:
+    """Sort key: PEP 440 versions in order, then the unparseable ones by text."""
+    try:
+        return (0, Version(version), version)
+    except InvalidVersion:
+        return (1, version)
+
+
+def sortedVersions(versions: Iterable[str]) -> tuple[str, ...]:
     """PEP 440 order, unparseable versions last."""
-    def key(version: str) -> tuple:
-        try:
-            return (0, Version(version), version)
-        except InvalidVersion:
-            return (1, version)
-    return tuple(sorted(versions, key=key))
+    return tuple(sorted(versions, key=versionKey))
+
+
+def linkOf(filename: str, url: str, base: str, hashes: dict[str, str], version: str | None, *,
+           requiresPython: Any, yanked: bool | str, size: int | None, uploadTime: Any,
+           coreMetadata: str | bool, provenance: Any) -> UpstreamLink:
+    """
+    The link both page formats describe, once their own spellings are
+    read: the values both formats spell alike are checked here.
+    """
+    resolved = resolveHTTP(base, provenance) if isinstance(provenance, str) and provenance else None
+    return UpstreamLink(
+        filename=filename,
+        url=url,
+        sha256=hashes.get("sha256"),
+        hashes=hashes,
+        requiresPython=validRequiresPython(requiresPython),
+        yanked=yanked,
+        size=size,
+        uploadTime=validUploadTime(uploadTime),
+        coreMetadata=coreMetadata,
+        provenance=resolved[0] if resolved else None,
+        version=version,
+    )
 
 
 def _rank(link: UpstreamLink) -> int:

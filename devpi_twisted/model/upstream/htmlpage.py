@@ -16,13 +16,12 @@ from devpi_twisted.model.upstream.common import (
     checkMajor,
     distributionVersion,
     fragmentHashes,
+    linkOf,
     resolveHTTP,
     sortedVersions,
     uniqueLinks,
     validDigest,
-    validRequiresPython,
     validStatus,
-    validUploadTime,
 )
 
 
@@ -162,18 +161,12 @@ def _htmlLink(attributes: dict[str, str | None], base: str, project: str) -> Ups
         coreMetadata = _htmlCoreMetadata(attributes["data-core-metadata"])
     else:
         coreMetadata = _htmlCoreMetadata(attributes.get("data-dist-info-metadata"))
-    provenance = attributes.get("data-provenance")
-    provenance = resolveHTTP(base, provenance) if provenance else None
-    return UpstreamLink(
-        filename=filename,
-        url=url,
-        sha256=hashes.get("sha256"),
-        hashes=hashes,
-        requiresPython=validRequiresPython(attributes.get("data-requires-python")),
+    return linkOf(
+        filename, url, base, hashes, version,
+        requiresPython=attributes.get("data-requires-python"),
         yanked=_htmlYanked(attributes["data-yanked"]) if "data-yanked" in attributes else False,
         size=_htmlSize(attributes.get("data-size")),
-        uploadTime=validUploadTime(attributes.get("data-upload-time")),
+        uploadTime=attributes.get("data-upload-time"),
         coreMetadata=coreMetadata,
-        provenance=provenance[0] if provenance else None,
-        version=version,
+        provenance=attributes.get("data-provenance"),
     )

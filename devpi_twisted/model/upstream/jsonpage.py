@@ -15,14 +15,13 @@ from devpi_twisted.model.upstream.common import (
     checkMajor,
     distributionVersion,
     fragmentHashes,
+    linkOf,
     resolveHTTP,
     sortedVersions,
     uniqueLinks,
     validDigest,
     validHashes,
-    validRequiresPython,
     validStatus,
-    validUploadTime,
 )
 
 
@@ -31,7 +30,6 @@ def _jsonSize(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
-
 
 
 def _jsonYanked(value: Any) -> bool | str:
@@ -43,7 +41,6 @@ def _jsonYanked(value: Any) -> bool | str:
     if isinstance(value, str):
         return value if value else False
     return bool(value)
-
 
 
 def parseJSONPage(body: bytes, pageURL: str, project: str) -> UpstreamProject:
@@ -117,18 +114,12 @@ def _jsonLink(entry: dict, pageURL: str, project: str) -> UpstreamLink | None:
     hashes = validHashes(hashes.items()) if isinstance(hashes, dict) else {}
     for name, digest in fragmentHashes(fragment).items():
         hashes.setdefault(name, digest)
-    provenance = entry.get("provenance")
-    provenance = resolveHTTP(pageURL, provenance) if isinstance(provenance, str) else None
-    return UpstreamLink(
-        filename=filename,
-        url=url,
-        sha256=hashes.get("sha256"),
-        hashes=hashes,
-        requiresPython=validRequiresPython(entry.get("requires-python")),
+    return linkOf(
+        filename, url, pageURL, hashes, version,
+        requiresPython=entry.get("requires-python"),
         yanked=_jsonYanked(entry.get("yanked")),
         size=_jsonSize(entry.get("size")),
-        uploadTime=validUploadTime(entry.get("upload-time")),
+        uploadTime=entry.get("upload-time"),
         coreMetadata=_jsonCoreMetadata(entry),
-        provenance=provenance[0] if provenance else None,
-        version=version,
+        provenance=entry.get("provenance"),
     )
