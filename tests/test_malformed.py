@@ -266,3 +266,56 @@ class SpoolDiskFullTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["message"], DISK_FULL)
         self.assertTrue(connection.transport.disconnecting)
         self.assertEqual(errors.events, [])
+
+
+class LargeJSONBodyTests(SynchronousTestCase):
+    """A JSON API body is decoded on the reactor only while that is cheap; a large one in the runner."""
+
+    def request(self, body: bytes) -> Any:
+        import io
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"content-length", [str(len(body)).encode("ascii")])
+        request.content = io.BytesIO(body)
+        return request
+
+    def test_largeBodyInRunner(self) -> None:
+        from twisted.internet.defer import Deferred, ensureDeferred
+
+        from devpi_twisted.web.responses import readJSON
+
+        calls: list[Any] = []
+
+        def runFile(f: Any, *args: Any) -> "Deferred[Any]":
+            d: Deferred[Any] = Deferred()
+            calls.append((f, args, d))
+            return d
+
+        body = json.dumps({"key": "x" * 200_000}).encode("ascii")
+        result = ensureDeferred(readJSON(self.request(body), runFile))
+        self.assertNoResult(result)
+        [(f, args, d)] = calls
+        d.callback(f(*args))
+        self.assertEqual(self.successResultOf(result), {"key": "x" * 200_000})
+
+    def test_smallBodyInline(self) -> None:
+        from twisted.internet.defer import ensureDeferred
+
+        from devpi_twisted.web.responses import readJSON
+
+        def runFile(f: Any, *args: Any) -> Any:
+            raise AssertionError("a small body needs no thread")
+
+        result = ensureDeferred(readJSON(self.request(b'{"user": "alice"}'), runFile))
+        self.assertEqual(self.successResultOf(result), {"user": "alice"})
+
+    def test_badLargeBodyIs400(self) -> None:
+        from twisted.internet.defer import ensureDeferred, maybeDeferred
+
+        from devpi_twisted.errors import BadRequest
+        from devpi_twisted.web.responses import readJSON
+
+        result = ensureDeferred(readJSON(self.request(b"{" * 100_000), maybeDeferred))
+        self.failureResultOf(result, BadRequest)

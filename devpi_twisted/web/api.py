@@ -6,8 +6,10 @@ envelope.  Errors are raised, never rendered here (see L{.errors}).
 """
 
 import time
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import Authenticator, TOKEN_LIFETIME
@@ -47,7 +49,9 @@ class APIViews:
         pusher: Any = None,
         replication: Any = None,
         metrics: Any = None,
+        runFile: Callable[..., Any] = maybeDeferred,
     ) -> None:
+        self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._metrics = metrics  # statusList(): devpi's [name, type, value] list
         self._replication = replication  # statusFields(): the feed's, or a replica's
         self._mirrors = mirrors
@@ -82,7 +86,7 @@ class APIViews:
         return jsonBody(request, result=result, type="apiconfig")
 
     async def login(self, request: IRequest) -> bytes:
-        body = readJSON(request)
+        body = await readJSON(request, self._runFile)
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
             raise BadRequest("Bad request: no user/password specified")
@@ -137,13 +141,13 @@ class APIViews:
 
     async def createUser(self, request: IRequest, user: str) -> bytes:
         requester = await requesterOf(request, self._auth)
-        result = await self._users.create(requester, user, readJSON(request))
+        result = await self._users.create(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, 201, result=result, type="userconfig")
 
     async def modifyUser(self, request: IRequest, user: str) -> bytes:
         requester = await requesterOf(request, self._auth)
-        token = await self._users.modify(requester, user, readJSON(request))
+        token = await self._users.modify(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         if token is not None:
             return jsonBody(
@@ -169,14 +173,14 @@ class APIViews:
 
     async def createIndex(self, request: IRequest, user: str, index: str) -> bytes:
         requester = await requesterOf(request, self._auth)
-        result = await self._indexes.create(requester, user, index, readJSON(request))
+        result = await self._indexes.create(requester, user, index, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, result=result, type="indexconfig")
 
     async def modifyIndex(self, request: IRequest, user: str, index: str) -> bytes:
         requester = await requesterOf(request, self._auth)
         result = await self._indexes.modify(
-            requester, user, index, readJSON(request), errorOnNoop=hasQueryFlag(request, b"error_on_noop")
+            requester, user, index, await readJSON(request, self._runFile), errorOnNoop=hasQueryFlag(request, b"error_on_noop")
         )
         self._written(request)
         return jsonBody(request, result=result, type="indexconfig")
@@ -192,6 +196,6 @@ class APIViews:
         if self._pusher is None:
             raise BadRequest("push is not enabled")
         requester = await requesterOf(request, self._auth)
-        status, actions = await self._pusher.push(requester, user, index, readJSON(request))
+        status, actions = await self._pusher.push(requester, user, index, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, status, result=actions, type="actionlog")

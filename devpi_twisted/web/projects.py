@@ -5,8 +5,10 @@ does not have).
 """
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -41,7 +43,9 @@ class ProjectViews:
 
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
                  auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
-                 knownFiles: KnownFiles | None = None, mirrorFiles: Any = None) -> None:
+                 knownFiles: KnownFiles | None = None, mirrorFiles: Any = None,
+                 runFile: Callable[..., Any] = maybeDeferred) -> None:
+        self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._queries = queries
         self._mirrors = mirrors
         self._mirrorFiles = mirrorFiles
@@ -119,7 +123,7 @@ class ProjectViews:
     async def patchProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
         """C{{"status": "archived", "reason": "..."}}: the PEP 792 project status."""
         project = _project(name)
-        body = readJSON(request)
+        body = await readJSON(request, self._runFile)
         if not isinstance(body, dict) or "status" not in body:
             raise BadRequest("expected a JSON object with 'status' (and optionally 'reason')")
         requester = await requesterOf(request, self._auth)
@@ -130,15 +134,14 @@ class ProjectViews:
     async def patchVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         """C{{"yanked": true | "reason" | false}} for every file of a version (PEP 592)."""
         project = _project(name)
-        yanked = self._yankedValue(request)
+        yanked = await self._yankedValue(request)
         requester = await requesterOf(request, self._auth)
         changed = await self._releases.setYanked(requester, user, index, project, version, None, yanked)
         self._written(request)
         return jsonBody(request, message=f"{changed} files of {project} {version} changed")
 
-    @staticmethod
-    def _yankedValue(request: IRequest) -> Any:
-        body = readJSON(request)
+    async def _yankedValue(self, request: IRequest) -> Any:
+        body = await readJSON(request, self._runFile)
         if not isinstance(body, dict) or "yanked" not in body:
             raise BadRequest("expected a JSON object with 'yanked': true, a reason, or false")
         return body["yanked"]
@@ -198,7 +201,7 @@ class ProjectViews:
 
     async def patchFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         """C{{"yanked": ...}} for one file."""
-        yanked = self._yankedValue(request)
+        yanked = await self._yankedValue(request)
         entry = await self._entry(user, index, relpath)
         requester = await requesterOf(request, self._auth)
         await self._releases.setYanked(

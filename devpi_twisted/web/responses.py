@@ -7,6 +7,7 @@ devpi-client checks C{Content-Type} for the exact string C{application/json}
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Iterable
 
 from twisted.web.iweb import IRequest
@@ -74,17 +75,31 @@ def rawAnswer(status: int, message: str, headers: Iterable[tuple[bytes, bytes]] 
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-def readJSON(request: IRequest, limit: int = 10 * 1024 * 1024) -> Any:
+# Bodies up to this size are decoded inline (well under a millisecond);
+# larger ones, spooled to disk above 100 kB, are read and decoded in a thread.
+_INLINE_JSON = 64 * 1024
+
+
+async def readJSON(request: IRequest, runFile: Callable[..., Any], limit: int = 10 * 1024 * 1024) -> Any:
     """
     The request body decoded as JSON, or L{BadRequest} in devpi's words.
+    A large body is read and decoded through C{runFile}, off the reactor.
     """
-    from devpi_twisted.errors import BadRequest, TooLarge
+    from devpi_twisted.errors import TooLarge
 
     length = request.getHeader(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise TooLarge(f"JSON body larger than {limit} bytes")
-    request.content.seek(0)
-    raw = request.content.read(limit + 1)
+    if length is not None and length.isdigit() and int(length) <= _INLINE_JSON:
+        return _decodeJSON(request.content, limit)
+    return await runFile(_decodeJSON, request.content, limit)
+
+
+def _decodeJSON(content: Any, limit: int) -> Any:
+    from devpi_twisted.errors import BadRequest, TooLarge
+
+    content.seek(0)
+    raw = content.read(limit + 1)
     if len(raw) > limit:
         raise TooLarge(f"JSON body larger than {limit} bytes")
     try:

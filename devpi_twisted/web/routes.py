@@ -267,9 +267,9 @@ def makeWebResource(
     @param changelog: the replication feed, when this server may be followed.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
-    @param runFile: runs blocking file work (documentation zips) off the
-        reactor: the storage runner's C{runFile}; inline by default, for
-        tests over memory storage.
+    @param runFile: runs blocking file work (documentation zips, large JSON
+        bodies) off the reactor: the storage runner's C{runFile}; inline by
+        default, for tests over memory storage.
     """
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
@@ -279,9 +279,11 @@ def makeWebResource(
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
-                 replication=replication if replication is not None else changelog, metrics=metrics),
+                 replication=replication if replication is not None else changelog, metrics=metrics,
+                 runFile=runFile),
         pageViews,
-        ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles),
+        ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles,
+                     runFile),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),
