@@ -41,8 +41,8 @@ SERVER_NAMES = {
 }
 
 
-# services and model to be added once their own changes are in.
-DOMAIN_PACKAGES = ("mirror", "services", "model")
+# Every layer below web/: none of them may answer HTTP itself.
+DOMAIN_PACKAGES = ("mirror", "services", "model", "replica", "storage")
 
 
 def _within(module: str, prefix: str) -> bool:
@@ -88,8 +88,8 @@ def packageViolations(package: str) -> list[str]:
 class DomainLayerTests(SynchronousTestCase):
     """The domain packages know no HTTP serving."""
 
-    def test_mirrorKnowsNoHTTPServer(self) -> None:
-        """No module of devpi_twisted.mirror imports the web layer, IRequest or twisted.web's server side."""
+    def test_domainKnowsNoHTTPServer(self) -> None:
+        """No module of the layers below web/ imports the web layer, IRequest or twisted.web's server side."""
         for package in DOMAIN_PACKAGES:
             self.assertEqual(packageViolations(package), [], package)
 

@@ -40,7 +40,7 @@ from devpi_twisted.services.auth import (
 from devpi_twisted.model import keys
 from devpi_twisted.replica.client import LineReader, PrimaryClient, ReplicationError, checkPrimaryURL, parseRecord
 from devpi_twisted.replica.files import BlobFetcher, HashMismatch
-from devpi_twisted.replica.proxy import ReplicaProxyResource, mirrorTarget
+from devpi_twisted.web.replicaproxy import ReplicaProxyResource, mirrorTarget
 from devpi_twisted.replica.service import ReplicaService, waitForSerial
 from devpi_twisted.replica.sync import SyncCore, makeReplicaSync
 from devpi_twisted.app.serverdir import ServerDir

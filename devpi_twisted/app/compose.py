@@ -33,7 +33,7 @@ from devpi_twisted.mirror.service import Mirrors
 from devpi_twisted.mirror.upstream import UpstreamClient, upstreamTLSPolicy
 from devpi_twisted.replica.client import PrimaryClient
 from devpi_twisted.replica.metrics import ReplicationCollector
-from devpi_twisted.replica.proxy import ReplicaProxyResource
+from devpi_twisted.web.replicaproxy import ReplicaProxyResource
 from devpi_twisted.replica.readonly import ReadOnlyStorage
 from devpi_twisted.replica.service import ReplicaService
 from devpi_twisted.services.auth import Authenticator, PasswordHashing

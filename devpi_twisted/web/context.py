@@ -83,17 +83,19 @@ def outsideURL(request: IRequest, configured: str | None) -> str:
     the server's links, and vary its cached pages, at will), then
     C{--outside-url}, then the request's own host.
     """
-    header = _baseURL(request.getHeader(b"x-outside-url")) if fromTrustedProxy(request) else None
-    if header is not None:
-        return header
+    header = request.getHeader(b"x-outside-url")
+    if header is not None and fromTrustedProxy(request):
+        base = _baseURL(header)
+        if base is not None:
+            return base
     if configured:
         return configured
     scheme = "https" if request.isSecure() else "http"
     host = request.getHeader(b"host")
     if host:
-        hostText = host.decode("ascii", "replace") if isinstance(host, bytes) else host
-        if all(c.isalnum() or c in "-.:[]" for c in hostText):
-            return f"{scheme}://{hostText}"
+        hostBytes = host if isinstance(host, bytes) else host.encode("utf-8", "replace")
+        if isValidHost(hostBytes):
+            return f"{scheme}://{hostBytes.decode('ascii')}"
     address: Any = request.getHost()
     return f"{scheme}://{address.host}:{address.port}"
 

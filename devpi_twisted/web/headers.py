@@ -4,6 +4,7 @@ the checks of a request's head that every request passes before routing.
 """
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from urllib.parse import unquote_to_bytes
@@ -92,13 +93,15 @@ _IP_LITERAL = re.compile(rb"\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{0,5})?")
 _PORT = re.compile(rb"[0-9]{0,5}")
 
 
+@lru_cache(maxsize=1024)
 def isValidHost(host: bytes) -> bool:
     """
     Whether C{host} is C{host [":" port]} as a name can be: an IP literal in
     brackets, or labels of 1 to 63 ASCII letters, digits, C{-} or C{_}
     (IPv4 addresses included), at most 253 characters in all.  Anything else
     cannot name this server, and would fail later where the name is encoded
-    (IDNA, when URLs are built).
+    (IDNA, when URLs are built).  Asked for every request: the answers for
+    the few names clients use are kept.
     """
     if host.startswith(b"["):
         return _IP_LITERAL.fullmatch(host) is not None
