@@ -226,6 +226,41 @@ class PrivateListTests(SynchronousTestCase):
         self.assertEqual([p["name"] for p in jsonlib.loads(page.body)["projects"]], ["demo-pkg"])
 
 
+    def heldPages(self) -> tuple[SimplePages, list[Deferred[Any]]]:
+        waiting: list[Deferred[Any]] = []
+
+        class HeldRunner:
+            def runFile(self, f: Any, *args: Any) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                waiting.append(d)
+                d.addCallback(lambda _: f(*args))
+                return d
+
+        return SimplePages(self.h.storage, runner=HeldRunner()), waiting  # type: ignore[arg-type]
+
+    def projectPage(self, pages: SimplePages) -> "Deferred[Any]":
+        return Deferred.fromCoroutine(pages.projectPage("alice", "dev", "demo-pkg", JSON_TYPE, "../../", True,
+                                                        "http://devpi.test"))
+
+    def test_largeProjectPageRenderedInRunner(self) -> None:
+        """A project page with more files than are cheap to render is rendered by the runner."""
+        self.patch(simple, "INLINE_RENDER_FILES", 0)
+        pages, waiting = self.heldPages()
+        d = self.projectPage(pages)
+        self.assertNoResult(d)
+        [held] = waiting
+        held.callback(None)
+        self.assertEqual([f["filename"] for f in jsonlib.loads(self.successResultOf(d).body)["files"]],
+                         ["demo_pkg-1.0-py3-none-any.whl"])
+
+    def test_smallProjectPageInline(self) -> None:
+        """A small project page is rendered at once: a thread would cost more than the rendering."""
+        pages, waiting = self.heldPages()
+        page = self.successResultOf(self.projectPage(pages))
+        self.assertEqual(waiting, [])
+        self.assertEqual(len(jsonlib.loads(page.body)["files"]), 1)
+
+
 class MirrorListTests(SynchronousTestCase):
     """Lists with a mirror's names are rendered once per list of names."""
 
