@@ -25,7 +25,6 @@ L{ReplicaProxyResource} wraps the replica's whole site:
 """
 
 import json
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,14 +41,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from devpi_twisted.errors import Gone, NotFound
-from devpi_twisted.interfaces import IBlobStore, IStorage, IReadView
-from devpi_twisted.model import keys
-from devpi_twisted.model.indexconfig import MIRROR
-from devpi_twisted.mirror.pages import simpleKey
-from devpi_twisted.model.inheritance import contributingStages, resolutionOrder
-from devpi_twisted.model.names import normalizeProject
-from devpi_twisted.services.releases import lookupFile
+from devpi_twisted.interfaces import IBlobStore, IStorage
+from devpi_twisted.replica.readplan import ReadPlan, planRead
 from devpi_twisted.web.context import outsideURL
 
 log = Logger()
@@ -151,63 +144,6 @@ def isReadOnlyPost(request: IRequest) -> bool:
     return request.method == b"POST" and bool(parts) and parts[-1] in _READ_ONLY_POSTS and len(parts) <= 3
 
 
-@dataclass
-class _ReadPlan:
-    """
-    How a read that may need upstream is answered.
-
-    @ivar forward: ask the primary.
-    @ivar digest: a stored file whose content must be here to answer locally.
-    @ivar page: C{(user, index, project)} of a simple project page that a
-        mirror contributes to, with C{expiry} the shortest
-        C{mirror_cache_expiry} of those mirrors and C{linksHere} whether all
-        their cached links have replicated.
-    """
-
-    forward: bool
-    digest: str | None = None
-    page: tuple[str, str, str] | None = None
-    expiry: float = 0.0
-    linksHere: bool = False
-
-
-def _planRead(view: IReadView, kind: str, user: str, index: str, rest: list[str]) -> _ReadPlan:
-    config = view.get(keys.indexKey(user, index))
-    if config is None:
-        return _ReadPlan(False)
-    if kind == "+simple":
-        order = resolutionOrder(user, index, lambda u, i: view.get(keys.indexKey(u, i)))
-        if not any(stage.isMirror for stage in order):
-            return _ReadPlan(False)
-        if not rest or not rest[0] or (len(rest) > 1 and rest[1]):
-            return _ReadPlan(True)  # the project list, or refresh and other sub-paths
-        project = normalizeProject(rest[0])
-        contributing, _ = contributingStages(
-            order, project, lambda stage: view.get(keys.projectKey(stage.user, stage.index, project)) is not None)
-        mirrors = [stage for stage in contributing if stage.isMirror]
-        if not mirrors:
-            return _ReadPlan(False)  # a private project: upstream is never asked about it
-        return _ReadPlan(
-            True, page=(user, index, project),
-            expiry=min(float(stage.config.get("mirror_cache_expiry", 1800)) for stage in mirrors),
-            linksHere=all(view.get(simpleKey(stage, project)) is not None for stage in mirrors),
-        )
-    if config.get("type") != MIRROR:
-        return _ReadPlan(False)
-    relpath = "/".join(rest)
-    metadata = relpath.endswith(".metadata")
-    try:
-        entry = lookupFile(view, user, index, relpath[: -len(".metadata")] if metadata else relpath)
-    except Gone:
-        return _ReadPlan(False)
-    except NotFound:
-        return _ReadPlan(True)
-    if metadata:
-        stored = view.get(keys.coreMetadataKey(user, index, entry["project"], entry["filename"]))
-        return _ReadPlan(stored is None)
-    return _ReadPlan(False, digest=entry.get("sha256"))
-
-
 class ReplicaProxyResource(Resource):
     """
     The replica's site root: forwards to the primary what the replica must
@@ -258,13 +194,13 @@ class ReplicaProxyResource(Resource):
                 request.write(body)
             request.finish()
 
-    def _answeredRecently(self, plan: _ReadPlan) -> bool:
+    def _answeredRecently(self, plan: ReadPlan) -> bool:
         if plan.page is None or not plan.linksHere:
             return False
         answered = self._pagesAnswered.get(plan.page)
         return answered is not None and self._clock.seconds() - answered < plan.expiry
 
-    def _pageAnswered(self, plan: _ReadPlan) -> None:
+    def _pageAnswered(self, plan: ReadPlan) -> None:
         if plan.page is None:
             return
         if len(self._pagesAnswered) >= _MAX_PAGES_REMEMBERED:
@@ -273,7 +209,7 @@ class ReplicaProxyResource(Resource):
 
     async def _readOrForward(self, request: IRequest, target: tuple[str, str, str, list[str]]) -> None:
         kind, user, index, rest = target
-        plan = await self._storage.read(lambda view: _planRead(view, kind, user, index, rest))
+        plan = await planRead(self._storage, kind, user, index, rest)
         forward = plan.forward and not self._answeredRecently(plan)
         if not forward and plan.digest is not None:
             forward = not await self._blobs.exists(plan.digest)
