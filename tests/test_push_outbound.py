@@ -28,11 +28,11 @@ from twisted.web.server import NOT_DONE_YET, Site
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.model import keys
 from devpi_twisted.services.push import (
-    CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, BlobBodyProducer, PushClient, Pusher, pushClient,
+    CONNECT_TIMEOUT, MAX_REPLY, PUSH_FAILED, PushClient, Pusher, pushClient,
 )
 from devpi_twisted.services.fileentries import newEntry, writeFileEntry
 from devpi_twisted.storage import BlobInfo
-from devpi_twisted.storage.readers import BytesReader
+from devpi_twisted.storage.readers import BytesReader, ReaderBodyProducer
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
 from .distbuilder import buildWheel, uploadBody
@@ -370,13 +370,13 @@ class Answered:
         protocol.connectionLost(Failure(ResponseDone()))
 
 
-class BlobBodyProducerTests(SynchronousTestCase):
+class ReaderBodyProducerTests(SynchronousTestCase):
     """The file part of a push is read through the blob's asynchronous reads, as the connection takes it."""
 
     def test_readsAsTaken(self) -> None:
         """One read at a time; none while paused; the start's Deferred fires after the last piece."""
         reader, consumer = _LaterReader(b"0123456789"), StringTransport()
-        producer = BlobBodyProducer(reader, pieceSize=4)
+        producer = ReaderBodyProducer(reader, pieceSize=4)
         self.assertEqual(producer.length, 10)
         done = producer.startProducing(consumer)
         self.assertEqual((reader.reads, consumer.value()), (1, b""))
@@ -398,13 +398,13 @@ class BlobBodyProducerTests(SynchronousTestCase):
         """A reader whose reads answer at once is read in a loop, not by recursion."""
         data = b"x" * 100_000
         consumer = StringTransport()
-        self.successResultOf(BlobBodyProducer(BytesReader(data), pieceSize=1).startProducing(consumer))
+        self.successResultOf(ReaderBodyProducer(BytesReader(data), pieceSize=1).startProducing(consumer))
         self.assertEqual(consumer.value(), data)
 
     def test_stop(self) -> None:
         """After stopProducing nothing more is read or written, and the start's Deferred never fires."""
         reader, consumer = _LaterReader(b"0123456789"), StringTransport()
-        producer = BlobBodyProducer(reader, pieceSize=4)
+        producer = ReaderBodyProducer(reader, pieceSize=4)
         done = producer.startProducing(consumer)
         producer.stopProducing()
         reader.answer()
@@ -414,7 +414,7 @@ class BlobBodyProducerTests(SynchronousTestCase):
     def test_readFails(self) -> None:
         """A failed read fails the body."""
         reader = _LaterReader(b"0123456789")
-        done = BlobBodyProducer(reader).startProducing(StringTransport())
+        done = ReaderBodyProducer(reader).startProducing(StringTransport())
         reader.pending.pop(0)[0].errback(OSError("gone"))
         self.failureResultOf(done, OSError)
 

@@ -827,6 +827,28 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(self.replica.answered, 1)
         self.assertEqual(self.local.seen, [])
 
+    def test_largeBodyReadOffTheReactor(self) -> None:
+        """A body too large to be kept in memory is sent on from the storage threads, whole."""
+        from twisted.internet.defer import maybeDeferred
+
+        reads: list[int] = []
+
+        def runFile(f: Any, *args: Any) -> Deferred[Any]:
+            reads.append(args[0])
+            return maybeDeferred(f, *args)
+
+        self.proxy = ReplicaProxyResource(self.local, self.primaryAgent, PRIMARY, self.storage, self.blobs,
+                                          Clock(), self.replica, runFile=runFile)
+        self.client = StubTreq(self.proxy)
+        body = json.dumps({"user": "alice", "password": "alicepw", "padding": "x" * 300_000}).encode()
+        response, answer = self.request("POST", "/+login", data=body,
+                                        headers={b"Content-Type": [b"application/json"],
+                                                 b"Accept": [b"application/json"]})
+        self.assertEqual(response.code, 200, answer)
+        self.assertTrue(reads)
+        self.assertGreaterEqual(sum(reads), len(body))
+        self.assertEqual(self.local.seen, [])
+
     def test_credentialsForwarded(self) -> None:
         """The client's credentials reach the primary, which decides (a wrong password is refused there)."""
         body = json.dumps({"bases": []}).encode()

@@ -268,7 +268,7 @@ def buildServer(
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
-                                        replica, config.outsideURL)
+                                        replica, config.outsideURL, runFile=runner.runFile)
     # Answers written before any resource (rawAnswer adds nosniff itself).
     requestClass = limitedRequestFactory(
         config.maxUploadSize,

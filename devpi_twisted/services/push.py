@@ -30,10 +30,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from treq.multipart import MultiPartProducer
-from zope.interface import implementer
 
 from devpi_twisted.errors import BadRequest, NotFound, Unauthorized
-from devpi_twisted.interfaces import IBlobReader, IBlobStore, IReadView, IStorage, IWriteTransaction
+from devpi_twisted.interfaces import IBlobStore, IReadView, IStorage, IWriteTransaction
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import mayUpload
 from devpi_twisted.model.indexconfig import MIRROR
@@ -43,7 +42,7 @@ from devpi_twisted.services.fileentries import (
     coreMetadata, existingFile, logEntry, projectEntries, removeFileEntry, toxresultRelpath, writeFileEntry,
 )
 from devpi_twisted.services.releases import indexConfig
-from devpi_twisted.storage.readers import PiecePump
+from devpi_twisted.storage.readers import ReaderBodyProducer
 
 log = Logger()
 
@@ -126,43 +125,6 @@ class PushClient:
         reader = _Capped(self._maxReply)
         response.deliverBody(reader)
         return response, await reader.done
-
-
-@implementer(IBodyProducer)
-class BlobBodyProducer:
-    """
-    An open blob as a request body (the file part of a push), read through
-    the blob's own asynchronous reads a piece at a time as the connection
-    takes it: nothing is read on the reactor thread, and a blob that is not
-    a local file is not copied first.  The caller closes the reader.
-    """
-
-    def __init__(self, reader: IBlobReader, pieceSize: int = PIECE_SIZE) -> None:
-        self.length = reader.size
-        self._reader = reader
-        self._pieceSize = pieceSize
-        self._pump: PiecePump | None = None
-
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
-        done: Deferred[None] = Deferred()
-        self._pump = PiecePump(lambda: self._reader.read(self._pieceSize), consumer.write,
-                               lambda: done.callback(None), done.errback)
-        self._reader.seek(0)
-        self._pump.pump()
-        return done
-
-    def pauseProducing(self) -> None:
-        if self._pump is not None:
-            self._pump.pause()
-
-    def resumeProducing(self) -> None:
-        if self._pump is not None:
-            self._pump.resume()
-
-    def stopProducing(self) -> None:
-        """Read no more; as for any body producer, the start's Deferred never fires."""
-        if self._pump is not None:
-            self._pump.stop()
 
 
 def pushClient(reactor: Any, timeout: float = TOTAL_TIMEOUT, maxReply: int = MAX_REPLY) -> PushClient:
@@ -342,7 +304,7 @@ class Pusher:
             reader = await self._blobs.open(entry["sha256"])
             if reader is None:
                 raise NotFound(f"content of {entry['filename']} is missing on this server")
-            form.append(("content", (filename, "application/octet-stream", BlobBodyProducer(reader))))
+            form.append(("content", (filename, "application/octet-stream", ReaderBodyProducer(reader, PIECE_SIZE))))
         # treq's encoder streams the file part from the blob as the connection takes it.
         producer = MultiPartProducer(form, cooperator=self._client.cooperator)
         headers = Headers({

@@ -1,7 +1,9 @@
 """
-Blob readers that are not a blob store's own: bytes held in memory, and a
-blocking file of any reader's content for code that parses it in a thread;
-and L{PiecePump}, which producers use to pass a reader's pieces on.
+Blob readers that are not a blob store's own: bytes held in memory, a
+spooled file read in threads, and a blocking file of any reader's content
+for code that parses it in a thread; L{PiecePump}, which producers use to
+pass a reader's pieces on, and L{ReaderBodyProducer}, a reader as the body
+of an outgoing request.
 """
 
 import os
@@ -11,6 +13,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from devpi_twisted.interfaces import IBlobReader, ILocalBlobReader
@@ -194,3 +197,61 @@ async def blockingFile(reader: Any, runFile: RunFile) -> BinaryIO:
         return copy
     finally:
         await reader.close()
+
+
+@implementer(IBodyProducer)
+class ReaderBodyProducer:
+    """
+    An open reader as a request body (a pushed file, a forwarded upload),
+    read through its asynchronous reads a piece at a time as the connection
+    takes it: nothing is read on the reactor thread, and a blob that is not
+    a local file is not copied first.  The caller closes the reader.
+    """
+
+    def __init__(self, reader: IBlobReader, pieceSize: int = 64 * 1024) -> None:
+        self.length = reader.size
+        self._reader = reader
+        self._pieceSize = pieceSize
+        self._pump: PiecePump | None = None
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        done: Deferred[None] = Deferred()
+        self._pump = PiecePump(lambda: self._reader.read(self._pieceSize), consumer.write,
+                               lambda: done.callback(None), done.errback)
+        self._reader.seek(0)
+        self._pump.pump()
+        return done
+
+    def pauseProducing(self) -> None:
+        if self._pump is not None:
+            self._pump.pause()
+
+    def resumeProducing(self) -> None:
+        if self._pump is not None:
+            self._pump.resume()
+
+    def stopProducing(self) -> None:
+        """Read no more; as for any body producer, the start's Deferred never fires."""
+        if self._pump is not None:
+            self._pump.stop()
+
+
+@implementer(IBlobReader)
+class FileObjectReader(ReaderBase):
+    """
+    A blocking file object of C{size} bytes (a request body spooled to disk)
+    as an L{IBlobReader} whose reads run through C{runFile}, off the
+    reactor.  Closing it leaves the file open: it is its owner's.
+    """
+
+    def __init__(self, file: BinaryIO, size: int, runFile: RunFile) -> None:
+        super().__init__(size)
+        self._file = file
+        self._runFile = runFile
+
+    def _startRead(self, size: int, position: int) -> "Deferred[bytes]":
+        return self._runFile(self._readAt, size, position)
+
+    def _readAt(self, size: int, position: int) -> bytes:
+        self._file.seek(position)
+        return self._file.read(size)

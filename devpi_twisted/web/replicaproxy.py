@@ -28,12 +28,12 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, readBody
+from twisted.web.client import ResponseDone, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IRequest
@@ -43,7 +43,9 @@ from zope.interface import implementer
 
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.replica.readplan import ReadPlan, planRead
+from devpi_twisted.storage.readers import FileObjectReader, ReaderBodyProducer, RunFile
 from devpi_twisted.web.context import outsideURL
+from devpi_twisted.web.limits import SPOOL_THRESHOLD
 
 log = Logger()
 
@@ -53,7 +55,7 @@ _HOP_BY_HOP = {
 }
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
 _READ_ONLY_POSTS = ("+api", "+status")
-_SMALL_BODY = 1024 * 1024
+_SMALL_BODY = SPOOL_THRESHOLD  # bodies twisted.web keeps in memory are sent at once
 _MAX_PAGES_REMEMBERED = 100000
 
 
@@ -150,6 +152,8 @@ class ReplicaProxyResource(Resource):
     not answer itself, and hands the rest to C{local}.
 
     @param agent: an C{IAgent} for requests to the primary.
+    @param runFile: reads request bodies spooled to disk off the reactor
+        (the storage runner's C{runFile}).
     @param replica: the follower (C{waitForSerial}, C{isReachable},
         C{primaryAnswered}).
     """
@@ -160,8 +164,10 @@ class ReplicaProxyResource(Resource):
     serialWait = 10.0
 
     def __init__(self, local: Resource, agent: IAgent, primaryURL: str, storage: IStorage, blobs: IBlobStore,
-                 clock: IReactorTime, replica: Any, outsideURL: str | None = None) -> None:
+                 clock: IReactorTime, replica: Any, outsideURL: str | None = None,
+                 runFile: RunFile = maybeDeferred) -> None:
         super().__init__()
+        self._runFile = runFile
         self._local = local
         self._agent = agent
         self._primaryURL = primaryURL.rstrip("/")
@@ -286,7 +292,8 @@ class ReplicaProxyResource(Resource):
             if size <= _SMALL_BODY:
                 producer = _BytesProducer(content.read())
             else:
-                producer = FileBodyProducer(content)
+                # Spooled to disk: read in the storage threads as the connection takes it.
+                producer = ReaderBodyProducer(FileObjectReader(content, size, self._runFile))
         url = self._primaryURL.encode("utf-8") + request.uri
         d = self._agent.request(request.method, url, self._outgoingHeaders(request), producer)
         d.addTimeout(timeout, self._clock)
