@@ -15,6 +15,7 @@ specific to them.
 """
 
 import base64
+import os
 import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
@@ -285,3 +286,14 @@ class APIHarness:
         answer = self.put(f"/{user}/{index}", json=config, headers=basicAuth(user, password))
         self.testCase.assertEqual(answer.code, 200, answer.body)
         return answer
+
+
+def parseServerOptions(testCase: SynchronousTestCase, *argv: str,
+                       environ: dict[str, str] | None = None) -> Any:
+    """C{twistd devpi}'s options from C{argv}, with C{environ} as the whole environment."""
+    from devpi_twisted.app.options import Options
+
+    testCase.patch(os, "environ", dict(environ or {}))
+    options = Options()
+    options.parseOptions(list(argv))
+    return options

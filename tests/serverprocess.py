@@ -12,10 +12,12 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 import devpi_twisted
@@ -167,3 +169,28 @@ class FakeUpstream:
         filename, data, metadata = buildWheel(name, version, requiresDist=requiresDist)
         self.fake.addFile(name, filename, data, coreMetadata=metadata, uploadTime="2025-01-01T00:00:00Z")
         return filename
+
+
+class RealServerCase(TestCase):
+    """
+    A test against a real C{twistd devpi} on 127.0.0.1: a work directory, a
+    free port, an HTTP client that keeps no connections, and the server.
+    """
+
+    def prepare(self) -> None:
+        """The work directory, port, URL and client, for a server the test starts itself."""
+        tool("twistd")
+        self.workdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.workdir)
+        self.port = freePort()
+        self.url = f"http://127.0.0.1:{self.port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+
+    def startForeground(self, *options: str) -> "Deferred[None]":
+        """C{twistd -n devpi} on the port with C{options}; fires once it answers."""
+        self.prepare()
+        self.server = Foreground(self, self.workdir, "--listen", f"tcp:{self.port}:interface=127.0.0.1", *options)
+        return Deferred.fromCoroutine(
+            waitForAnswer(self, self.http, self.url + "/+api", self.server.alive, self.server.output))

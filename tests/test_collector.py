@@ -10,12 +10,10 @@ import time
 from typing import Any
 from urllib.parse import urljoin
 
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.trial.unittest import SynchronousTestCase
 
 from devpi_twisted.storage import BLOB_REF
 from devpi_twisted.storage.collector import BlobCollector
@@ -23,7 +21,7 @@ from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
 from .distbuilder import buildWheel, uploadBody
 from .helpers import basicAuth
-from .serverprocess import ROOT_PASSWORD, Foreground, freePort, waitForAnswer
+from .serverprocess import ROOT_PASSWORD, RealServerCase
 
 INTERVAL = 600.0
 
@@ -115,21 +113,13 @@ class BlobCollectorTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class CollectorServerTests(TestCase):
+class CollectorServerTests(RealServerCase):
     """The real server with a one-second interval: deleted files leave the disk, shared content stays."""
 
     timeout = 120
 
     def setUp(self) -> Deferred:
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.port = freePort()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        self.server = Foreground(self, self.workdir, "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                                 "--blob-collect-interval", "1")
-        return Deferred.fromCoroutine(
-            waitForAnswer(self, self.http, self.url + "/+api", self.server.alive, self.server.output))
+        return self.startForeground("--blob-collect-interval", "1")
 
     async def api(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         headers = {**basicAuth("root", ROOT_PASSWORD), b"Content-Type": [b"application/json"]}

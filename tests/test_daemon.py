@@ -22,20 +22,18 @@ import threading
 import time
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.trial.unittest import SkipTest
 
 from devpi_twisted.testing.fakepypi import buildWheel as fakeWheel
 
 from .distbuilder import buildWheel, moduleName, uploadBody
 from .helpers import basicAuth
 from .serverprocess import (
-    ROOT_PASSWORD, TWISTD, FakeUpstream, Foreground, environment, freePort, readText, tool, waitForAnswer,
+    ROOT_PASSWORD, TWISTD, FakeUpstream, Foreground, RealServerCase, environment, readText, waitForAnswer,
 )
 
 JSON_HEADERS = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]}
@@ -107,18 +105,11 @@ def refused(port: int) -> bool:
     return False
 
 
-class _ServerCase(TestCase):
+class _ServerCase(RealServerCase):
     timeout = 600
 
     def setUp(self) -> None:
-        tool("twistd")
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.port = freePort()
-        self.url = f"http://127.0.0.1:{self.port}"
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        self.prepare()
 
     async def api(self, method: str, path: str, body: Any = None, auth: tuple[str, str] | None = ("alice", "alicepw"),
                   expect: int = 200, headers: dict[bytes, list[bytes]] | None = None) -> Any:

@@ -11,15 +11,11 @@ import re
 import socket
 import time
 
-from treq.client import HTTPClient
-from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from .distbuilder import buildWheel, uploadBody
 from .helpers import basicAuth
-from .serverprocess import ROOT_PASSWORD, Foreground, freePort, tool, waitForAnswer
+from .serverprocess import ROOT_PASSWORD, RealServerCase
 
 SEED = 20261204
 REQUESTS = 3000
@@ -123,22 +119,13 @@ def exchange(port: int, raw: bytes) -> bytes:
 STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 
 
-class FuzzTests(TestCase):
+class FuzzTests(RealServerCase):
     """Malformed requests to the real server."""
 
     timeout = 300
 
     def setUp(self) -> object:
-        tool("twistd")
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.port = freePort()
-        self.url = f"http://127.0.0.1:{self.port}"
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
-        self.server = Foreground(self, self.workdir, "--listen", f"tcp:{self.port}:interface=127.0.0.1")
-        return waitForAnswer(self, self.http, self.url + "/+api", self.server.alive, self.server.output)
+        return self.startForeground()
 
     async def test_thousandsOfMalformedRequests(self) -> None:
         """Thousands of malformed requests: all answered, none with a 5xx, no traceback logged."""

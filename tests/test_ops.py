@@ -62,7 +62,7 @@ from devpi_twisted.web.routes import Routes
 from devpi_twisted.web.server import DOC_CSP, HSTS, HTML_CSP, DevpiRequest, DevpiSite, SiteLimits
 
 from .certs import CA
-from .helpers import BASE, APIHarness, basicAuth
+from .helpers import APIHarness, BASE, basicAuth, parseServerOptions
 
 SHIPPED = FilePath(__file__).parent().sibling("systemd")
 PEER = "127.0.0.2"
@@ -1121,11 +1121,8 @@ class JSONLogTests(SynchronousTestCase):
 class OperationsOptionsTests(SynchronousTestCase):
     """The options of the limits, shutdown and logs."""
 
-    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> tap.Options:
-        self.patch(os, "environ", dict(environ or {}))
-        options = tap.Options()
-        options.parseOptions(list(argv))
-        return options
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        return parseServerOptions(self, *argv, environ=environ)
 
     def test_defaults(self) -> None:
         """Every limit has its documented default."""

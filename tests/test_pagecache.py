@@ -6,7 +6,6 @@ served with ETag, 304 and gzip.
 
 import gzip
 import json as jsonlib
-import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -16,13 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from devpi_twisted.services import simple
 
-from devpi_twisted.app import tap
 from devpi_twisted.services.simple import PageCache, SimplePages
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 
 from .distbuilder import attestationFor, buildWheel
-from .helpers import APIHarness
+from .helpers import APIHarness, parseServerOptions
 from .mirrorharness import MirrorHarness, rawRequest
 from .releaseharness import JSON_TYPE, PIP_ACCEPT, PIP_AGENT, ServerHarness
 from .test_ops import Connection
@@ -208,23 +206,13 @@ class PrivateListTests(SynchronousTestCase):
 
     def test_renderedInRunner(self) -> None:
         """The list is rendered by the runner (threads in the server), not on the calling thread."""
-        waiting: list[Deferred[Any]] = []
-
-        class HeldRunner:
-            def runFile(self, f: Any, *args: Any) -> Deferred[Any]:
-                d: Deferred[Any] = Deferred()
-                waiting.append(d)
-                d.addCallback(lambda _: f(*args))
-                return d
-
-        pages = SimplePages(self.h.storage, runner=HeldRunner())  # type: ignore[arg-type]
+        pages, waiting = self.heldPages()
         d = Deferred.fromCoroutine(pages.indexPage("alice", "dev", JSON_TYPE))
         self.assertNoResult(d)
         self.assertEqual(self.renders.count, 0)
         waiting[0].callback(None)
         page = self.successResultOf(d)
         self.assertEqual([p["name"] for p in jsonlib.loads(page.body)["projects"]], ["demo-pkg"])
-
 
     def heldPages(self) -> tuple[SimplePages, list[Deferred[Any]]]:
         waiting: list[Deferred[Any]] = []
@@ -340,11 +328,8 @@ class MirrorListTests(SynchronousTestCase):
 class PageCacheOptionTests(SynchronousTestCase):
     """C{--page-cache-size}: bytes of rendered pages kept."""
 
-    def parse(self, *argv: str) -> tap.Options:
-        self.patch(os, "environ", {})
-        options = tap.Options()
-        options.parseOptions(list(argv))
-        return options
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        return parseServerOptions(self, *argv, environ=environ)
 
     def test_defaultAndSet(self) -> None:
         """256 MiB by default; the option sets it."""

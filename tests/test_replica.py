@@ -47,7 +47,7 @@ from devpi_twisted.app.serverdir import ServerDir
 from devpi_twisted.storage import BLOB_REF, ChangeRecord
 from devpi_twisted.testing import MemoryBlobStore, MemoryStorage
 
-from .helpers import APIHarness, ROOT_PASSWORD, basicAuth, devpiAuth, fastHashing
+from .helpers import APIHarness, basicAuth, devpiAuth, fastHashing, parseServerOptions, ROOT_PASSWORD
 from .serverprocess import environment, waitForAnswer
 from .test_tap import ThreadedMemoryReactor, readState
 
@@ -1040,10 +1040,8 @@ class ReplicaOptionsTests(SynchronousTestCase):
         os.chmod(path.path, mode)
         return path.path
 
-    def parse(self, *argv: str) -> tap.Options:
-        options = tap.Options()
-        options.parseOptions(list(argv))
-        return options
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        return parseServerOptions(self, *argv, environ=environ)
 
     def test_replicaOptions(self) -> None:
         """--primary-url and --secretfile make a replica's config."""

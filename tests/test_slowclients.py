@@ -11,24 +11,21 @@ import socket
 import time
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, LoopingCall, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from devpi_twisted.app import tap
 from devpi_twisted.errors import Unauthorized
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.channel import LINGER
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 
 from .distbuilder import buildWheel, moduleName, writeDist
-from .helpers import APIHarness, basicAuth
-from .serverprocess import ROOT_PASSWORD, Foreground, freePort, tool, waitForAnswer
+from .helpers import APIHarness, basicAuth, parseServerOptions
+from .serverprocess import ROOT_PASSWORD, RealServerCase, tool
 from .test_clients import _ClientCase
 from .test_ops import Connection, Pages
 
@@ -289,11 +286,8 @@ class UploadGateTests(SiteMixin, SynchronousTestCase):
 class BodyOptionsTests(SynchronousTestCase):
     """--body-timeout and --min-body-rate reach the site's limits."""
 
-    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> tap.Options:
-        self.patch(os, "environ", dict(environ or {}))
-        options = tap.Options()
-        options.parseOptions(list(argv))
-        return options
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        return parseServerOptions(self, *argv, environ=environ)
 
     def test_defaultsAndSet(self) -> None:
         config = self.parse().toConfig()
@@ -364,22 +358,14 @@ def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, float]
     return answer, time.monotonic() - started
 
 
-class SlowClientServerTests(TestCase):
+class SlowClientServerTests(RealServerCase):
     """The real server on 127.0.0.1 with 200 slow clients holding every slot."""
 
     timeout = 90
     SLOW = 200
 
     def setUp(self) -> Deferred:
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.port = freePort()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        self.server = Foreground(self, self.workdir, "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                                 "--max-connections", str(self.SLOW), "--no-access-log")
-        return Deferred.fromCoroutine(
-            waitForAnswer(self, self.http, self.url + "/+api", self.server.alive, self.server.output))
+        return self.startForeground("--max-connections", str(self.SLOW), "--no-access-log")
 
     async def test_normalClientServedWhileSlowClientsHoldConnections(self) -> None:
         drippers = _Drippers()

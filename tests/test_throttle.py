@@ -4,7 +4,6 @@ address), per user and per address, places reserved before the threaded
 password check, and the message twine shows for a wrong password.
 """
 
-import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -12,14 +11,13 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from devpi_twisted.app import tap
 
 from devpi_twisted.services import throttle as throttleModule
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.errors import TooManyRequests
 from devpi_twisted.services.throttle import LoginThrottle, addressKey
 
-from .helpers import APIHarness, basicAuth
+from .helpers import APIHarness, basicAuth, parseServerOptions
 
 ALICE_HOME = "192.0.2.10"
 ATTACKER = "198.51.100.66"
@@ -334,11 +332,8 @@ class UploadMessageTests(SynchronousTestCase):
 class OptionsTests(SynchronousTestCase):
     """The throttle's options."""
 
-    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> tap.Options:
-        self.patch(os, "environ", dict(environ or {}))
-        options = tap.Options()
-        options.parseOptions(list(argv))
-        return options
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        return parseServerOptions(self, *argv, environ=environ)
 
     def test_defaults(self) -> None:
         """5 per (user, address), 50 per user, 100 per address, in 60 seconds."""
