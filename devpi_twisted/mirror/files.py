@@ -18,7 +18,7 @@ knows of requests.
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
@@ -30,7 +30,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from devpi_twisted.errors import UpstreamError
-from devpi_twisted.interfaces import IBlobStore, IBlobWriter
+from devpi_twisted.interfaces import IBlobReader, IBlobStore, IBlobWriter
 from devpi_twisted.model.upstream.common import UpstreamLink
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.mirror.upstream import UpstreamClient, UpstreamFailure, UpstreamMissing, redacted
@@ -55,13 +55,13 @@ class FetchedFile:
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A file this server has, opened for reading (the reader closes C{file})."""
+    """A file this server has, opened for reading (whoever sends it closes C{file})."""
 
     filename: str
     sha256: str
     size: int
     lastModified: str | None
-    file: BinaryIO
+    file: IBlobReader
 
 
 @dataclass(frozen=True)
