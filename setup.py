@@ -24,6 +24,12 @@ setup(
         "prometheus-client>=0.20",
         "multipart>=2.0",
     ],
+    extras_require={
+        # --storage postgresql: psycopg 3 and its connection pool
+        "postgresql": ["psycopg[binary]>=3.2", "psycopg-pool>=3.2"],
+        # --blobs s3: boto3, the AWS SDK (credentials the standard AWS way)
+        "s3": ["boto3>=1.34"],
+    },
     entry_points={"console_scripts": ["devpi-twisted = devpi_twisted.admin.cli:main"]},
     classifiers=[
         "Framework :: Twisted",

@@ -14,12 +14,34 @@ DEFAULT_SERVERDIR = os.path.join("~", ".devpi-twisted", "server")
 
 
 @dataclass(frozen=True)
+class BackendSettings:
+    """
+    Where the state and the files live: the C{--storage} and C{--blobs}
+    plugins and their options.  The two choices are independent.
+    """
+
+    storage: str = "sqlite"  # metadata: "sqlite" (embedded) or "postgresql"
+    blobs: str = "files"  # file contents: "files" (server directory) or "s3"
+    pgDSN: str | None = None  # libpq connection string or postgresql:// URI
+    s3Endpoint: str | None = None  # None: AWS's own endpoints
+    s3Bucket: str | None = None
+    s3Region: str | None = None
+    s3Prefix: str = ""
+    s3Redirect: bool = False  # answer file requests with presigned URLs
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes may share this state (so nothing is cleaned up as if alone)."""
+        return self.storage != "sqlite" or self.blobs != "files"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the services need to know, checked and converted."""
 
     serverdir: FilePath
     listen: tuple[str, ...]
-    storage: str = "sqlite"
+    backend: BackendSettings = BackendSettings()
     outsideURL: str | None = None
     policy: Policy = Policy()
     mirrorCacheExpiry: int = 1800
@@ -35,6 +57,7 @@ class ServerConfig:
     secretFile: str | None = None  # the secret shared with replicas / the primary
     replicaPollTimeout: float = 25.0
     requestsOnly: bool = False  # a --requests-only worker (README "Workers")
+    workers: int = 1  # serving processes on this machine (--workers; README "Scaling out")
     blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
     # operations: limits, shutdown, logs (README "Deployment")
     shutdownGrace: float = 30.0

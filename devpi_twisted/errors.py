@@ -124,6 +124,21 @@ def diskFullError(error: BaseException) -> InsufficientStorage | None:
     return None
 
 
+class StorageUnavailable(DevpiError):
+    """
+    The database or the object store cannot be reached just now: the
+    request changed nothing and may be repeated once it is back (the
+    backend reconnects by itself).  C{retryAfter} says when to try again.
+    """
+
+    status = 503
+
+    def __init__(self, message: str = "the server's storage is unreachable just now; try again shortly",
+                 retryAfter: int = 2) -> None:
+        super().__init__(message)
+        self.retryAfter = retryAfter
+
+
 class UpstreamError(DevpiError):
     """An upstream index failed and nothing cached can stand in."""
 

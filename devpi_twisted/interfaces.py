@@ -262,17 +262,64 @@ class ILocalBlobReader(IBlobReader):
 
 
 class IStorageBackend(Interface):
-    """A storage plugin, found with L{twisted.plugin.getPlugins}."""
+    """A metadata backend plugin (C{--storage}), found with L{twisted.plugin.getPlugins}."""
 
     name = Attribute("The value of C{--storage} that selects this backend.")
     description = Attribute("One line for C{--help}.")
 
-    def open(serverdir, runner, log):
+    def open(serverdir, runner, settings):
         """
-        Open (creating if needed) the storage in C{serverdir}.
+        Open (creating the schema if needed) the metadata store.
 
-        @param serverdir: a L{twisted.python.filepath.FilePath}.
+        @param serverdir: a L{twisted.python.filepath.FilePath}, this node's
+            server directory (the embedded backend keeps its database there).
         @param runner: a L{devpi_twisted.storage.threads.Runner} that runs
             blocking work off the reactor thread.
-        @return: C{(storage, blobs)}, an L{IStorage} and an L{IBlobStore}.
+        @param settings: the L{devpi_twisted.config.BackendSettings}.
+        @return: an L{IStorage}.
+        """
+
+
+class IBlobBackend(Interface):
+    """A file-contents backend plugin (C{--blobs}), found like L{IStorageBackend}."""
+
+    name = Attribute("The value of C{--blobs} that selects this backend.")
+    description = Attribute("One line for C{--help}.")
+
+    def open(serverdir, runner, settings):
+        """
+        Open the blob store (checking that it can be reached).
+
+        @return: an L{IBlobStore}.
+        """
+
+
+class ISharedSecret(Interface):
+    """
+    An optional capability of an L{IStorage} that several nodes share: the
+    secret that signs login tokens and replication credentials is kept with
+    the state, so a token one node made is good on every other.
+    """
+
+    def sharedSecret(candidate):
+        """
+        The secret stored with the state; C{candidate} (bytes) becomes it
+        when there is none yet.  Blocking: called once at startup.
+
+        @return: bytes.
+        """
+
+
+class IPresigningBlobStore(Interface):
+    """
+    An optional capability of an L{IBlobStore} behind which clients can
+    fetch a blob directly (an S3 bucket, perhaps behind a CDN).
+    """
+
+    def presignedURL(sha256, filename, contentType, expires):
+        """
+        A URL valid for C{expires} seconds that answers the blob's content
+        as C{filename} with C{contentType}.  No I/O: signing is local.
+
+        @return: str.
         """

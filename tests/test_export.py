@@ -39,7 +39,8 @@ from devpi_twisted.admin.initstate import createServerDir
 from devpi_twisted.model import keys
 from devpi_twisted.services.fileentries import lookupFile, removeFileEntry
 from devpi_twisted.app.serverdir import ServerDir
-from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.config import BackendSettings
+from devpi_twisted.storage.plugin import openBackends
 from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
 
 from .distbuilder import buildWheel
@@ -66,7 +67,7 @@ def fired(answer: Any) -> Any:
 
 
 def openStorage(path: FilePath) -> tuple[Any, Any]:
-    return findBackend("sqlite").open(path, SynchronousRunner(), None)
+    return openBackends(BackendSettings(), path, SynchronousRunner())
 
 
 def readState(path: FilePath, prefix: str = "") -> dict[str, Any]:
@@ -290,7 +291,7 @@ class ImportDevpiExportTests(_Dirs, SynchronousTestCase):
 
     def test_targetMustBeEmpty(self) -> None:
         """Importing into an initialised server directory is refused and changes nothing."""
-        createServerDir(self.workdir.child("server"), "sqlite", "pw", rootPypi=False, out=io.StringIO())
+        createServerDir(self.workdir.child("server"), BackendSettings(), "pw", rootPypi=False, out=io.StringIO())
         before = treeContents(self.workdir.child("server"))
         self.assertRaises(ServerDirError, self.importInto, "server")
         self.assertEqual(treeContents(self.workdir.child("server")), before)

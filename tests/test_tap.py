@@ -33,6 +33,7 @@ from devpi_twisted.errors import ServerDirError, StorageError
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import Policy
 from devpi_twisted.app.serverdir import FORMAT_TEXT, ServerDir
+from devpi_twisted.config import BackendSettings
 from devpi_twisted.storage.plugin import findBackend
 from devpi_twisted.storage.threads import SynchronousRunner
 
@@ -75,7 +76,7 @@ class ThreadedMemoryReactor(MemoryReactorClock):
 
 def readState(path: FilePath, function: Callable[[Any], Any]) -> Any:
     """Read the stored state of a (stopped) server directory."""
-    storage, _ = findBackend("sqlite").open(path, SynchronousRunner(), None)
+    storage = findBackend("sqlite").open(path, SynchronousRunner(), BackendSettings())
     results: list[Any] = []
     storage.read(function).addBoth(results.append)
     storage.close()

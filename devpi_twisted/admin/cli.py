@@ -26,7 +26,8 @@ from devpi_twisted.admin.genconfig import GenConfigOptions, genConfig
 from devpi_twisted.admin.initstate import PYPI_URL, createServerDir
 from devpi_twisted.model import indexconfig, keys
 from devpi_twisted.app.serverdir import ServerDir
-from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.app.backendoptions import BACKEND_FLAGS, BACKEND_PARAMETERS, backendSettings
+from devpi_twisted.storage.plugin import openBackends
 from devpi_twisted.storage.threads import Runner, SynchronousRunner, ThreadRunner
 from devpi_twisted.model.timeutil import isoNow
 
@@ -37,11 +38,12 @@ class InitOptions(usage.Options):
         ["serverdir", None, DEFAULT_SERVERDIR, "The server directory to create."],
         ["root-passwd", None, None, "root's password (default: generate one and print it once)."],
         ["mirror-url", None, PYPI_URL, "The upstream simple index of root/pypi."],
-        ["storage", None, "sqlite", "The storage backend plugin."],
+        *BACKEND_PARAMETERS,
     ]
-    optFlags = [["no-root-pypi", None, "Do not create the root/pypi mirror index."]]
+    optFlags = [["no-root-pypi", None, "Do not create the root/pypi mirror index."], *BACKEND_FLAGS]
 
     def postOptions(self) -> None:
+        self["backend"] = backendSettings(self)
         try:
             self["mirror-url"] = indexconfig.coerce(
                 {"type": "mirror", "mirror_url": self["mirror-url"]}, dropForeign=False
@@ -52,7 +54,11 @@ class InitOptions(usage.Options):
 
 class PasswdOptions(usage.Options):
     synopsis = "[--serverdir DIR] USER"
-    optParameters = [["serverdir", None, DEFAULT_SERVERDIR, "The server directory."]]
+    optParameters = [["serverdir", None, DEFAULT_SERVERDIR, "The server directory."], *BACKEND_PARAMETERS]
+    optFlags = BACKEND_FLAGS
+
+    def postOptions(self) -> None:
+        self["backend"] = backendSettings(self)
 
     def parseArgs(self, user: str) -> None:
         self["user"] = user
@@ -60,8 +66,13 @@ class PasswdOptions(usage.Options):
 
 class ExportOptions(usage.Options):
     synopsis = "[--serverdir DIR] [--include-mirrored-files] EXPORTDIR"
-    optParameters = [["serverdir", None, DEFAULT_SERVERDIR, "The server directory (server stopped)."]]
-    optFlags = [["include-mirrored-files", None, "Export the files mirror indexes have cached, too."]]
+    optParameters = [["serverdir", None, DEFAULT_SERVERDIR, "The server directory (server stopped)."],
+                     *BACKEND_PARAMETERS]
+    optFlags = [["include-mirrored-files", None, "Export the files mirror indexes have cached, too."],
+                *BACKEND_FLAGS]
+
+    def postOptions(self) -> None:
+        self["backend"] = backendSettings(self)
 
     def parseArgs(self, directory: str) -> None:
         self["directory"] = directory
@@ -72,9 +83,12 @@ class ImportOptions(usage.Options):
     optParameters = [
         ["serverdir", None, DEFAULT_SERVERDIR, "The server directory to create (missing or empty)."],
         ["root-passwd", None, None, "Give root this password (default: root's password from the export)."],
-        ["storage", None, "sqlite", "The storage backend plugin."],
+        *BACKEND_PARAMETERS,
     ]
-    optFlags = [["no-root-pypi", None, "Do not create (or import) the root/pypi mirror index."]]
+    optFlags = [["no-root-pypi", None, "Do not create (or import) the root/pypi mirror index."], *BACKEND_FLAGS]
+
+    def postOptions(self) -> None:
+        self["backend"] = backendSettings(self)
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,7 +120,7 @@ class Options(usage.Options):
 def _init(options: InitOptions, out: TextIO) -> None:
     createServerDir(
         serverdirPath(options["serverdir"]),
-        options["storage"],
+        options["backend"],
         options["root-passwd"],
         rootPypi=not options["no-root-pypi"],
         mirrorURL=options["mirror-url"],
@@ -120,8 +134,8 @@ def _passwd(options: PasswdOptions, out: TextIO, readPassword: Any) -> None:
     serverdir.checkFormat()
     serverdir.lockForMaintenance()
     try:
-        backend = findBackend(serverdir.nodeinfo().get("storage", "sqlite"))
-        storage, _ = backend.open(serverdir.path, SynchronousRunner(), None)
+        settings = serverdir.checkBackend(options["backend"])
+        storage, _ = openBackends(settings, serverdir.path, SynchronousRunner())
         user = options["user"]
         password = readPassword(f"new password for {user}: ")
         pwhash = PasswordHashing().hash(password)
@@ -153,6 +167,7 @@ async def _export(options: ExportOptions, out: TextIO, runner: Runner) -> None:
         includeMirrored=bool(options["include-mirrored-files"]),
         out=out,
         runner=runner,
+        backend=options["backend"],
     )
 
 
@@ -162,7 +177,7 @@ async def _import(options: ImportOptions, out: TextIO, runner: Runner) -> None:
     await importServerDir(
         serverdirPath(options["serverdir"]),
         FilePath(os.path.abspath(os.path.expanduser(options["directory"]))),
-        storageName=options["storage"],
+        backend=options["backend"],
         rootPassword=options["root-passwd"],
         rootPypi=not options["no-root-pypi"],
         skipTypes=tuple(options["skip-import-type"]),

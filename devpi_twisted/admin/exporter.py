@@ -45,7 +45,8 @@ from devpi_twisted.model.distfile import splitArchiveName
 from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.model.names import isValidProjectName
 from devpi_twisted.app.serverdir import ServerDir, builtInPlace
-from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.config import BackendSettings
+from devpi_twisted.storage.plugin import openBackends
 from devpi_twisted.storage.readers import RunFile, blockingFile
 from devpi_twisted.storage.threads import Runner, SynchronousRunner
 
@@ -343,20 +344,22 @@ async def writeExport(storage: Any, blobs: Any, target: FilePath, includeMirrore
 
 
 async def exportServerDir(path: FilePath, target: FilePath, includeMirrored: bool = False,
-                          out: TextIO = sys.stdout, runner: Runner | None = None) -> ExportSummary:
+                          out: TextIO = sys.stdout, runner: Runner | None = None,
+                          backend: BackendSettings | None = None) -> ExportSummary:
     """
     Export the stopped server directory at C{path} into C{target}; report
     to C{out}.  C{runner} runs the storage's work (by default on the
-    calling thread).
+    calling thread); C{backend} reaches its storage (default: the embedded
+    one), and must be the one the directory was made with.
     """
     serverdir = ServerDir(path)
     serverdir.checkFormat()
     checkExportTarget(target)
     serverdir.lockForMaintenance()
     try:
-        backend = findBackend(serverdir.nodeinfo().get("storage", "sqlite"))
+        settings = serverdir.checkBackend(backend or BackendSettings())
         runner = runner or SynchronousRunner()
-        storage, blobs = backend.open(path, runner, None)
+        storage, blobs = openBackends(settings, path, runner)
         try:
             summary = await writeExport(storage, blobs, target, includeMirrored, runFile=runner.runFile)
         finally:

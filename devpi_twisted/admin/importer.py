@@ -53,7 +53,8 @@ from devpi_twisted.services.fileentries import httpDate, logEntry, newEntry, tox
 from devpi_twisted.services.releases import docFilename
 from devpi_twisted.app.serverdir import checkCanInitialise, initialising
 from devpi_twisted.storage import BlobInfo
-from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.config import BackendSettings
+from devpi_twisted.storage.plugin import openBackends
 from devpi_twisted.storage.threads import Runner, SynchronousRunner
 from devpi_twisted.model.timeutil import isoNow
 
@@ -552,7 +553,7 @@ class Importer:
         return self.summary
 
 
-async def importServerDir(path: FilePath, source: FilePath, storageName: str = "sqlite",
+async def importServerDir(path: FilePath, source: FilePath, backend: BackendSettings = BackendSettings(),
                           rootPassword: str | None = None, rootPypi: bool = True,
                           skipTypes: tuple[str, ...] = (), out: TextIO = sys.stdout,
                           runner: Runner | None = None) -> ImportSummary:
@@ -567,16 +568,19 @@ async def importServerDir(path: FilePath, source: FilePath, storageName: str = "
     """
     checkCanInitialise(path)
     data = readExport(source)
-    backend = findBackend(storageName)
     if rootPassword is None and "root" not in data["users"]:
         rootPassword = secrets.token_urlsafe(18)
         out.write("devpi-twisted: the export has no user 'root'; created it with the generated password\n"
                   f"    {rootPassword}\n"
                   "It is shown only this once; change it with 'devpi-twisted passwd root'.\n")
     rootHash = None if rootPassword is None else PasswordHashing().hash(rootPassword)
-    with initialising(path, storageName) as directory:
-        storage, blobs = backend.open(directory, runner or SynchronousRunner(), None)
+    with initialising(path, backend) as directory:
+        storage, blobs = openBackends(backend, directory, runner or SynchronousRunner())
         try:
+            if storage.currentSerial() >= 0:
+                raise ServerDirError(
+                    f"the {backend.storage} storage already holds a server's state; an import needs it empty"
+                )
             importer = Importer(storage, blobs, source, copy.deepcopy(data), rootPasswordHash=rootHash,
                                 rootPypi=rootPypi, skipTypes=skipTypes)
             summary = await importer.run()

@@ -34,7 +34,7 @@ def openServerDir(config: ServerConfig, noRootPypi: bool = False) -> ServerDir:
         return _openReplicaDir(config, serverdir)
     if not serverdir.isInitialised():
         serverdir = createServerDir(
-            config.serverdir, config.storage, config.rootPassword,
+            config.serverdir, config.backend, config.rootPassword,
             rootPypi=not noRootPypi, mirrorURL=PYPI_URL, cacheExpiry=config.mirrorCacheExpiry,
         )
     serverdir.checkFormat()
@@ -43,11 +43,7 @@ def openServerDir(config: ServerConfig, noRootPypi: bool = False) -> ServerDir:
             f"{config.serverdir.path} is the server directory of a replica of "
             f"{serverdir.nodeinfo().get('primary-url')}; start it with --primary-url and --secretfile"
         )
-    stored = serverdir.nodeinfo().get("storage", "sqlite")
-    if stored != config.storage:
-        raise ServerDirError(
-            f"{config.serverdir.path} uses the storage backend {stored!r}, not {config.storage!r}"
-        )
+    serverdir.checkBackend(config.backend)
     if config.requestsOnly:
         serverdir.lockAsWorker()
     else:
@@ -59,7 +55,7 @@ def _openReplicaDir(config: ServerConfig, serverdir: ServerDir) -> ServerDir:
     """A replica's directory: created empty (its state comes from the primary), or one of a replica."""
     assert config.primaryURL is not None
     if not serverdir.isInitialised():
-        serverdir = createReplicaDir(config.serverdir, config.storage, config.primaryURL)
+        serverdir = createReplicaDir(config.serverdir, config.backend, config.primaryURL)
     serverdir.checkFormat()
     info = serverdir.nodeinfo()
     if info.get("role") != "replica":
@@ -67,9 +63,6 @@ def _openReplicaDir(config: ServerConfig, serverdir: ServerDir) -> ServerDir:
             f"{config.serverdir.path} is the server directory of a {info.get('role', 'standalone')} server; "
             "a replica (--primary-url) starts from an empty directory"
         )
-    if info.get("storage", "sqlite") != config.storage:
-        raise ServerDirError(
-            f"{config.serverdir.path} uses the storage backend {info.get('storage')!r}, not {config.storage!r}"
-        )
+    serverdir.checkBackend(config.backend)
     serverdir.lock()
     return serverdir

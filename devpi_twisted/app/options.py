@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from devpi_twisted.app.backendoptions import BACKEND_FLAGS, BACKEND_PARAMETERS, backendSettings
 from devpi_twisted.config import DEFAULT_LISTEN, DEFAULT_SERVERDIR, ServerConfig, serverdirPath
 from devpi_twisted.errors import ServerDirError
 from devpi_twisted.model.acl import Policy
@@ -50,7 +51,10 @@ class Options(TypedOptions):
     )
     optParameters = [
         ["serverdir", None, DEFAULT_SERVERDIR, "The server directory (state, files, secret)."],
-        ["storage", None, "sqlite", "The storage backend plugin."],
+        *BACKEND_PARAMETERS,
+        ["workers", None, "1",
+         "Serving processes on this machine sharing the listening port and the data: a number, or "
+         "'auto' for one per core (README \"Scaling out\")."],
         ["outside-url", None, None, "The URL clients reach this server at (behind a proxy)."],
         ["restrict-modify", None, None,
          "Comma-separated users who alone may create and change users and indexes (root always may)."],
@@ -108,6 +112,7 @@ class Options(TypedOptions):
          "Seconds a replica's request for changes may wait on the primary (long poll).", float],
     ]
     optFlags = [
+        *BACKEND_FLAGS,
         ["no-root-pypi", None, "When initialising, do not create the root/pypi mirror."],
         ["offline-mode", None, "Never contact upstream indexes; mirrors list only cached files."],
         ["requests-only", None,
@@ -179,12 +184,29 @@ class Options(TypedOptions):
         if self["page-cache-size"] < 0:
             raise usage.UsageError("--page-cache-size must not be negative")
         self._checkReplication()
+        self["backend"] = backendSettings(self, environ={})  # the environment was applied above
+        self._checkWorkers()
         for description in self["listen"]:
             if description.startswith("ssl:") and "sslmethod=" in description:
                 raise usage.UsageError(
                     f"--listen {description!r}: sslmethod is not supported; TLS 1.2 and 1.3 with "
                     "modern ciphers (Twisted's defaults) are always used"
                 )
+
+    def _checkWorkers(self) -> None:
+        value = str(self["workers"]).strip().lower()
+        if value == "auto":
+            count = os.cpu_count() or 1
+        else:
+            try:
+                count = int(value)
+            except ValueError:
+                raise usage.UsageError(f"--workers {self['workers']!r}: must be a whole number or 'auto'")
+            if count < 1:
+                raise usage.UsageError("--workers must be at least 1")
+        if count > 1 and (self["requests-only"] or self["primary-url"] is not None):
+            raise usage.UsageError("--workers is for the main process of a primary or standalone server")
+        self["workers"] = count
 
     def _checkReplication(self) -> None:
         from devpi_twisted.replica.client import checkPrimaryURL
@@ -215,7 +237,8 @@ class Options(TypedOptions):
         return ServerConfig(
             serverdir=serverdirPath(self["serverdir"]),
             listen=tuple(self["listen"]),
-            storage=self["storage"],
+            backend=self["backend"],
+            workers=self["workers"],
             outsideURL=self["outside-url"].rstrip("/") if self["outside-url"] else None,
             policy=Policy(
                 restrictModify=tuple(p.strip() for p in restrict.split(",") if p.strip())

@@ -143,6 +143,14 @@ class ServerDir:
     def nodeinfo(self) -> dict[str, Any]:
         return json.loads(self.path.child(".nodeinfo").getContent())
 
+    def checkBackend(self, settings: Any) -> Any:
+        """
+        C{settings} (L{devpi_twisted.config.BackendSettings}), when they
+        choose the backends this directory was made with; else
+        L{ServerDirError} saying which those are.
+        """
+        return _checkBackendOf(self.nodeinfo(), self.path.path, settings)
+
     def updateNodeinfo(self, changes: dict[str, Any]) -> None:
         """Change entries of C{.nodeinfo}, atomically (blocking: call from a thread)."""
         info = self.nodeinfo()
@@ -232,9 +240,19 @@ def checkCanInitialise(path: FilePath) -> None:
         )
 
 
+def _checkBackendOf(info: dict[str, Any], path: str, settings: Any) -> Any:
+    stored = (info.get("storage", "sqlite"), info.get("blobs", "files"))
+    if stored != (settings.storage, settings.blobs):
+        raise ServerDirError(
+            f"{path} was made with --storage {stored[0]} --blobs {stored[1]}, not "
+            f"--storage {settings.storage} --blobs {settings.blobs}; give the options it was made with"
+        )
+    return settings
+
+
 def initialise(
     path: FilePath,
-    storageName: str,
+    backend: Any,
     populate: Callable[[FilePath], None],
     nodeinfo: dict[str, Any] | None = None,
 ) -> ServerDir:
@@ -250,13 +268,13 @@ def initialise(
     @param nodeinfo: entries of C{.nodeinfo} besides the defaults (a
         replica's role and primary URL).
     """
-    with initialising(path, storageName, nodeinfo) as building:
+    with initialising(path, backend, nodeinfo) as building:
         populate(building)
     return ServerDir(path)
 
 
 @contextmanager
-def initialising(path: FilePath, storageName: str, nodeinfo: dict[str, Any] | None = None) -> Iterator[FilePath]:
+def initialising(path: FilePath, backend: Any, nodeinfo: dict[str, Any] | None = None) -> Iterator[FilePath]:
     """
     L{initialise} for a caller that populates the directory itself, and
     may await while it does (import): the block writes the storage.
@@ -266,7 +284,8 @@ def initialising(path: FilePath, storageName: str, nodeinfo: dict[str, Any] | No
         os.chmod(building.path, 0o700)
         _writeFile(
             building.child(".nodeinfo"),
-            json.dumps({"uuid": uuid.uuid4().hex, "role": "standalone", "storage": storageName,
+            json.dumps({"uuid": uuid.uuid4().hex, "role": "standalone", "storage": backend.storage,
+                        "blobs": backend.blobs,
                         **(nodeinfo or {})}).encode(),
         )
         _writeFile(building.child(".secret"), secrets.token_urlsafe(48).encode("ascii"), 0o600)

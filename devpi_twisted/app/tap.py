@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.logger import Logger
 
 from devpi_twisted.app.compose import buildServer, primaryPool, upstreamPool
 from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
@@ -22,9 +21,10 @@ from devpi_twisted.app.options import Options
 from devpi_twisted.app.serverdir import loadSecretFile
 from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
 from devpi_twisted.app.storageservice import StorageService
-from devpi_twisted.errors import ServerDirError, StorageError
+from devpi_twisted.errors import ServerDirError, StorageError, StorageUnavailable
+from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.storage.collector import BlobCollector
-from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.plugin import openBackends
 from devpi_twisted.storage.threads import ThreadRunner
 from devpi_twisted.web.changelog import FeedStopper
 
@@ -60,8 +60,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
             raise SystemExit(1)
     try:
         serverdir = openServerDir(config, noRootPypi=bool(options["no-root-pypi"]))
-        backend = findBackend(config.storage)
-    except (ServerDirError, StorageError) as e:
+    except (ServerDirError, StorageError, StorageUnavailable) as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
     # Stopped one child at a time, last first: listeners and requests in
@@ -71,7 +70,12 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         JSONLogService(config.jsonLog).setServiceParent(top)
     runner = ThreadRunner(reactor)
     runner.setServiceParent(top)
-    storage, blobs = backend.open(serverdir.path, runner, Logger())
+    try:
+        storage, blobs = openBackends(config.backend, serverdir.path, runner)
+    except (StorageError, StorageUnavailable) as e:
+        serverdir.unlock()
+        sys.stderr.write(f"devpi-twisted: {e}\n")
+        raise SystemExit(1)
     storageService = StorageService(serverdir, storage, blobs, reactor, config.requestsOnly)
     storageService.setServiceParent(top)
     collector = None
@@ -82,8 +86,14 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         collector.setServiceParent(top)
 
     try:
-        secret = loadSecretFile(config.secretFile) if config.secretFile else serverdir.secret()
-    except ServerDirError as e:
+        if config.secretFile:
+            secret = loadSecretFile(config.secretFile)
+        elif ISharedSecret.providedBy(storage):
+            # Nodes sharing the state share the secret: a login made on one is good on all.
+            secret = ISharedSecret(storage).sharedSecret(serverdir.secret())
+        else:
+            secret = serverdir.secret()
+    except (ServerDirError, StorageUnavailable) as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
     upstreamAgent, upstreamPoolService = upstreamPool(config, reactor)

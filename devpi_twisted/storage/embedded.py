@@ -1,5 +1,6 @@
 """
-The embedded default backend: SQLite metadata and files under C{+files/}.
+The embedded default backends: SQLite metadata (C{db.sqlite}) and files
+under C{+files/}, both in the server directory.
 """
 
 from typing import Any
@@ -10,8 +11,11 @@ from devpi_twisted.storage.blobs import FileBlobStore
 from devpi_twisted.storage.sqlite import SqliteStorage
 
 
-def openEmbedded(serverdir: FilePath, runner: Any, log: Any) -> tuple[SqliteStorage, FileBlobStore]:
-    """Open the database and blob store kept in C{serverdir}."""
-    storage = SqliteStorage(serverdir.child("db.sqlite"), runner)
-    blobs = FileBlobStore(serverdir.child("+files"), runner)
-    return storage, blobs
+def openSqlite(serverdir: FilePath, runner: Any, settings: Any) -> SqliteStorage:
+    """Open the database kept in C{serverdir}."""
+    return SqliteStorage(serverdir.child("db.sqlite"), runner)
+
+
+def openFiles(serverdir: FilePath, runner: Any, settings: Any) -> FileBlobStore:
+    """Open the blob store kept in C{serverdir}."""
+    return FileBlobStore(serverdir.child("+files"), runner)

@@ -2,8 +2,10 @@
 Threads owned by the storage service.
 
 Blocking database and file work never runs on the reactor thread.  The
-L{ThreadRunner} owns three pools: a single writer (so writes are serialised
-without locks), parallel readers, and file I/O.  L{SynchronousRunner} runs
+L{ThreadRunner} owns four pools: a single writer (so writes are serialised
+without locks), parallel readers, file I/O, and network blob I/O (an object
+store's requests wait on the network, so they get threads of their own and
+never hold up local file work).  L{SynchronousRunner} runs
 everything inline, for unit tests.
 """
 
@@ -26,6 +28,8 @@ class Runner(Protocol):
 
     def runFile(self, f: Callable[..., T], *args: Any) -> "Deferred[T]": ...
 
+    def runBlob(self, f: Callable[..., T], *args: Any) -> "Deferred[T]": ...
+
 
 class SynchronousRunner:
     """Runs each callable at once on the calling thread."""
@@ -35,6 +39,7 @@ class SynchronousRunner:
 
     runRead = runWrite
     runFile = runWrite
+    runBlob = runWrite
 
 
 class ThreadRunner(Service):
@@ -44,12 +49,13 @@ class ThreadRunner(Service):
     @param reactor: provides C{callFromThread}, to hand results back.
     """
 
-    def __init__(self, reactor: Any, readers: int = 4, files: int = 4) -> None:
+    def __init__(self, reactor: Any, readers: int = 4, files: int = 4, blobs: int = 16) -> None:
         self._reactor = reactor
         self._writer = ThreadPool(1, 1, name="devpi-storage-writer")
         self._readers = ThreadPool(1, readers, name="devpi-storage-reader")
         self._files = ThreadPool(1, files, name="devpi-storage-files")
-        self._pools = (self._writer, self._readers, self._files)
+        self._blobs = ThreadPool(1, blobs, name="devpi-storage-blobs")
+        self._pools = (self._writer, self._readers, self._files, self._blobs)
         self._started = False
 
     def start(self) -> None:
@@ -78,3 +84,6 @@ class ThreadRunner(Service):
 
     def runFile(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
         return deferToThreadPool(self._reactor, self._files, f, *args)
+
+    def runBlob(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
+        return deferToThreadPool(self._reactor, self._blobs, f, *args)

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from devpi_twisted.errors import DevpiError, InsufficientStorage, TooManyRequests, Unauthorized, diskFullError
+from devpi_twisted.errors import DevpiError, InsufficientStorage, StorageUnavailable, TooManyRequests, Unauthorized, diskFullError
 from devpi_twisted.web.responses import jsonBody
 
 log = Logger()
@@ -39,6 +39,7 @@ def renderDevpiError(request: IRequest, failure: Failure) -> bytes:
         request.setHeader(b"WWW-Authenticate", b'Basic realm="pypi"')
     if isinstance(error, TooManyRequests):
         request.setResponseCode(429, b"Too Many Requests")
+    if isinstance(error, (TooManyRequests, StorageUnavailable)):
         request.setHeader(b"Retry-After", str(error.retryAfter).encode("ascii"))
     return body
 
