@@ -50,7 +50,7 @@ def respond(request: IRequest, answer: FileAnswer, redirects: FileRedirects | No
     answer; a stored file goes by C{redirects} (C{--s3-redirect}) if given.
     """
     if isinstance(answer, StoredFile) and redirects is not None:
-        answer.file.close()
+        answer.file.close().addErrback(lambda f: None)  # nothing was read; nothing to lose
         return redirects.answer(request, answer.sha256, answer.filename)
     if isinstance(answer, StoredFile):
         return FileResponse(file=answer.file, size=answer.size, filename=answer.filename,
