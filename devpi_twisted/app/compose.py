@@ -45,6 +45,7 @@ from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.services.users import Users
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
+from devpi_twisted.web.files import fileRedirects
 from devpi_twisted.web.changelog import ChangelogFeed
 from devpi_twisted.web.headers import identityHeaders
 from devpi_twisted.web.limits import limitedRequestFactory
@@ -231,7 +232,8 @@ def buildServer(
     metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
                       throttle=throttle, upstream=upstreamStats, version=version)
     mirrors = CountingMirrors(realMirrors, metrics)
-    mirrorFiles = CountingMirrorFiles(MirrorFileAnswers(realMirrors), metrics)
+    mirrorFiles = CountingMirrorFiles(
+        MirrorFileAnswers(realMirrors, fileRedirects(config.backend.s3Redirect, blobs)), metrics)
     registry = makeRegistry(metrics)
     pages = SimplePages(storage, mirrors, runner, config.pageCacheSize)
     if replica is not None:

@@ -29,7 +29,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from devpi_twisted.errors import UpstreamError
+from devpi_twisted.errors import StorageUnavailable, UpstreamError
 from devpi_twisted.interfaces import IBlobReader, IBlobStore, IBlobWriter
 from devpi_twisted.model.upstream.common import UpstreamLink
 from devpi_twisted.storage import BlobInfo
@@ -139,12 +139,20 @@ class _LiveClient:
             self.sink.finish()
             self.done.callback(None)
 
-    def abort(self) -> None:
-        """The reader must not take the body as complete."""
+    def abort(self, reason: Failure | None = None) -> None:
+        """
+        The reader must not take the body as complete.  A sink that can
+        still answer otherwise (nothing sent yet) is told when our own
+        storage is the reason (C{unavailable}), so its client hears so.
+        """
         if not self.gone:
             self.gone = True
             self.sink.unregisterProducer()
-            self.sink.abort()
+            unavailable = getattr(self.sink, "unavailable", None)
+            if reason is not None and reason.check(StorageUnavailable) and unavailable is not None:
+                unavailable(reason.value)
+            else:
+                self.sink.abort()
             self.done.callback(None)
 
 
@@ -288,8 +296,13 @@ class FileFetch(Protocol):
 
     def _writeFailed(self, failure: Failure) -> None:
         self._writing = None
-        log.failure("writing a mirror file failed", failure=failure)
-        self._ended = Failure(UpstreamError(f"cannot store {self.link.filename}: {failure.getErrorMessage()}"))
+        if failure.check(StorageUnavailable):
+            # The object store is down, not upstream: kept as it is (the
+            # mirror logs it in one line, without a traceback).
+            self._ended = failure
+        else:
+            log.failure("writing a mirror file failed", failure=failure)
+            self._ended = Failure(UpstreamError(f"cannot store {self.link.filename}: {failure.getErrorMessage()}"))
         if self.transport is not None:
             self.transport.stopProducing()
         self._fail(self._ended)
@@ -352,7 +365,7 @@ class FileFetch(Protocol):
         if self.result.called:
             return
         for client in self.live:
-            client.abort()
+            client.abort(failure)
         self._writer.abort().addErrback(lambda f: log.failure("dropping a failed download", failure=f))
         self._settle(failure)
 

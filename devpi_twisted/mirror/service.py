@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from devpi_twisted.model.coalesce import Coalescer
-from devpi_twisted.errors import NotFound, UpstreamError
+from devpi_twisted.errors import NotFound, StorageUnavailable, UpstreamError
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage
@@ -210,7 +210,9 @@ class Mirrors(MultiService):
         return fetch
 
     def _failed(self, failure: Failure, stage: Stage, link: UpstreamLink) -> None:
-        self.pages.state(stage).status.failed(failure.getErrorMessage())
+        if not failure.check(StorageUnavailable):
+            # Our own storage failing says nothing about upstream.
+            self.pages.state(stage).status.failed(failure.getErrorMessage())
         log.warn("mirror file {filename} was not stored: {error}", filename=link.filename,
                  error=failure.getErrorMessage())
 
@@ -239,8 +241,16 @@ class Mirrors(MultiService):
     def _record(self, fetched: FetchedFile, stage: Stage, project: str, link: UpstreamLink) -> Deferred[Any]:
         entry = self.mirrorEntry(fetched, stage, project, link)
         d = self._storage.write(lambda txn: writeFileEntry(txn, stage.user, stage.index, entry))
-        d.addErrback(lambda f: log.failure("recording mirror file {filename}", failure=f, filename=link.filename))
+        d.addErrback(self._recordFailed, link)
         return d
+
+    def _recordFailed(self, failure: Failure, link: UpstreamLink) -> None:
+        """The file was served and verified, but not recorded: the next request fetches it again."""
+        if failure.check(StorageUnavailable):
+            log.warn("mirror file {filename} was served but not recorded: {error}",
+                     filename=link.filename, error=failure.getErrorMessage())
+        else:
+            log.failure("recording mirror file {filename}", failure=failure, filename=link.filename)
 
     async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink) -> StoredFile:
         file = await self._blobs.open(fetched.blob.sha256)

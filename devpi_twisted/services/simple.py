@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 from twisted.logger import Logger
 
 from devpi_twisted.model.coalesce import Coalescer
-from devpi_twisted.errors import NotFound, UpstreamError
+from devpi_twisted.errors import NotFound, StorageUnavailable, UpstreamError
 from devpi_twisted.interfaces import IReadView, IStorage
 from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage, contributingStages, resolutionOrder
@@ -352,6 +352,25 @@ class SimplePages:
         cached = self.cachedProjectPage(cacheKey, project)
         if cached is not None:
             return cached
+        try:
+            return await self._buildProjectPage(cacheKey, project)
+        except StorageUnavailable as e:
+            # A page that no change has dropped, only the mirrors' freshness
+            # has expired, is still the best answer while storage is down.
+            stale = self._keptProjectPage(cacheKey, project)
+            if stale is None:
+                raise
+            self.log.warn("storage unavailable ({error}): serving the kept page of {project} on {user}/{index}",
+                          error=e.message, project=project, user=user, index=index)
+            return stale
+
+    def _keptProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage | None:
+        """The cached page whatever the mirrors' freshness (changes drop pages, not expiry)."""
+        hit = self.cache.get(("project", project, *cacheKey[:-1], None)) or self.cache.get(("project", project, *cacheKey))
+        return None if hit is None else hit[0]
+
+    async def _buildProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage:
+        user, index, mediaType, rootPrefix, installer, baseURL = cacheKey
         serialBefore = self._storage.currentSerial()
         collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix, baseURL))
         files = list(collected.files)
@@ -466,7 +485,16 @@ class SimplePages:
         if cached is not None and self._listFresh(cached):
             return cached.page
         generation = self._listGeneration
-        return await self._listBuilds.run((key, generation), lambda: self._buildList(key, generation))
+        try:
+            return await self._listBuilds.run((key, generation), lambda: self._buildList(key, generation))
+        except StorageUnavailable as e:
+            # Kept until a change drops it: its mirrors' names merely expired.
+            cached = self.cache.get(key)
+            if cached is None:
+                raise
+            self.log.warn("storage unavailable ({error}): serving the kept project list of {user}/{index}",
+                          error=e.message, user=user, index=index)
+            return cached.page
 
     def _listFresh(self, cached: _CachedList) -> bool:
         """Whether every mirror's names in C{cached} are still current, without any I/O."""

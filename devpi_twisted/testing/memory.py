@@ -5,6 +5,12 @@ They keep the same promises as the embedded backend (one serial per change,
 history for reads as of a serial, nothing committed when a transaction
 raises) and answer with already-fired Deferreds, so unit tests stay
 synchronous.
+
+Both have an C{unavailable} switch: while it is on, every operation fails
+with L{StorageUnavailable}, as a database or bucket that cannot be reached
+does, and once it is off again they work as before (the real backends
+reconnect by themselves).  L{PresigningMemoryBlobStore} also signs URLs
+(L{IPresigningBlobStore}), as an S3 bucket does.
 """
 
 import copy
@@ -16,7 +22,8 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 
-from devpi_twisted.interfaces import IBlobStore, IBlobWriter, IReadView, IStorage, IWriteTransaction
+from devpi_twisted.errors import StorageUnavailable
+from devpi_twisted.interfaces import IBlobReader, IBlobStore, IBlobWriter, IPresigningBlobStore, IReadView, IStorage, IWriteTransaction
 from devpi_twisted.storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
 from devpi_twisted.storage.readers import BytesReader, RunFile
 
@@ -37,6 +44,10 @@ def _answerWith(later: RunFile) -> Callable[["Deferred[Any]"], "Deferred[Any]"]:
         return delivered
 
     return deliver
+
+
+def _unreachable(what: str) -> StorageUnavailable:
+    return StorageUnavailable(f"the {what} is unreachable just now; try again shortly")
 
 
 def _copy(value: Any) -> Any:
@@ -98,6 +109,11 @@ class MemoryStorage:
         self._log: list[ChangeRecord] = []
         self._subscribers: list[Callable[[ChangeRecord], None]] = []
         self.closed = False
+        self.unavailable = False  # on: every operation fails with StorageUnavailable
+
+    def _down(self) -> "Deferred[Any] | None":
+        """The failure every operation answers while the database is unreachable."""
+        return self._answer(fail(_unreachable("database"))) if self.unavailable else None
 
     def currentSerial(self) -> int:
         return len(self._log) - 1
@@ -106,6 +122,8 @@ class MemoryStorage:
         return self._log[-1].time if self._log else None
 
     def read(self, function: Callable[[IReadView], T]) -> Deferred[T]:
+        if (down := self._down()) is not None:
+            return down
         try:
             return self._answer(succeed(function(_View(self._state, self.currentSerial()))))
         except Exception as e:
@@ -122,12 +140,16 @@ class MemoryStorage:
         return state
 
     def readAsOf(self, serial: int, function: Callable[[IReadView], T]) -> Deferred[T]:
+        if (down := self._down()) is not None:
+            return down
         try:
             return self._answer(succeed(function(_View(self._stateAsOf(serial), serial))))
         except Exception as e:
             return self._answer(fail(e))
 
     def write(self, function: Callable[[IWriteTransaction], T]) -> Deferred[tuple[int, T]]:
+        if (down := self._down()) is not None:
+            return down
         txn = _Transaction(self._state, self.currentSerial())
         try:
             result = function(txn)
@@ -150,6 +172,8 @@ class MemoryStorage:
             callback(record)
 
     def applyChange(self, record: ChangeRecord) -> Deferred[int]:
+        if (down := self._down()) is not None:
+            return down
         if record.serial != self.currentSerial() + 1:
             return self._answer(fail(SerialMismatch(f"change {record.serial} cannot follow serial {self.currentSerial()}")))
         changes = {k: None if v is None else _copy(v) for k, v in record.changes.items()}
@@ -157,6 +181,8 @@ class MemoryStorage:
         return self._answer(succeed(record.serial))
 
     def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
+        if (down := self._down()) is not None:
+            return down
         return self._answer(succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]]))
 
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
@@ -164,9 +190,13 @@ class MemoryStorage:
         return lambda: self._subscribers.remove(callback)
 
     def referencedBlobs(self) -> Deferred[set[str]]:
+        if (down := self._down()) is not None:
+            return down
         return self._answer(succeed({ref for ref in map(blobRef, self._state.values()) if ref}))
 
     def isBlobReferenced(self, sha256: str) -> Deferred[bool]:
+        if (down := self._down()) is not None:
+            return down
         return self._answer(succeed(any(blobRef(v) == sha256 for v in self._state.values())))
 
     def close(self) -> Deferred[None]:
@@ -183,6 +213,8 @@ class _MemoryBlobWriter:
         self._info: BlobInfo | None = None
 
     def write(self, data: bytes) -> Deferred[None]:
+        if (down := self._store._down()) is not None:
+            return down
         if self._info is not None:
             return self._store._answer(fail(ValueError("write after close")))
         self._buffer.write(data)
@@ -197,21 +229,45 @@ class _MemoryBlobWriter:
         return self._info
 
     def close(self) -> Deferred[BlobInfo]:
+        if (down := self._store._down()) is not None:
+            return down
         return self._store._answer(succeed(self._close()))
 
     def read(self, function: Callable[[Any], T]) -> Deferred[T]:
+        if (down := self._store._down()) is not None:
+            return down
         try:
             return self._store._answer(succeed(function(io.BytesIO(self._buffer.getvalue()))))
         except Exception as e:
             return self._store._answer(fail(e))
 
     def commit(self) -> Deferred[BlobInfo]:
+        if (down := self._store._down()) is not None:
+            return down
         info = self._close()
         self._store.stored(info.sha256, self._buffer.getvalue())
         return self._store._answer(succeed(info))
 
     def abort(self) -> Deferred[None]:
         return self._store._answer(succeed(None))
+
+
+@implementer(IBlobReader)
+class _MemoryBlobReader(BytesReader):
+    """
+    An open blob of the memory store: not a local file (no C{fileno}), as
+    a bucket's object is not, and its reads fail while the store is
+    unavailable.
+    """
+
+    def __init__(self, store: "MemoryBlobStore", data: bytes) -> None:
+        super().__init__(data, store._later)
+        self._store = store
+
+    def _startRead(self, size: int, position: int) -> "Deferred[bytes]":
+        if self._store.unavailable:
+            return self._store._answer(fail(_unreachable("object store")))
+        return super()._startRead(size, position)
 
 
 @implementer(IBlobStore)
@@ -231,6 +287,11 @@ class MemoryBlobStore:
         self.blobs: dict[str, bytes] = {}
         self.storedAt: dict[str, float] = {}
         self.retired: dict[str, tuple[bytes, float]] = {}
+        self.unavailable = False  # on: every operation fails with StorageUnavailable
+
+    def _down(self) -> "Deferred[Any] | None":
+        """The failure every operation answers while the bucket is unreachable."""
+        return self._answer(fail(_unreachable("object store"))) if self.unavailable else None
 
     def stored(self, sha256: str, data: bytes) -> None:
         if sha256 in self.retired:
@@ -248,19 +309,27 @@ class MemoryBlobStore:
         return _MemoryBlobWriter(self, tuple(extraHashes))
 
     def open(self, sha256: str) -> Deferred[Any]:
+        if (down := self._down()) is not None:
+            return down
         self._restore(sha256)
         data = self.blobs.get(sha256)
-        return self._answer(succeed(None if data is None else BytesReader(data, self._later)))
+        return self._answer(succeed(None if data is None else _MemoryBlobReader(self, data)))
 
     def exists(self, sha256: str) -> Deferred[bool]:
+        if (down := self._down()) is not None:
+            return down
         return self._answer(succeed(sha256 in self.blobs or self._restore(sha256)))
 
     def delete(self, sha256: str) -> Deferred[None]:
+        if (down := self._down()) is not None:
+            return down
         self.blobs.pop(sha256, None)
         self.retired.pop(sha256, None)
         return self._answer(succeed(None))
 
     def deleteUnreferenced(self, referenced: set[str]) -> Deferred[int]:
+        if (down := self._down()) is not None:
+            return down
         for digest in [d for d in self.retired if d in referenced]:
             self._restore(digest)
         gone = [d for d in self.blobs if d not in referenced]
@@ -271,6 +340,8 @@ class MemoryBlobStore:
         return self._answer(succeed(removed))
 
     def collect(self, referenced: set[str], now: float, grace: float) -> Deferred[CollectResult]:
+        if (down := self._down()) is not None:
+            return down
         restored = deleted = retired = 0
         for digest, (_, retiredAt) in list(self.retired.items()):
             if digest in referenced:
@@ -283,3 +354,22 @@ class MemoryBlobStore:
                 self.retired[digest] = (self.blobs.pop(digest), now)
                 retired += 1
         return self._answer(succeed(CollectResult(retired=retired, restored=restored, deleted=deleted)))
+
+
+@implementer(IPresigningBlobStore)
+class PresigningMemoryBlobStore(MemoryBlobStore):
+    """
+    A memory blob store that signs URLs, as an S3 bucket does; C{signed}
+    records every signing as C{(sha256, filename, contentType, expires)}.
+    The URL is a fake: nothing answers it.
+    """
+
+    base = "https://bucket.test/blobs/"
+
+    def __init__(self, later: RunFile = maybeDeferred) -> None:
+        super().__init__(later)
+        self.signed: list[tuple[str, str, str, int]] = []
+
+    def presignedURL(self, sha256: str, filename: str, contentType: str, expires: int) -> str:
+        self.signed.append((sha256, filename, contentType, expires))
+        return f"{self.base}{sha256}?filename={filename}&expires={expires}&signature=fake"

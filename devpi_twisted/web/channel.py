@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
-from devpi_twisted.errors import DevpiError, TooManyRequests, Unauthorized
+from devpi_twisted.errors import DevpiError, StorageUnavailable, TooManyRequests, Unauthorized
 from devpi_twisted.web.responses import rawAnswer
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class DevpiChannel(HTTPChannel):
         headers: list[tuple[bytes, bytes]] = []
         if isinstance(error, Unauthorized) and getattr(error, "challenge", False):
             headers.append((b"WWW-Authenticate", b'Basic realm="pypi"'))
-        if isinstance(error, TooManyRequests):
+        if isinstance(error, (TooManyRequests, StorageUnavailable)):
             headers.append((b"Retry-After", str(error.retryAfter).encode("ascii")))
         buffered, self._gateBuffer = sum(map(len, self._gateBuffer)), None
         self.requests[-1].refuse(error.status, error.message, headers, close=False)

@@ -3,11 +3,15 @@ The one place that maps errors to HTTP.
 
 Domain errors carry their status; routing misses from Werkzeug carry theirs;
 a full disk is 507 (logged in one line: the operator must free space);
+storage that cannot be reached is 503 with C{Retry-After} (logged in one
+warning line, at most every L{OUTAGE_LOG_INTERVAL} seconds, with how many
+requests it refused meanwhile: an outage must not flood the log);
 anything else is a bug: logged with its traceback, answered with a plain 500
 and no traceback.  Every error body is JSON C{{"message": ...}}.
 """
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +22,40 @@ from devpi_twisted.errors import DevpiError, InsufficientStorage, StorageUnavail
 from devpi_twisted.web.responses import jsonBody
 
 log = Logger()
+
+OUTAGE_LOG_INTERVAL = 10.0
+
+
+class OutageLog:
+    """
+    Logs refusals for unreachable storage as one warning line, then at most
+    one every C{interval} seconds that counts those left out.  A storage
+    outage is the operator's to fix, not a bug: no traceback.
+    """
+
+    def __init__(self, interval: float = OUTAGE_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._quiet = 0
+
+    def refused(self, request: IRequest, error: StorageUnavailable) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            self._quiet += 1
+            return
+        quiet, self._quiet, self._last = self._quiet, 0, now
+        log.warn(
+            "storage unavailable: {method} {path} answered 503 ({error}){more}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            error=error.message, refusedBefore=quiet,
+            more=f"; {quiet} more refused since the last such line" if quiet else "",
+        )
+
+
+outageLog = OutageLog()
 
 
 def _reason(message: str) -> bytes:
@@ -31,6 +69,8 @@ def renderDevpiError(request: IRequest, failure: Failure) -> bytes:
     assert isinstance(error, DevpiError)
     if isinstance(error, InsufficientStorage):
         _logDiskFull(request, failure)
+    if isinstance(error, StorageUnavailable):
+        outageLog.refused(request, error)
     body = jsonBody(request, error.status, message=error.message)
     if getattr(error, "reasonPhrase", False):
         # twine and setuptools show the reason phrase, not the body.

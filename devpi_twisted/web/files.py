@@ -20,8 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.storage.readers import BytesReader
-from devpi_twisted.interfaces import ILocalBlobReader
+from devpi_twisted.interfaces import ILocalBlobReader, IPresigningBlobStore
 
 CHUNK = 256 * 1024
 # The most one connection sends with sendfile before the others get a turn
@@ -180,7 +181,10 @@ class _FileProducer:
         self._reading = False
         if self._reader is None:
             return
-        log.failure("reading a stored file; connection aborted", failure)
+        if failure.check(StorageUnavailable):
+            log.warn("reading a stored file failed ({error}); connection aborted", error=failure.getErrorMessage())
+        else:
+            log.failure("reading a stored file; connection aborted", failure)
         self._abort()
 
     def _sendDirect(self) -> bool:
@@ -344,6 +348,38 @@ class FileResponse(Resource):
 
     def render(self, request: IRequest) -> Any:
         return serveBytesOrFile(request, **self._kwargs)
+
+
+PRESIGNED_EXPIRES = 300
+"""Seconds a presigned URL of C{--s3-redirect} stays valid."""
+
+
+class FileRedirects:
+    """
+    C{--s3-redirect}: a stored file is answered with a redirect to a
+    short-lived presigned URL of the blob store, which then serves the
+    bytes (and ranges) itself.  The redirect must not outlive the URL, so
+    it is never cached.
+    """
+
+    def __init__(self, blobs: Any, expires: int = PRESIGNED_EXPIRES) -> None:
+        self._blobs = blobs
+        self._expires = expires
+
+    def answer(self, request: IRequest, sha256: str, filename: str) -> bytes:
+        url = self._blobs.presignedURL(sha256, filename, contentTypeFor(filename).decode("ascii"), self._expires)
+        request.setResponseCode(302)
+        request.setHeader(b"Location", url.encode("utf-8"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", b"0")
+        return b""
+
+
+def fileRedirects(redirect: bool, blobs: Any) -> FileRedirects | None:
+    """The redirects to presigned URLs, if asked for and the blob store can sign them."""
+    if redirect and IPresigningBlobStore.providedBy(blobs):
+        return FileRedirects(blobs)
+    return None
 
 
 def metadataResponse(distFilename: str, data: bytes, lastModified: str | None = None) -> "FileResponse":

@@ -10,6 +10,7 @@ upstream; or the headers alone for a HEAD.
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -18,8 +19,10 @@ from zope.interface import implementer
 from devpi_twisted.mirror.files import (
     CoreMetadata, Elsewhere, FileAnswer, ILiveSink, LinkOnly, LiveFile, StoredFile,
 )
+from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.model.inheritance import Stage
-from devpi_twisted.web.files import IMMUTABLE, FileResponse, contentTypeFor, metadataResponse
+from devpi_twisted.web.errors import renderDevpiError
+from devpi_twisted.web.files import IMMUTABLE, FileRedirects, FileResponse, contentTypeFor, metadataResponse
 
 
 class MirrorFileSource(Protocol):
@@ -32,15 +35,23 @@ class MirrorFileSource(Protocol):
 class MirrorFileAnswers:
     """Answers file requests of mirror indexes for files not stored here yet."""
 
-    def __init__(self, mirrors: MirrorFileSource) -> None:
+    def __init__(self, mirrors: MirrorFileSource, redirects: FileRedirects | None = None) -> None:
         self._mirrors = mirrors
+        self._redirects = redirects
 
     async def answer(self, request: IRequest, stage: Stage, relpath: str) -> Any:
-        return respond(request, await self._mirrors.fileAnswer(stage, relpath, request.method != b"HEAD"))
+        return respond(request, await self._mirrors.fileAnswer(stage, relpath, request.method != b"HEAD"),
+                       self._redirects)
 
 
-def respond(request: IRequest, answer: FileAnswer) -> Any:
-    """The response (bytes or a resource for Klein to render) for a mirror's answer."""
+def respond(request: IRequest, answer: FileAnswer, redirects: FileRedirects | None = None) -> Any:
+    """
+    The response (bytes or a resource for Klein to render) for a mirror's
+    answer; a stored file goes by C{redirects} (C{--s3-redirect}) if given.
+    """
+    if isinstance(answer, StoredFile) and redirects is not None:
+        answer.file.close().addErrback(lambda f: None)  # nothing was read; nothing to lose
+        return redirects.answer(request, answer.sha256, answer.filename)
     if isinstance(answer, StoredFile):
         return FileResponse(file=answer.file, size=answer.size, filename=answer.filename,
                             etag=b'"' + answer.sha256.encode("ascii") + b'"', lastModified=answer.lastModified)
@@ -100,6 +111,21 @@ class RequestSink:
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._request.registerProducer(producer, streaming)
         self._request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+
+    def unavailable(self, error: StorageUnavailable) -> None:
+        """
+        Our storage failed while storing the file: a 503 with C{Retry-After}
+        while nothing was sent yet, else a broken connection.
+        """
+        request = self._request
+        if request.startedWriting or request.finished or request.channel is None:
+            self.abort()
+            return
+        for name in (b"Content-Length", b"ETag", b"Cache-Control", b"X-Accel-Buffering"):
+            request.responseHeaders.removeHeader(name)
+        body = renderDevpiError(request, Failure(error))
+        request.write(body)
+        request.finish()
 
     def abort(self) -> None:
         """Break the connection: the client must not take the body as complete."""

@@ -23,7 +23,7 @@ from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
-from devpi_twisted.web.files import FileResponse, metadataResponse
+from devpi_twisted.web.files import FileRedirects, FileResponse, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.pages import redirect
@@ -44,8 +44,9 @@ class ProjectViews:
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
                  auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None, mirrorFiles: Any = None,
-                 runFile: Callable[..., Any] = maybeDeferred) -> None:
+                 runFile: Callable[..., Any] = maybeDeferred, redirects: FileRedirects | None = None) -> None:
         self._runFile = runFile  # large JSON bodies are decoded off the reactor
+        self._redirects = redirects
         self._queries = queries
         self._mirrors = mirrors
         self._mirrorFiles = mirrorFiles
@@ -163,6 +164,10 @@ class ProjectViews:
             return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
             return jsonBody(request, result=fileMeta(entry), type="releasefilemeta")
+        if self._redirects is not None:
+            if self._knownFiles is not None:
+                self._knownFiles.remember(request.path, entry)
+            return self._redirects.answer(request, entry["sha256"], entry["filename"])
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound(f"content of {entry['filename']} is missing on this server")

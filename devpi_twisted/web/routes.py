@@ -30,6 +30,7 @@ from devpi_twisted.services.users import Users
 from devpi_twisted.web.api import APIViews
 from devpi_twisted.web.changelog import ChangelogFeed
 from devpi_twisted.web.errors import HANDLERS
+from devpi_twisted.web.files import fileRedirects
 from devpi_twisted.web.headers import DevpiHeadersResource, contentTypeOf
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
@@ -274,8 +275,9 @@ def makeWebResource(
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
     knownFiles = KnownFiles(storage)
+    redirects = fileRedirects(config.backend.s3Redirect, blobs)
     if mirrorFiles is None and mirrors is not None:
-        mirrorFiles = MirrorFileAnswers(mirrors)
+        mirrorFiles = MirrorFileAnswers(mirrors, redirects)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
@@ -283,7 +285,7 @@ def makeWebResource(
                  runFile=runFile),
         pageViews,
         ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles,
-                     runFile),
+                     runFile, redirects),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),
@@ -291,6 +293,6 @@ def makeWebResource(
         metrics,
     )
     return DevpiHeadersResource(
-        CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs)),
+        CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
         storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version,
     )

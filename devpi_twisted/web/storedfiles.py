@@ -21,11 +21,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.fileentries import altersFilePaths
 from devpi_twisted.storage import ChangeRecord
-from devpi_twisted.web.files import serveBytesOrFile
+from devpi_twisted.web.files import FileRedirects, serveBytesOrFile
 
 log = Logger()
 
@@ -65,9 +66,10 @@ class KnownFiles:
 class KnownFileAnswers:
     """Answers GET and HEAD for known file paths; C{None} sends a request the routed way."""
 
-    def __init__(self, files: KnownFiles, blobs: IBlobStore) -> None:
+    def __init__(self, files: KnownFiles, blobs: IBlobStore, redirects: FileRedirects | None = None) -> None:
         self._files = files
         self._blobs = blobs
+        self._redirects = redirects
 
     def answer(self, request: IRequest, routed: Resource) -> Any:
         if b"/+f/" not in request.path or wantsJSONAPI(request.getHeader(b"accept")):
@@ -75,6 +77,8 @@ class KnownFileAnswers:
         known = self._files.get(request.path)
         if known is None:
             return None
+        if self._redirects is not None:
+            return self._redirects.answer(request, known.sha256, known.filename)
         opening: Deferred[Any] = self._blobs.open(known.sha256)
         opening.addCallbacks(lambda file: self._send(request, routed, known, file),
                              lambda failure: self._routedLater(request, routed, failure))
@@ -92,7 +96,10 @@ class KnownFileAnswers:
             request.finish()
 
     def _routedLater(self, request: IRequest, routed: Resource, failure: Failure | None) -> None:
-        if failure is not None:
+        if failure is not None and failure.check(StorageUnavailable):
+            log.warn("opening a known file failed ({error}); answering through the routes",
+                     error=failure.getErrorMessage())
+        elif failure is not None:
             log.failure("opening a known file failed; answering through the routes", failure=failure)
         if _gone(request):
             return
