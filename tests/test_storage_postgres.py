@@ -126,6 +126,42 @@ class TwoNodesTests(TestCase):
         listener.join(1.0)
         self.assertFalse(listener.is_alive())
 
+    async def test_bothWritingWhileFollowing(self) -> None:
+        """Both nodes writing at once, both following: each hears every change once, in serial order."""
+        heard: dict[str, list[int]] = {"one": [], "two": []}
+        for name, node in (("one", self.one), ("two", self.two)):
+            node.subscribe(lambda r, name=name: heard[name].append(r.serial))
+            node.startWatching(reactor)
+        await deferLater(reactor, 0.3, lambda: None)
+        await gatherResults([node.write(lambda txn, i=i: txn.set(f"k{i}", i))
+                             for i in range(10) for node in (self.one, self.two)])
+        await _until(lambda: len(heard["one"]) >= 20 and len(heard["two"]) >= 20, 2.0)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(heard, {"one": list(range(20)), "two": list(range(20))})
+        self.assertEqual((self.one.currentSerial(), self.two.currentSerial()), (19, 19))
+
+    async def test_storageServiceFollowsAtOnce(self) -> None:
+        """The storage service follows the other nodes from its start on a shared storage, and stops promptly."""
+        from devpi_twisted.app.serverdir import ServerDir
+        from devpi_twisted.app.storageservice import StorageService
+        from devpi_twisted.testing import MemoryBlobStore
+
+        path = FilePath(self.mktemp())
+        path.makedirs()
+        service = StorageService(ServerDir(path), self.two, MemoryBlobStore(), reactor)
+        service.startService()
+        self.assertTrue(self.two.isWatching())
+        heard: list[Any] = []
+        self.two.subscribe(heard.append)
+        await service.whenReady()
+        await deferLater(reactor, 0.3, lambda: None)
+        await self.one.write(lambda txn: txn.set("a", 1))
+        await _until(lambda: len(heard) == 1, 1.0)
+        start = time.monotonic()
+        await service.stopService()
+        self.assertLess(time.monotonic() - start, 1.5)
+        self.assertFalse(self.two.isWatching())
+
     def test_sharedSecret(self) -> None:
         """The first node's candidate becomes the secret; the second gets the same one, not its own."""
         self.assertTrue(ISharedSecret.providedBy(self.one))

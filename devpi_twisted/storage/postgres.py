@@ -287,7 +287,9 @@ class PostgresStorage:
 
     def _newPool(self) -> ConnectionPool:
         pool: ConnectionPool = ConnectionPool(
-            self._dsn, min_size=1, max_size=self._poolSize, open=False, timeout=5.0,
+            # The runner bounds how many calls run at once (below max_size), so
+            # a call waits only for a new connection: never long when the server answers.
+            self._dsn, min_size=2, max_size=self._poolSize, open=False, timeout=1.0,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, name="devpi-postgres",
         )
         try:
@@ -329,12 +331,15 @@ class PostgresStorage:
         return self._usablePool()
 
     def _trip(self, pool: ConnectionPool, error: BaseException) -> None:
-        """Open the breaker: the pool's connections are gone; later calls fail fast until a probe works."""
+        """
+        Open the breaker: the pool's connections are gone; later calls fail
+        fast until a probe works.  The next call probes at once (a server
+        that restarted is back for it), later ones at most once a second.
+        """
         with self._lock:
             if self._pool is not pool:
                 return
             self._pool = None
-            self._lastProbe = time.monotonic()
         log.warn("lost PostgreSQL at {where}: {error}", where=self._where, error=_firstLine(error))
         pool.close(timeout=0)
 
