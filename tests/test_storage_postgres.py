@@ -171,6 +171,33 @@ class TwoNodesTests(TestCase):
         self.assertEqual(self.one.currentSerial(), -1)  # not a change: not in the changelog or exports
 
 
+class OpenTests(TestCase):
+    def test_nodesOpeningAtOnce(self) -> None:
+        """Several nodes creating the schema at the same moment all open it."""
+        import threading
+
+        from devpi_twisted.storage.postgres import PostgresStorage
+
+        dsn = sharedPostgreSQL().newDatabase()
+        opened: list[Any] = []
+        errors: list[BaseException] = []
+
+        def openOne() -> None:
+            try:
+                opened.append(PostgresStorage(dsn, SynchronousRunner()))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=openOne) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for storage in opened:
+            self.addCleanup(storage.close)
+        self.assertEqual((len(opened), errors), (4, []))
+
+
 class FaultTests(TestCase):
     """A private PostgreSQL stopped and started under the storage."""
 

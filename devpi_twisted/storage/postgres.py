@@ -21,8 +21,8 @@ snapshot.
 
 Every blocking call runs in the runner's threads.  When PostgreSQL cannot
 be reached, a circuit breaker makes every call fail at once with
-L{StorageUnavailable}; a probe (at most once a second, made by the next
-call) builds a fresh connection pool once the server answers again.
+L{StorageUnavailable}; a probe (made by the next call, then at most once
+a second) builds a fresh connection pool once the server answers again.
 """
 
 import base64
