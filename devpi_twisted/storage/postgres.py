@@ -267,11 +267,11 @@ class PostgresStorage:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 _createSchema(conn)
                 self._serial, self._lastTime = _lastSerial(conn)
+            self._pool: ConnectionPool | None = self._newPool()
         except psycopg.OperationalError as e:
             raise StorageUnavailable(f"cannot reach PostgreSQL at {self._where}: {_firstLine(e)}") from e
         except psycopg.Error as e:
             raise StorageError(f"cannot use PostgreSQL at {self._where}: {_firstLine(e)}") from e
-        self._pool: ConnectionPool | None = self._newPool()
         # Subscribers have been told of every serial up to _told, and of
         # those in _toldAhead (own commits that overtook a catch-up).
         self._told = self._serial
