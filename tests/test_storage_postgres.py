@@ -170,6 +170,13 @@ class TwoNodesTests(TestCase):
         self.assertEqual(self.two.sharedSecret(b"second-secret"), first)
         self.assertEqual(self.one.currentSerial(), -1)  # not a change: not in the changelog or exports
 
+    def test_sharedUUID(self) -> None:
+        """Nodes share the first node's uuid, so replicas and clients see one server."""
+        self.assertEqual(self.one.sharedUUID("a" * 32), "a" * 32)
+        self.assertEqual(self.two.sharedUUID("b" * 32), "a" * 32)
+        self.assertEqual(self.two.sharedSecret(b"s"), b"s")  # a value of its own
+        self.assertEqual(self.one.currentSerial(), -1)
+
 
 class OpenTests(TestCase):
     def test_nodesOpeningAtOnce(self) -> None:

@@ -96,12 +96,19 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     except (ServerDirError, StorageUnavailable) as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
+    nodeinfo = serverdir.nodeinfo()
+    if ISharedSecret.providedBy(storage) and config.primaryURL is None:
+        try:
+            nodeinfo = {**nodeinfo, "uuid": ISharedSecret(storage).sharedUUID(nodeinfo["uuid"])}
+        except StorageUnavailable as e:
+            sys.stderr.write(f"devpi-twisted: {e}\n")
+            raise SystemExit(1)
     upstreamAgent, upstreamPoolService = upstreamPool(config, reactor)
     primaryAgent, primaryPoolService = primaryPool(config, reactor) if config.primaryURL else (None, None)
     server = buildServer(
         config,
         reactor=reactor,
-        nodeinfo=serverdir.nodeinfo(),
+        nodeinfo=nodeinfo,
         storage=storage,
         blobs=blobs,
         runner=runner,

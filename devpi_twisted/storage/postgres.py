@@ -497,18 +497,24 @@ class PostgresStorage:
 
     # ISharedSecret
 
-    def sharedSecret(self, candidate: bytes) -> bytes:
-        """The secret every node uses; the first node's candidate becomes it.  Blocking."""
+    def _shared(self, name: str, candidate: str) -> str:
+        """The value of C{name} every node uses; the first node's candidate becomes it.  Blocking."""
 
-        def work(conn: psycopg.Connection) -> bytes:
+        def work(conn: psycopg.Connection) -> str:
             conn.execute(
-                "INSERT INTO devpi_meta (name, value) VALUES ('secret', %s) ON CONFLICT (name) DO NOTHING",
-                (base64.b64encode(candidate).decode("ascii"),),
+                "INSERT INTO devpi_meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, candidate),
             )
-            row = conn.execute("SELECT value FROM devpi_meta WHERE name = 'secret'").fetchone()
-            return base64.b64decode(row[0])
+            row = conn.execute("SELECT value FROM devpi_meta WHERE name = %s", (name,)).fetchone()
+            return row[0]
 
         return self._run(work)
+
+    def sharedSecret(self, candidate: bytes) -> bytes:
+        return base64.b64decode(self._shared("secret", base64.b64encode(candidate).decode("ascii")))
+
+    def sharedUUID(self, candidate: str) -> str:
+        return self._shared("uuid", candidate)
 
     # following other nodes
 
