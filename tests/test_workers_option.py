@@ -108,10 +108,11 @@ class ChildCommandTests(SynchronousTestCase):
                          (7, True, 2.5, 99))
 
     def test_unsetOptionsStayUnset(self) -> None:
-        """An option the main has no value for is taken out of the child's environment, flags set to 0."""
-        main = self.parse(["--serverdir", self.mktemp()], {})
+        """An option the main has no value for (or that only the main uses) is taken out of the child's environment."""
+        main = self.parse(["--serverdir", self.mktemp(), "--json-log", "-"], {})
         _, env = childCommand(main, [], {"DEVPI_TWISTED_OUTSIDE_URL": "http://stale"}, twistd=["t"])
         self.assertNotIn("DEVPI_TWISTED_OUTSIDE_URL", env)
+        self.assertNotIn("DEVPI_TWISTED_JSON_LOG", env)  # the main logs the relayed events
         self.assertEqual(env["DEVPI_TWISTED_OFFLINE_MODE"], "0")
         self.assertEqual(env["DEVPI_TWISTED_REQUESTS_ONLY"], "1")
 
@@ -333,12 +334,13 @@ class WorkersProcessTests(RealServerCase):
     async def test_workers(self) -> None:
         """
         Both processes accept connections, an upload through either is served
-        by both within a second, a killed child is started again, and SIGTERM
-        stops everything with exit status 0.
+        by both within a second, a killed child is started again, SIGTERM
+        stops everything with exit status 0, and the main's logs have the
+        child's events.
         """
         if not hasattr(__import__("socket"), "SO_REUSEPORT"):
             raise SkipTest("no SO_REUSEPORT on this system")
-        await self.startForeground("--workers", "2")
+        await self.startForeground("--workers", "2", "--json-log", "events.jsonl")
         await self.waitForLog(lambda log: "worker 1: Starting factory" in log, "the child's start")
         [child] = self.workerPids()
         self.assertTrue(alive(child))
@@ -390,6 +392,12 @@ class WorkersProcessTests(RealServerCase):
         self.assertIn("worker 1: Server Shut Down.", log)
         self.assertIn(f"worker 1 (pid {restarted}) stopped", log)
         self.assertNotIn("Traceback", log)
+        # The main's --json-log has the children's events too, each once, with the worker's number.
+        with open(os.path.join(self.workdir, "events.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        childProbes = [r for r in records if r.get("devpi_worker") == 1 and "probe=" in r.get("path", "")]
+        self.assertEqual(len(childProbes), len(byChild))
+        self.assertEqual(childProbes[0]["namespace"], "devpi_twisted.access")
 
     async def test_childStopsWithoutMain(self) -> None:
         """When the main process is killed (it cannot stop its children), the child stops by itself."""

@@ -14,7 +14,8 @@ wrote is lost or re-quoted, and a secret given in the environment (a
 PostgreSQL DSN) does not show up in C{ps}.  They run in the foreground
 without a pidfile and log Twisted's JSON events to their standard output;
 L{WorkerPool} re-publishes each event in the main's log, its level kept, its
-text prefixed with the worker's number.
+text prefixed with the worker's number (and in the main's C{--json-log},
+with a C{devpi_worker} field; the children write none of their own).
 
 A child that exits while the main runs is started again after a delay that
 doubles (1 s up to 30 s; back to 1 s after it ran a while).  On stop, the
@@ -105,6 +106,8 @@ def childCommand(options: Any, listen: list[str], environ: dict[str, str],
     env[ENV_PREFIX + "WORKERS"] = "1"
     env[ENV_PREFIX + "REQUESTS_ONLY"] = "1"
     env.pop(ENV_PREFIX + "LISTEN", None)  # the command line's --listen wins anyway
+    # The main writes the children's events (relayed) to its --json-log: one writer, no duplicates.
+    env.pop(ENV_PREFIX + "JSON_LOG", None)
     env[PARENT_VARIABLE] = str(os.getpid() if parentPid is None else parentPid)
     args = [*(twistd or twistdCommand()), "--nodaemon", "--pidfile=",
             f"--logger={__name__}.workerLogObserver", "devpi", "--requests-only", "--workers=1"]
