@@ -6,6 +6,7 @@ L{Clock}; L{WorkersProcessTests} runs the real C{twistd -n devpi --workers 2}
 on 127.0.0.1.
 """
 
+import io
 import json
 import os
 import signal
@@ -23,7 +24,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from devpi_twisted.app import options as optionsModule
+from devpi_twisted.app.endpoints import ReusePortEndpoint
 from devpi_twisted.app.options import Options
+from devpi_twisted.app.shutdown import DrainService
 from devpi_twisted.app.workers import (
     PARENT_VARIABLE, ParentWatch, WorkerPool, childCommand, parentWatch, reusePortDescription,
 )
@@ -115,6 +118,42 @@ class ChildCommandTests(SynchronousTestCase):
         self.assertNotIn("DEVPI_TWISTED_JSON_LOG", env)  # the main logs the relayed events
         self.assertEqual(env["DEVPI_TWISTED_OFFLINE_MODE"], "0")
         self.assertEqual(env["DEVPI_TWISTED_REQUESTS_ONLY"], "1")
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """What C{makeService} builds for C{--workers}."""
+
+    def build(self, *extra: str) -> list[Any]:
+        from devpi_twisted.app import tap
+        from .test_tap import ThreadedMemoryReactor
+
+        self.patch(optionsModule.os, "environ", {})
+        self.patch(tap.sys, "stderr", io.StringIO())
+        options = tap.Options()
+        options.parseOptions(["--serverdir", os.path.abspath(self.mktemp()), "--root-passwd", "pw",
+                              "--listen", "tcp:3141:interface=127.0.0.1", *extra])
+        top = tap.makeService(options, reactor=ThreadedMemoryReactor())
+
+        def walk(service: Any) -> list[Any]:
+            return [service, *(s for child in getattr(service, "services", []) for s in walk(child))]
+        return walk(top)
+
+    def test_workers(self) -> None:
+        """With C{--workers 3}: a pool of two children that stops next to the drain; reuseport listeners."""
+        services = self.build("--workers", "3")
+        [pool] = [s for s in services if isinstance(s, WorkerPool)]
+        self.assertEqual(sorted(pool.children), [1, 2])
+        self.assertIn(DrainService, [type(s) for s in pool.parent])
+        endpoints = [s.endpoint for s in services if hasattr(s, "endpoint")]
+        self.assertEqual([type(e) for e in endpoints], [ReusePortEndpoint])
+
+    def test_oneProcess(self) -> None:
+        """Without C{--workers}: no pool, the tcp listener as given."""
+        services = self.build()
+        self.assertFalse([s for s in services if isinstance(s, (WorkerPool, ParentWatch))])
+        endpoints = [s.endpoint for s in services if hasattr(s, "endpoint")]
+        self.assertNotIn(ReusePortEndpoint, [type(e) for e in endpoints])
+        self.assertEqual(len(endpoints), 1)
 
 
 class FakeTransport:
