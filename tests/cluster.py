@@ -121,11 +121,22 @@ class ClusterCase(ClientRunning, TestCase):
 
         return _All()
 
-    def secretFile(self) -> str:
-        """A C{--secretfile} (mode 0600) with a fresh secret; its path."""
+    def sharedSecret(self) -> bytes:
+        """The secret the nodes keep in the database (signs tokens and replication credentials)."""
+        import base64
+
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT value FROM devpi_meta WHERE name = 'secret'").fetchone()
+        self.assertIsNotNone(row, "no secret in devpi_meta: has a node started?")
+        return base64.b64decode(row[0])
+
+    def sharedSecretFile(self) -> str:
+        """The shared secret as a C{--secretfile} (mode 0600), for a replica; its path."""
         path = os.path.join(self.workdir, f"secret-{len(os.listdir(self.workdir))}")
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            f.write(os.urandom(32).hex().encode("ascii"))
+            f.write(self.sharedSecret())
         return path
 
     def startNode(self, name: str, *extra: str, port: int | None = None,
