@@ -270,8 +270,7 @@ class MirrorTests(_TwoNodes):
             self.assertEqual(hashlib.sha256(content).hexdigest(), sha256)
         self.assertGreaterEqual(self.upstream.fileRequests().count(f"/files/{filename}"), 1)
         keys = await deferToThread(self.bucketKeys)
-        self.assertEqual([key for key in keys if sha256 in key and "trash" not in key.lower()].__len__(), 1,
-                         keys)
+        self.assertEqual(len([key for key in keys if sha256 in key]), 1, keys)
         # Served again by either node without asking upstream.
         before = len(self.upstream.fileRequests())
         for url in urls:
@@ -393,7 +392,7 @@ class S3StoppedTests(_TwoNodes):
         for node, wheel in zip((self.a, self.b), refused):
             started = time.monotonic()
             code, content, response = await self.upload(node, wheel)
-            self.assertLess(time.monotonic() - started, 15.0, f"upload through {node.name}")
+            self.assertLess(time.monotonic() - started, 2.0, f"upload through {node.name}")
             self.assertUnavailable(code, content, response)
         for node in (self.a, self.b):
             self.assertEqual(await self.simpleFiles("alice/dev", "demo-pkg", base=node.url),
