@@ -14,9 +14,10 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from devpi_twisted.config import BackendSettings
-from devpi_twisted.errors import StorageError, StorageUnavailable
+from devpi_twisted.errors import BadRequest, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.storage.plugin import findBackend
+from devpi_twisted.storage.postgres import openPostgres
 from devpi_twisted.storage.threads import SynchronousRunner, ThreadRunner
 from devpi_twisted.testing.contract import StorageContract
 from tests.engines import PostgreSQLServer, sharedPostgreSQL
@@ -170,6 +171,13 @@ class TwoNodesTests(TestCase):
         self.assertEqual(self.two.sharedSecret(b"second-secret"), first)
         self.assertEqual(self.one.currentSerial(), -1)  # not a change: not in the changelog or exports
 
+    def test_sharedUUID(self) -> None:
+        """Nodes share the first node's uuid, so replicas and clients see one server."""
+        self.assertEqual(self.one.sharedUUID("a" * 32), "a" * 32)
+        self.assertEqual(self.two.sharedUUID("b" * 32), "a" * 32)
+        self.assertEqual(self.two.sharedSecret(b"s"), b"s")  # a value of its own
+        self.assertEqual(self.one.currentSerial(), -1)
+
 
 class OpenTests(TestCase):
     def test_nodesOpeningAtOnce(self) -> None:
@@ -281,3 +289,20 @@ class PluginTests(TestCase):
         error = self.assertRaises(StorageError, findBackend("postgresql").open, FilePath(self.mktemp()),
                                   SynchronousRunner(), BackendSettings(storage="postgresql"))
         self.assertIn("--pg-dsn", str(error))
+
+
+class NulKeyTests(TestCase):
+    """PostgreSQL text cannot hold NUL: such keys (names from URLs) are absent, and refused as names."""
+
+    async def test_nulKeys(self) -> None:
+        storage = openPostgres(FilePath(self.mktemp()), SynchronousRunner(),
+                               BackendSettings(storage="postgresql", pgDSN=sharedPostgreSQL().newDatabase()))
+        self.addCleanup(storage.close)
+        await storage.write(lambda txn: txn.set("users/alice", {"a": "x\x00y"}))
+        self.assertIsNone(await storage.read(lambda view: view.get("users/ali\x00ce")))
+        self.assertEqual(await storage.read(lambda view: view.items("users/\x00")), [])
+        self.assertIsNone(await storage.readAsOf(0, lambda view: view.get("users/\x00")))
+        self.assertEqual(await storage.read(lambda view: view.get("users/alice")), {"a": "x\x00y"})
+        with self.assertRaises(BadRequest):
+            await storage.write(lambda txn: txn.set("users/b\x00b", {}))
+        self.assertEqual(storage.currentSerial(), 0)

@@ -39,7 +39,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from devpi_twisted.errors import InsufficientStorage, StorageError, StorageUnavailable
+from devpi_twisted.errors import BadRequest, InsufficientStorage, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import IReadView, ISharedSecret, IStorage, IWriteTransaction
 from devpi_twisted.storage import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
 from devpi_twisted.storage.threads import Runner
@@ -154,6 +154,14 @@ def _lastSerial(conn: psycopg.Connection) -> tuple[int, float | None]:
     return (row[0], row[1]) if row else (-1, None)
 
 
+def _storable(key: str) -> bool:
+    """
+    PostgreSQL text cannot hold NUL, so no key with one was ever stored:
+    a read of such a key (a name taken from a URL) finds nothing.
+    """
+    return "\x00" not in key
+
+
 @implementer(IReadView)
 class _CurrentView:
     def __init__(self, conn: psycopg.Connection, serial: int) -> None:
@@ -161,10 +169,14 @@ class _CurrentView:
         self.serial = serial
 
     def get(self, key: str) -> Any:
+        if not _storable(key):
+            return None
         row = self._conn.execute("SELECT value FROM devpi_kv WHERE key = %s", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def items(self, prefix: str) -> list[tuple[str, Any]]:
+        if not _storable(prefix):
+            return []
         rows = self._conn.execute(
             "SELECT key, value FROM devpi_kv WHERE key >= %s AND key < %s ORDER BY key",
             (prefix, prefixUpperBound(prefix)),
@@ -179,6 +191,8 @@ class _HistoricalView:
         self.serial = serial
 
     def get(self, key: str) -> Any:
+        if not _storable(key):
+            return None
         row = self._conn.execute(
             "SELECT value FROM devpi_history WHERE key = %s AND serial <= %s ORDER BY serial DESC LIMIT 1",
             (key, self.serial),
@@ -186,6 +200,8 @@ class _HistoricalView:
         return None if row is None or row[0] is None else json.loads(row[0])
 
     def items(self, prefix: str) -> list[tuple[str, Any]]:
+        if not _storable(prefix):
+            return []
         rows = self._conn.execute(
             "SELECT DISTINCT ON (key) key, value FROM devpi_history "
             "WHERE key >= %s AND key < %s AND serial <= %s ORDER BY key, serial DESC",
@@ -216,6 +232,8 @@ class _WriteTransaction:
     def set(self, key: str, value: Any) -> None:
         if value is None:
             raise ValueError("use delete() to remove a key")
+        if not _storable(key):
+            raise BadRequest(f"a name must not contain a NUL character: {key!r}")
         # Through JSON, so reads in this transaction match later ones.
         self.changes[key] = json.loads(_dumps(value))
 
@@ -497,18 +515,24 @@ class PostgresStorage:
 
     # ISharedSecret
 
-    def sharedSecret(self, candidate: bytes) -> bytes:
-        """The secret every node uses; the first node's candidate becomes it.  Blocking."""
+    def _shared(self, name: str, candidate: str) -> str:
+        """The value of C{name} every node uses; the first node's candidate becomes it.  Blocking."""
 
-        def work(conn: psycopg.Connection) -> bytes:
+        def work(conn: psycopg.Connection) -> str:
             conn.execute(
-                "INSERT INTO devpi_meta (name, value) VALUES ('secret', %s) ON CONFLICT (name) DO NOTHING",
-                (base64.b64encode(candidate).decode("ascii"),),
+                "INSERT INTO devpi_meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, candidate),
             )
-            row = conn.execute("SELECT value FROM devpi_meta WHERE name = 'secret'").fetchone()
-            return base64.b64decode(row[0])
+            row = conn.execute("SELECT value FROM devpi_meta WHERE name = %s", (name,)).fetchone()
+            return row[0]
 
         return self._run(work)
+
+    def sharedSecret(self, candidate: bytes) -> bytes:
+        return base64.b64decode(self._shared("secret", base64.b64encode(candidate).decode("ascii")))
+
+    def sharedUUID(self, candidate: str) -> str:
+        return self._shared("uuid", candidate)
 
     # following other nodes
 
