@@ -6,7 +6,12 @@ the composition root, with memory fakes (L{tests.releaseharness}).
 import json
 from typing import Any
 
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from devpi_twisted.app.compose import buildServer
+from devpi_twisted.storage.threads import SynchronousRunner
 
 from devpi_twisted.model import keys
 from devpi_twisted.model.acl import identityMayRead
@@ -275,3 +280,49 @@ class ExportTests(_Dirs, SynchronousTestCase):
         exported = json.loads(self.exportTo("server1", "export1").child("dataindex.json").getContent())
         self.assertEqual(exported["indexes"]["alice/dev"]["indexconfig"]["acl_read"], ["alice", ":AUTHENTICATED:"])
         self.assertTrue(FIXTURE.exists())
+
+
+class _Primary(Resource):
+    """Stands for a primary that would answer every read."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append(request.path)
+        return b"from the primary"
+
+
+class ReplicaTests(SynchronousTestCase):
+    """A replica built by the composition root refuses restricted reads before its proxy asks the primary."""
+
+    def test_proxyIsGated(self) -> None:
+        from dataclasses import replace
+
+        h = ServerHarness(self)
+        h.modifyIndex("root", "pypi", ["acl_read=root"], auth=h.root)
+        primary = _Primary()
+        agent = RequestTraversalAgent(primary)
+        config = replace(h.config, primaryURL="http://primary.test")
+        server = buildServer(
+            config, reactor=h.clock, nodeinfo={"uuid": "r" * 32, "role": "replica", "storage": "memory"},
+            storage=h.storage, blobs=h.blobs, runner=SynchronousRunner(), secret=b"k" * 48,
+            upstreamAgent=agent, primaryAgent=agent, updateNodeinfo=lambda info: None, hashing=h.hashing,
+        )
+        server.replica.isReachable = lambda: True  # type: ignore[union-attr]
+        client = StubTreq(server.resource)
+        for path, headers, code in (("/root/pypi/+f/a/b/x.whl", {}, 401),
+                                    ("/root/pypi/+simple/pkg/", PIP, 401),
+                                    ("/root/pypi/+simple/pkg/", h.carol, 403),
+                                    ("/root/pypi/+f/a/b/x.whl", h.carol, 403)):
+            d = client.get("http://replica.test" + path, headers=headers)
+            for _ in range(5):
+                agent.flush()
+                client.flush()
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, code, path)
+            self.assertEqual(response.headers.getRawHeaders(b"X-Devpi-Api-Version"), [b"2"])
+        self.assertEqual(primary.seen, [])
