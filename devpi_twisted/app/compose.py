@@ -47,7 +47,7 @@ from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.files import fileRedirects
 from devpi_twisted.web.changelog import ChangelogFeed
-from devpi_twisted.web.headers import identityHeaders
+from devpi_twisted.web.headers import identityHeaders, setSerial
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.metrics import (
@@ -55,6 +55,7 @@ from devpi_twisted.web.metrics import (
 )
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
+from devpi_twisted.web.readgate import ReadGate, ReadRules
 from devpi_twisted.web.upload import UploadGate
 
 
@@ -163,6 +164,23 @@ def makeReplica(config: ServerConfig, nodeinfo: dict[str, Any], storage: Any, bl
     )
 
 
+def _refusalHeaders(storage: Any, nodeinfo: dict[str, Any], version: str) -> Callable[[Any], None]:
+    """devpi's headers for a refusal written in front of a replica's proxy."""
+    primaryUUID = (nodeinfo.get("primary-uuid") or nodeinfo["uuid"]).encode("ascii")
+    static = identityHeaders(nodeinfo["uuid"]) + [
+        (b"X-Devpi-Server-Version", version.encode("ascii")),
+        (b"X-Devpi-Primary-Uuid", primaryUUID),
+        (b"X-Devpi-Master-Uuid", primaryUUID),
+    ]
+
+    def stamp(request: Any) -> None:
+        for name, value in static:
+            request.setHeader(name, value)
+        setSerial(request, storage.currentSerial())
+
+    return stamp
+
+
 def buildServer(
     config: ServerConfig,
     *,
@@ -247,6 +265,7 @@ def buildServer(
     releases = Releases(storage, reactor.seconds)
     users = Users(storage, auth, config.policy)
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
+    readRules = ReadRules(storage)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -267,10 +286,14 @@ def buildServer(
         changelog=feed,
         replication=replica,
         runFile=runner.runFile,
+        readRules=readRules,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
                                         replica, config.outsideURL, runFile=runner.runFile)
+        # Reads the proxy sends to the primary are refused here first, with
+        # the replicated acl_read and users, as the replica's own answers are.
+        resource = ReadGate(resource, readRules, auth, stamp=_refusalHeaders(storage, nodeinfo, version))
     # Answers written before any resource (rawAnswer adds nosniff itself).
     requestClass = limitedRequestFactory(
         config.maxUploadSize,

@@ -19,7 +19,8 @@ from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.interfaces import IStorage
 from devpi_twisted.model.redact import scrubText, scrubURL
 from devpi_twisted.services.users import Users
-from devpi_twisted.web.context import clientAddress, hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.model.acl import identityMayRead, isPublic
+from devpi_twisted.web.context import clientAddress, hasQueryFlag, identityOf, outsideURL, requesterOf
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.responses import jsonBody, readJSON
 
@@ -50,7 +51,9 @@ class APIViews:
         replication: Any = None,
         metrics: Any = None,
         runFile: Callable[..., Any] = maybeDeferred,
+        readRules: Any = None,
     ) -> None:
+        self._readRules = readRules  # which indexes restrict reading (web.readgate.ReadRules)
         self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._metrics = metrics  # statusList(): devpi's [name, type, value] list
         self._replication = replication  # statusFields(): the feed's, or a replica's
@@ -121,7 +124,7 @@ class APIViews:
             "metrics": self._metrics.statusList() if self._metrics is not None else [],
             "role": "MASTER",
             "polling_replicas": {},
-            "mirrors": _scrubbed(self._mirrors.statuses()) if self._mirrors is not None else {},
+            "mirrors": self._publicOnly(_scrubbed(self._mirrors.statuses())) if self._mirrors is not None else {},
             "started-at": self._startedAt,
         }
         if self._replication is not None:
@@ -133,11 +136,35 @@ class APIViews:
 
     # users
 
+    def _publicOnly(self, statuses: dict[str, Any]) -> dict[str, Any]:
+        """Mirror states of indexes everyone may read: C{/+status} names no restricted index."""
+        restricted = getattr(self._readRules, "restricted", None) or {}
+        return {name: status for name, status in statuses.items()
+                if tuple(name.split("/", 1)) not in restricted}
+
+    async def _readableOnly(self, request: IRequest, users: dict[str, dict[str, Any]]) -> None:
+        """
+        Drop from C{users} the indexes the requester may not read.  The
+        requester is only authenticated when some index is restricted.
+        """
+        if not any(not isPublic(config) for info in users.values() for config in info.get("indexes", {}).values()):
+            return
+        identity = await identityOf(request, self._auth)
+        for owner, info in users.items():
+            indexes = info.get("indexes")
+            if indexes:
+                info["indexes"] = {name: config for name, config in indexes.items()
+                                   if identityMayRead(identity, owner, name, config)}
+
     async def listUsers(self, request: IRequest) -> bytes:
-        return jsonBody(request, result=await self._users.listAll(), type="list:userconfig")
+        users = await self._users.listAll()
+        await self._readableOnly(request, users)
+        return jsonBody(request, result=users, type="list:userconfig")
 
     async def getUser(self, request: IRequest, user: str) -> bytes:
-        return jsonBody(request, result=await self._users.get(user), type="userconfig")
+        config = await self._users.get(user)
+        await self._readableOnly(request, {user: config})
+        return jsonBody(request, result=config, type="userconfig")
 
     async def createUser(self, request: IRequest, user: str) -> bytes:
         requester = await requesterOf(request, self._auth)

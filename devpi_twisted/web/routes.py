@@ -35,6 +35,7 @@ from devpi_twisted.web.headers import DevpiHeadersResource, contentTypeOf
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
+from devpi_twisted.web.readgate import ReadGate, ReadRules
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.upload import UploadViews
@@ -259,6 +260,7 @@ def makeWebResource(
     replication: Any = None,
     metrics: Any = None,
     runFile: Callable[..., Any] = maybeDeferred,
+    readRules: ReadRules | None = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -271,7 +273,12 @@ def makeWebResource(
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
+    @param readRules: which indexes restrict reading (made over C{storage}
+        when not given); the read gate in front of everything, fast paths
+        included, enforces them.
     """
+    if readRules is None:
+        readRules = ReadRules(storage)
     documentation = Documentation(storage, releases.clock)
     pageViews = PageViews(pages, config.outsideURL)
     knownFiles = KnownFiles(storage)
@@ -282,7 +289,7 @@ def makeWebResource(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics,
-                 runFile=runFile),
+                 runFile=runFile, readRules=readRules),
         pageViews,
         ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles,
                      runFile, redirects),
@@ -293,6 +300,7 @@ def makeWebResource(
         metrics,
     )
     return DevpiHeadersResource(
-        CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
+        ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
+                 readRules, auth),
         storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version,
     )
