@@ -177,6 +177,22 @@ class CacheTests(_Chain, SynchronousTestCase):
         keysKept = [key for key in self.h.pages.cache._entries if key[0] == "project"]
         self.assertEqual(sorted(len(key[7]) for key in keysKept), [1, 2], keysKept)
 
+    def test_restrictedChainListIsCachedPerChain(self) -> None:
+        """Requesters who see the same chain share one rendering of the project list."""
+        from devpi_twisted.services import simple
+
+        renders: list[Any] = []
+        real = simple.renderProjectList
+
+        def counting(*args: Any) -> Any:
+            renders.append(args[0])
+            return real(*args)
+
+        self.patch(simple, "renderProjectList", counting)
+        for auth in (self.h.bob, None, self.h.carol, self.h.alice, self.h.alice, self.h.bob):
+            self.listing(auth)
+        self.assertEqual(renders, [[PUBLIC], [PUBLIC, SECRET]])
+
     def test_aclChangeInvalidates(self) -> None:
         self.setReaders("alice/private", None)
         self.assertShown(self.h.bob)
@@ -302,6 +318,24 @@ class KnownFileTests(_Chain, SynchronousTestCase):
         self.assertEqual(self.fileGet(None)[1], 0)
         self.setReaders("alice/private", ["alice"])
         self.assertGreater(self.fileGet(self.h.alice)[1], 0)
+        self.assertGreater(self.fileGet(self.h.alice)[1], 0)
+
+
+    def test_aclChangeDuringFileReadIsNotRemembered(self) -> None:
+        """A file read while its index was public is not remembered if acl_read changed meanwhile."""
+        self.setReaders("alice/private", None)
+        page = self.page(SECRET, None).json
+        self.path = "/" + page["files"][0]["url"].replace("../", "")
+        real = self.h.storage.read
+
+        def changing(function: Any) -> Any:
+            d = real(function)
+            self.patch(self.h.storage, "read", real)
+            self.setReaders("alice/private", ["alice"])
+            return d
+
+        self.patch(self.h.storage, "read", changing)
+        self.assertEqual(self.h.get(self.path).code, 200)  # read before the change
         self.assertGreater(self.fileGet(self.h.alice)[1], 0)
 
 
