@@ -144,6 +144,28 @@ class VisibleChainTests(_Chain, SynchronousTestCase):
         self.assertIn(b"deep-pkg", self.listing(self.h.bob).body)
 
 
+class DocTests(_Chain, SynchronousTestCase):
+    """Documentation of a restricted base is not served under the inheriting index to those who may not read it."""
+
+    def test_docsOfRestrictedBase(self) -> None:
+        from .test_docs_push import form, makeZip
+
+        self.setReaders("alice/private", None)  # uploads and docs go to alice/private itself
+        headers, body = form({":action": "doc_upload", "name": SECRET, "version": "1.0"},
+                             makeZip({"index.html": b"<h1>secret docs</h1>"}))
+        answer = self.h.request("POST", "/alice/private/", combine(headers, self.h.alice), body)
+        self.assertEqual(answer.code, 200, answer.body)
+        self.setReaders("alice/private", ["alice"])
+        for suffix in ("1.0/+doc/index.html", "latest/+doc/index.html", "1.0/+doczip"):
+            path = f"/alice/staging/{SECRET}/{suffix}"
+            self.assertEqual(self.h.get(path, self.h.alice).code, 200, path)
+            for auth in (None, self.h.bob):
+                answer = self.h.get(path, auth)
+                self.assertEqual(answer.code, 404, path)
+                self.assertNotIn(b"secret docs", answer.body)
+                self.assertNotIn(b"alice/private", answer.body)
+
+
 class CacheTests(_Chain, SynchronousTestCase):
     """The caches answer each requester with the page of their own visible chain."""
 
