@@ -347,7 +347,7 @@ class SimplePages:
         # Raised by every change that may change a project list: a list
         # rendered meanwhile is sent but not kept.
         self._listGeneration = 0
-        self._listBuilds: Coalescer[RenderedPage] = Coalescer()
+        self._listBuilds: Coalescer[RenderedPage | Restricted] = Coalescer()
         storage.subscribe(self._changed)
 
     def _changed(self, record: ChangeRecord) -> None:
