@@ -22,7 +22,7 @@ from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
-from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.web.context import hasQueryFlag, identityOf, outsideURL, requesterOf
 from devpi_twisted.web.files import FileRedirects, FileResponse, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
@@ -71,26 +71,29 @@ class ProjectViews:
             return redirect(request, request.path.decode("latin-1").replace(name, project, 1))
         base = outsideURL(request, self._config.outsideURL)
         ignoreBases = hasQueryFlag(request, b"ignore_bases")
-        result = await self._projectConfig(user, index, project, base, ignoreBases)
+        result = await self._projectConfig(request, user, index, project, base, ignoreBases)
         return jsonBody(request, result=result, type="projectconfig")
 
     async def getVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
         base = outsideURL(request, self._config.outsideURL)
-        versions = await self._projectConfig(user, index, project, base, ignoreBases=False)
+        versions = await self._projectConfig(request, user, index, project, base, ignoreBases=False)
         if version not in versions:
             raise NotFound(f"The version {version} of project {project} does not exist.")
         return jsonBody(request, result=versions[version], type="versiondata")
 
-    async def _projectConfig(self, user: str, index: str, project: str, base: str,
+    async def _projectConfig(self, request: IRequest, user: str, index: str, project: str, base: str,
                              ignoreBases: bool) -> dict[str, Any]:
         """
         devpi's C{projectconfig}: the private stages' versions, then each
         mirror's, asked as the simple pages ask it (so C{mirror_cache_expiry}
         decides when upstream is asked again, and a project that appeared
-        upstream since the last look is found).
+        upstream since the last look is found).  Of the bases only those
+        the requester may read count (who they are is found only when one
+        is restricted).
         """
-        collected = await self._queries.projectVersions(user, index, project, base, ignoreBases)
+        collected = await self._queries.projectVersions(
+            user, index, project, base, ignoreBases, lambda: identityOf(request, self._auth))
         for stage in collected.mirrors:
             if self._mirrors is None:
                 continue
@@ -155,7 +158,8 @@ class ProjectViews:
     async def getFile(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
         metadata = relpath.endswith(".metadata")
         target = relpath[: -len(".metadata")] if metadata else relpath
-        entry, mirror = await self._queries.fileOrMirror(user, index, target)
+        serial = self._storage.currentSerial()
+        entry, mirror, public = await self._queries.servedFile(user, index, target)
         if entry is None:
             if self._mirrorFiles is None:
                 raise NotFound("no such file")
@@ -164,15 +168,17 @@ class ProjectViews:
             return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
             return jsonBody(request, result=fileMeta(entry), type="releasefilemeta")
+        # Only a public index's files are answered before routing (no read check there).
+        known = self._knownFiles if public else None
         if self._redirects is not None:
-            if self._knownFiles is not None:
-                self._knownFiles.remember(request.path, entry)
+            if known is not None:
+                known.remember(request.path, entry, serial)
             return self._redirects.answer(request, entry["sha256"], entry["filename"])
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound(f"content of {entry['filename']} is missing on this server")
-        if self._knownFiles is not None:
-            self._knownFiles.remember(request.path, entry)
+        if known is not None:
+            known.remember(request.path, entry, serial)
         return FileResponse(
             file=file, size=entry["size"], filename=entry["filename"],
             etag=b'"' + entry["sha256"].encode("ascii") + b'"',

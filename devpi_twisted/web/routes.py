@@ -280,7 +280,7 @@ def makeWebResource(
     if readRules is None:
         readRules = ReadRules(storage)
     documentation = Documentation(storage, releases.clock)
-    pageViews = PageViews(pages, config.outsideURL)
+    pageViews = PageViews(pages, config.outsideURL, auth)
     knownFiles = KnownFiles(storage)
     redirects = fileRedirects(config.backend.s3Redirect, blobs)
     if mirrorFiles is None and mirrors is not None:
