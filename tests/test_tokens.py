@@ -187,6 +187,22 @@ class SendingTests(TokenCase):
             self.assertEqual(answer.code, 200, (headers, answer.body))
             self.assertEqual(answer.json["result"]["authstatus"], ["ok", "alice", []], headers)
 
+    def test_cachedCheck(self) -> None:
+        """A token checked a moment ago is neither parsed nor read from storage again."""
+        from devpi_twisted.services import auth as authModule
+
+        token = self.create()
+        self.assertEqual(self.whoami(basic("__token__", token)).code, 200)
+
+        def boom(*args: Any) -> Any:
+            raise AssertionError("checked again")
+
+        self.patch(authModule, "parseToken", boom)
+        self.patch(self.h.storage, "read", boom)
+        for headers in (basic("__token__", token), bearer(token), basic("alice", token)):
+            self.assertEqual(self.whoami(headers).json["result"]["authstatus"], ["ok", "alice", []])
+        self.assertEqual(self.whoami(basic("bob", token)).code, 401)
+
     def test_uploadWithToken(self) -> None:
         """twine's way: __token__ and the token as password uploads."""
         token = self.create()

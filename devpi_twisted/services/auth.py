@@ -283,6 +283,15 @@ class Authenticator:
         @raise devpi_twisted.services.tokens.TokenRefused: an API token that
             is not valid (401).
         """
+        tokens = self.tokens
+        if tokens is not None:
+            # a token checked a moment ago: no parsing, no storage read
+            if secret:
+                known = tokens.fromCache(secret, None if user in ("", TOKEN_USER) else user)
+            else:
+                known = tokens.fromCache(user, None) if user else None
+            if known is not None:
+                return known
         token = parseToken(secret) if secret else None
         claimed = user
         if token is None and not secret and user:
@@ -290,11 +299,11 @@ class Authenticator:
             if asName is not None:
                 token, secret, claimed = asName, user, None
         if token is not None and secret is not None:
-            if self.tokens is None:
+            if tokens is None:
                 return None
             if claimed in ("", TOKEN_USER):
                 claimed = None
-            return await self.tokens.verify(token, secret, claimed, address)
+            return await tokens.verify(token, secret, claimed, address)
         if not user or secret is None:
             return None
         name = await self.authenticate(user, secret, address)

@@ -216,11 +216,30 @@ class Tokens:
         if claimedUser is not None and claimedUser != token.user:
             raise TokenRefused(f"the API token does not belong to user {claimedUser!r}")
         now = self._clock.seconds()
-        cacheKey = hashlib.sha256(text.encode("utf-8")).digest()
+        cacheKey = _cacheKey(text)
         cached = self._cache.get(cacheKey)
         if cached is None or cached.until <= now:
             cached = await self._check(token, cacheKey, address, now)
-        refusal = cached.terms.refusal(self._clock.seconds())
+        return self._answer(cached, claimedUser, self._clock.seconds())
+
+    def fromCache(self, text: str, claimedUser: str | None) -> Identity | None:
+        """
+        The identity of a token verified a moment ago, without parsing it
+        again (the usual request: a look-up and a time check); C{None} when
+        it is not remembered, or is no token at all.
+
+        @raise TokenRefused: as L{verify}, for a remembered token.
+        """
+        cached = self._cache.get(_cacheKey(text))
+        now = self._clock.seconds()
+        if cached is None or cached.until <= now:
+            return None
+        return self._answer(cached, claimedUser, now)
+
+    def _answer(self, cached: _Verified, claimedUser: str | None, now: float) -> Identity:
+        if claimedUser is not None and claimedUser != cached.user:
+            raise TokenRefused(f"the API token does not belong to user {claimedUser!r}")
+        refusal = cached.terms.refusal(now)
         if refusal is not None:
             raise TokenRefused(refusal)
         self._noteUse(cached.user, cached.tokenId, now)
@@ -304,6 +323,10 @@ class Tokens:
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
         return self._flush()
+
+
+def _cacheKey(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _fingerprint(secret: bytes, config: dict[str, Any]) -> str:
