@@ -146,15 +146,16 @@ class GateTests(_Restricted):
         self.assertEqual(reads, [])
 
     def test_fastPathsAreGated(self) -> None:
-        """Pages and files warmed by the owner (answered without storage) are refused to others."""
+        """
+        Pages and files the owner has had (so the page cache holds them) are
+        refused to others: the gate stands before the caches.  (A restricted
+        index's files never enter the known-file shortcut at all:
+        test_readacl_inherit.KnownFileTests.)
+        """
         for _ in range(2):
             self.assertEqual(self.h.get("/alice/dev/+simple/secret-pkg/", combine(PIP, self.h.alice)).code, 200)
             self.assertEqual(self.h.get(self.fileURL, self.h.alice).code, 200)
-        reads = self.countReads()
-        self.assertEqual(self.h.get("/alice/dev/+simple/secret-pkg/", combine(PIP, self.h.alice)).code, 200)
-        self.assertEqual(self.h.get(self.fileURL, self.h.alice).code, 200)
-        lookups = [f for f in reads if "Authenticator" not in f.__qualname__]
-        self.assertEqual(lookups, [], "the fast paths are not warm")
+        self.assertTrue(len(self.h.server.pages.cache), "the page cache is not warm")
         self.assertUnauthorized(self.h.get("/alice/dev/+simple/secret-pkg/", PIP))
         self.assertUnauthorized(self.h.get(self.fileURL))
         self.assertEqual(self.h.get(self.fileURL, self.h.carol).code, 403)

@@ -42,6 +42,7 @@ from devpi_twisted.services.push import pushClient
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
+from devpi_twisted.services.tokens import Tokens
 from devpi_twisted.services.users import Users
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
@@ -227,7 +228,11 @@ def buildServer(
         storage = ReadOnlyStorage(storage)  # on a replica only the follower writes
     throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow,
                              config.loginMaxUserFailures, config.loginMaxAddressFailures)
-    auth = Authenticator(storage, runner.runFile, secret, reactor, hashing=hashing, throttle=throttle)
+    # API tokens: last use is written on the primary only (a replica cannot write)
+    tokens = Tokens(storage, secret, reactor, config.policy, throttle=throttle,
+                    persistUse=config.primaryURL is None)
+    auth = Authenticator(storage, runner.runFile, secret, reactor, hashing=hashing, throttle=throttle,
+                         tokens=tokens)
     upstreamStats = UpstreamStats(config.maxUpstreamFetches)
     feed = ChangelogFeed(storage, blobs, secret, reactor)
     replica = None

@@ -20,7 +20,11 @@ from devpi_twisted.interfaces import IStorage
 from devpi_twisted.model.redact import scrubText, scrubURL
 from devpi_twisted.services.users import Users
 from devpi_twisted.model.acl import identityMayRead, isPublic
-from devpi_twisted.web.context import clientAddress, hasQueryFlag, identityOf, outsideURL, requesterOf
+from devpi_twisted.model.identity import INDEX_CREATE, INDEX_DELETE, INDEX_MODIFY, PKG_READ, UPLOAD
+from devpi_twisted.model.names import isValidProjectName, normalizeProject
+from devpi_twisted.web.context import (
+    accountRequester, clientAddress, hasQueryFlag, identityOf, outsideURL, requesterFor, requesterOf,
+)
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.responses import jsonBody, readJSON
 
@@ -167,13 +171,13 @@ class APIViews:
         return jsonBody(request, result=config, type="userconfig")
 
     async def createUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         result = await self._users.create(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, 201, result=result, type="userconfig")
 
     async def modifyUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         token = await self._users.modify(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         if token is not None:
@@ -186,7 +190,7 @@ class APIViews:
         return jsonBody(request, message="user updated")
 
     async def deleteUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         await self._users.delete(requester, user)
         self._written(request)
         return jsonBody(request, message=f"user {user!r} deleted")
@@ -199,13 +203,13 @@ class APIViews:
         return jsonBody(request, result=result, type="indexconfig")
 
     async def createIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_CREATE, f"{user}/{index}")
         result = await self._indexes.create(requester, user, index, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, result=result, type="indexconfig")
 
     async def modifyIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_MODIFY, f"{user}/{index}")
         result = await self._indexes.modify(
             requester, user, index, await readJSON(request, self._runFile), errorOnNoop=hasQueryFlag(request, b"error_on_noop")
         )
@@ -213,7 +217,7 @@ class APIViews:
         return jsonBody(request, result=result, type="indexconfig")
 
     async def deleteIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_DELETE, f"{user}/{index}")
         await self._indexes.delete(requester, user, index)
         self._written(request)
         return jsonBody(request, 201, message=f"index {user}/{index} deleted")
@@ -222,7 +226,14 @@ class APIViews:
         """devpi-client's C{push}: a release to another index here, or to an upload URL elsewhere."""
         if self._pusher is None:
             raise BadRequest("push is not enabled")
-        requester = await requesterOf(request, self._auth)
-        status, actions = await self._pusher.push(requester, user, index, await readJSON(request, self._runFile))
+        body = await readJSON(request, self._runFile)
+        name = body.get("name") if isinstance(body, dict) else None
+        project = normalizeProject(name) if isinstance(name, str) and isValidProjectName(name) else None
+        requester = await requesterFor(request, self._auth, PKG_READ, f"{user}/{index}", project)
+        target = body.get("targetindex") if isinstance(body, dict) else None
+        if isinstance(target, str):
+            # an API token must allow the upload where the release goes, too
+            await requesterFor(request, self._auth, UPLOAD, target.strip("/"), project)
+        status, actions = await self._pusher.push(requester, user, index, body)
         self._written(request)
         return jsonBody(request, status, result=actions, type="actionlog")

@@ -27,7 +27,8 @@ from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.services.releases import Documentation
 from devpi_twisted.storage.doczip import DocMember, DocZipReader, RunFile
 from devpi_twisted.storage.readers import PiecePump
-from devpi_twisted.web.context import identityOf, requesterOf
+from devpi_twisted.model.identity import TOXRESULT_UPLOAD
+from devpi_twisted.web.context import identityOf, requesterFor
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.pages import redirect
 from devpi_twisted.web.responses import jsonBody
@@ -179,8 +180,9 @@ class DocViews:
 
     async def postToxresult(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         """devpi-client's C{test}: attach a tox result (any JSON, stored verbatim) to a release file."""
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, TOXRESULT_UPLOAD, f"{user}/{index}")
         release = await self._docs.checkToxresultRights(requester, user, index, relpath)
+        await requesterFor(request, self._auth, TOXRESULT_UPLOAD, f"{user}/{index}", release.get("project"))
         raw = await self._runFile(_readToxresult, request.content)
         writer = self._blobs.openWriter()
         try:

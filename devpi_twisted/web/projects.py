@@ -14,7 +14,7 @@ from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.config import ServerConfig
-from devpi_twisted.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
+from devpi_twisted.errors import BadRequest, Gone, NotFound, UnsupportedMediaType, UpstreamError
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.attestations import provenanceObject
@@ -22,7 +22,8 @@ from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
-from devpi_twisted.web.context import hasQueryFlag, identityOf, outsideURL, requesterOf
+from devpi_twisted.model.identity import DEL_ENTRY, DEL_PROJECT, DEL_VERDATA, UPLOAD
+from devpi_twisted.web.context import hasQueryFlag, identityOf, outsideURL, requesterFor
 from devpi_twisted.web.files import FileRedirects, FileResponse, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
@@ -112,14 +113,14 @@ class ProjectViews:
 
     async def deleteProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
         project = _project(name)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, DEL_PROJECT, f"{user}/{index}", project)
         await self._releases.deleteProject(requester, user, index, project, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} deleted from stage {user}/{index}")
 
     async def deleteVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, DEL_VERDATA, f"{user}/{index}", project)
         await self._releases.deleteVersion(requester, user, index, project, version, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} version {version!r} deleted")
@@ -130,7 +131,7 @@ class ProjectViews:
         body = await readJSON(request, self._runFile)
         if not isinstance(body, dict) or "status" not in body:
             raise BadRequest("expected a JSON object with 'status' (and optionally 'reason')")
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", project)
         await self._releases.setStatus(requester, user, index, project, body["status"], body.get("reason"))
         self._written(request)
         return jsonBody(request, message=f"status of {project} set to {body['status']}")
@@ -139,7 +140,7 @@ class ProjectViews:
         """C{{"yanked": true | "reason" | false}} for every file of a version (PEP 592)."""
         project = _project(name)
         yanked = await self._yankedValue(request)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", project)
         changed = await self._releases.setYanked(requester, user, index, project, version, None, yanked)
         self._written(request)
         return jsonBody(request, message=f"{changed} files of {project} {version} changed")
@@ -205,7 +206,13 @@ class ProjectViews:
         return metadataResponse(entry["filename"], data, entry.get("last_modified"))
 
     async def deleteFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        entry = None
+        try:
+            entry = await self._entry(user, index, relpath)
+        except (NotFound, Gone):
+            pass  # the service gives the answer for a missing file
+        requester = await requesterFor(request, self._auth, DEL_ENTRY, f"{user}/{index}",
+                                       entry.get("project") if entry else None)
         deleted = await self._releases.deleteFile(requester, user, index, relpath, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"package {deleted!r} deleted")
@@ -214,7 +221,7 @@ class ProjectViews:
         """C{{"yanked": ...}} for one file."""
         yanked = await self._yankedValue(request)
         entry = await self._entry(user, index, relpath)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", entry["project"])
         await self._releases.setYanked(
             requester, user, index, entry["project"], None, entry["filename"], yanked
         )

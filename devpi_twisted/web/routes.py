@@ -38,6 +38,7 @@ from devpi_twisted.web.projects import ProjectViews
 from devpi_twisted.web.readgate import ReadGate, ReadRules
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
+from devpi_twisted.web.tokens import TokenViews
 from devpi_twisted.web.upload import UploadViews
 from devpi_twisted.web.uploadform import FORM_TYPES
 
@@ -46,7 +47,7 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance"}
+_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -74,7 +75,9 @@ class Routes:
     app = Klein()
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
-                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None) -> None:
+                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
+                 tokens: TokenViews | None = None) -> None:
+        self._tokens = tokens
         self._changelog = changelog
         self._metrics = metrics
         self._docs = docs
@@ -139,6 +142,26 @@ class Routes:
             b"PATCH": self._api.modifyUser,
             b"DELETE": self._api.deleteUser,
         }, user)
+
+    # API tokens (devpi-tokens' routes; see .tokens)
+
+    @app.route(f"/{USER}/+token-create", methods=["POST"])
+    def tokenCreate(self, request: IRequest, user: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.create(request, user)
+
+    @app.route(f"/{USER}/+tokens", methods=["GET"])
+    def tokenList(self, request: IRequest, user: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.list(request, user)
+
+    @app.route(f"/{USER}/+tokens/<tokenId>", methods=["DELETE"])
+    def tokenDelete(self, request: IRequest, user: str, tokenId: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.delete(request, user, tokenId)
 
     # indexes
 
@@ -298,6 +321,7 @@ def makeWebResource(
         DocViews(storage, blobs, auth, documentation, runFile),
         changelog,
         metrics,
+        TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
