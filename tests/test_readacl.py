@@ -327,3 +327,28 @@ class ReplicaTests(SynchronousTestCase):
             self.assertEqual(response.code, code, path)
             self.assertEqual(response.headers.getRawHeaders(b"X-Devpi-Api-Version"), [b"2"])
         self.assertEqual(primary.seen, [])
+
+
+class TokenReadTests(_Restricted):
+    """API tokens read a restricted index only with pkg_read on it."""
+
+    def token(self, **restrictions: Any) -> str:
+        answer = self.h.request("POST", "/alice/+token-create", combine(self.h.alice, JSON), json=restrictions)
+        self.assertEqual(answer.code, 200, answer.body)
+        return answer.json["result"]["token"]
+
+    def test_pkgReadNeeded(self) -> None:
+        """An upload-only token is refused (403); one with pkg_read on this index reads; one for another index is refused."""
+        bearer = lambda token: {b"Authorization": [b"Bearer " + token.encode("ascii")]}  # noqa: E731
+        page = "/alice/dev/+simple/secret-pkg/"
+        uploadOnly = self.token(allowed=["upload"])
+        self.assertEqual(self.h.get(page, combine(PIP, bearer(uploadOnly))).code, 403)
+        self.assertEqual(self.h.get(self.fileURL, bearer(uploadOnly)).code, 403)
+        reader = self.token(allowed=["pkg_read"], indexes=["alice/dev"])
+        self.assertEqual(self.h.get(page, combine(PIP, bearer(reader))).code, 200)
+        self.assertEqual(self.h.get(self.fileURL, bearer(reader)).code, 200)
+        self.h.createIndex("alice", "other")
+        elsewhere = self.token(allowed=["pkg_read"], indexes=["alice/other"])
+        self.assertEqual(self.h.get(page, combine(PIP, bearer(elsewhere))).code, 403)
+        unrestricted = self.token()
+        self.assertEqual(self.h.get(page, combine(PIP, basic("__token__", unrestricted))).code, 200)
