@@ -56,7 +56,8 @@ from devpi_twisted.web.metrics import (
 )
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
-from devpi_twisted.web.readgate import ReadGate, ReadRules
+from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.upload import UploadGate
 
 

@@ -57,7 +57,7 @@ class APIViews:
         runFile: Callable[..., Any] = maybeDeferred,
         readRules: Any = None,
     ) -> None:
-        self._readRules = readRules  # which indexes restrict reading (web.readgate.ReadRules)
+        self._readRules = readRules  # which indexes restrict reading (services.readrules.ReadRules)
         self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._metrics = metrics  # statusList(): devpi's [name, type, value] list
         self._replication = replication  # statusFields(): the feed's, or a replica's

@@ -35,7 +35,8 @@ from devpi_twisted.web.headers import DevpiHeadersResource, contentTypeOf
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
-from devpi_twisted.web.readgate import ReadGate, ReadRules
+from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.tokens import TokenViews
