@@ -13,7 +13,7 @@ are made here too (L{upstreamPool}, L{primaryPool}).
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredSemaphore
 from twisted.web.client import (
     Agent,
@@ -43,6 +43,8 @@ from devpi_twisted.services.releases import Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.services.users import Users
+from devpi_twisted.services.events import EventDispatcher, PositionFile, installedSubscribers
+from devpi_twisted.services.webhooks import WebhookRegistry, WebhookSender, WebhookSubscriber, webhookPoster
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.files import fileRedirects
@@ -83,6 +85,7 @@ class Server:
     replica: ReplicaService | None
     resource: Resource
     site: DevpiSite
+    webhooks: Any = None  # the registry behind the +webhooks routes
 
 
 class _PoolService(Service):
@@ -247,6 +250,7 @@ def buildServer(
     releases = Releases(storage, reactor.seconds)
     users = Users(storage, auth, config.policy)
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
+    webhooks = WebhookRegistry(storage, reactor.seconds)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -267,6 +271,7 @@ def buildServer(
         changelog=feed,
         replication=replica,
         runFile=runner.runFile,
+        webhooks=webhooks,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -292,4 +297,29 @@ def buildServer(
         config=config, nodeinfo=nodeinfo, storage=storage, blobs=blobs, auth=auth, throttle=throttle,
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
+        webhooks=webhooks,
     )
+
+
+def eventServices(config: ServerConfig, storage: Any, reactor: Any, runner: Runner, node: str,
+                  ready: Callable[[], Any] | None = None, subscribers: Any = None,
+                  resolve: Any = None) -> MultiService:
+    """
+    The event dispatcher (installed subscribers and webhooks) and the
+    webhook sender, for the one process that delivers: a primary's main
+    process (README "Events and webhooks").
+
+    @param node: this node's own uuid: it claims deliveries when several
+        nodes share the storage.
+    @param subscribers: the plugin subscribers (default: those installed).
+    """
+    services = MultiService()
+    sender = WebhookSender(storage, reactor, webhookPoster(reactor, config.webhookAllowPrivate, resolve),
+                           node, shared=config.backend.shared, ready=ready)
+    hooks = WebhookSubscriber(storage, reactor.seconds, config.outsideURL or "", wake=sender.wake)
+    if subscribers is None:
+        subscribers = installedSubscribers()
+    positions = PositionFile(config.serverdir.child("+events").child("positions.json"), runner.runFile)
+    EventDispatcher(storage, reactor, [hooks, *subscribers], positions, ready=ready).setServiceParent(services)
+    sender.setServiceParent(services)
+    return services

@@ -38,6 +38,7 @@ from devpi_twisted.web.projects import ProjectViews
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.upload import UploadViews
+from devpi_twisted.web.webhooks import WebhookViews
 from devpi_twisted.web.uploadform import FORM_TYPES
 
 USER = "<user>"
@@ -45,7 +46,7 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance"}
+_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+webhooks"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -73,7 +74,9 @@ class Routes:
     app = Klein()
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
-                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None) -> None:
+                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
+                 webhooks: WebhookViews | None = None) -> None:
+        self._webhooks = webhooks
         self._changelog = changelog
         self._metrics = metrics
         self._docs = docs
@@ -108,6 +111,31 @@ class Routes:
         if self._metrics is None:
             raise NotFound()
         return self._metrics.render(request)
+
+    # webhooks (see .webhooks)
+
+    def _hooks(self) -> WebhookViews:
+        if self._webhooks is None:
+            raise NotFound()
+        return self._webhooks
+
+    @app.route("/+webhooks", methods=["GET", "POST"])
+    def serverWebhooks(self, request: IRequest) -> Any:
+        hooks = self._hooks()
+        return hooks.add(request) if request.method == b"POST" else hooks.list(request)
+
+    @app.route("/+webhooks/<hookId>", methods=["DELETE"])
+    def serverWebhook(self, request: IRequest, hookId: str) -> Any:
+        return self._hooks().remove(request, hookId)
+
+    @app.route(f"/{USER}/{INDEX}/+webhooks", methods=["GET", "POST"])
+    def indexWebhooks(self, request: IRequest, user: str, index: str) -> Any:
+        hooks = self._hooks()
+        return hooks.add(request, user, index) if request.method == b"POST" else hooks.list(request, user, index)
+
+    @app.route(f"/{USER}/{INDEX}/+webhooks/<hookId>", methods=["DELETE"])
+    def indexWebhook(self, request: IRequest, user: str, index: str, hookId: str) -> Any:
+        return self._hooks().remove(request, hookId, user, index)
 
     # replication (see .changelog)
 
@@ -259,6 +287,7 @@ def makeWebResource(
     replication: Any = None,
     metrics: Any = None,
     runFile: Callable[..., Any] = maybeDeferred,
+    webhooks: Any = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -291,6 +320,7 @@ def makeWebResource(
         DocViews(storage, blobs, auth, documentation, runFile),
         changelog,
         metrics,
+        WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
     )
     return DevpiHeadersResource(
         CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
