@@ -203,6 +203,9 @@ class WebhookSubscriber:
                     ident = deliveryId(hook["id"], event)
                     body = json.dumps({"delivery": ident, **payload}, sort_keys=True)
                     txn.set(key, {
+                        # its own copy of where and how: an index's webhooks go with
+                        # the index, after its last event
+                        "url": hook["url"], "secret": hook["secret"],
                         "id": ident, "hook": hookKey, "event": event.name, "serial": event.serial,
                         "body": body, "state": "pending", "attempts": 0, "created": now, "due": now,
                     })
@@ -472,8 +475,7 @@ class WebhookSender(Service):
                 return None
             if delivery.get("claimedBy") not in (None, self._node) and delivery.get("claimUntil", 0) > now:
                 return None  # another node is sending it
-            hook = view.get(delivery["hook"])
-            return None if hook is None else (delivery, hook)
+            return delivery, {"url": delivery["url"], "secret": delivery["secret"]}
 
         if not self._shared:
             return await self._storage.read(check)
