@@ -438,3 +438,36 @@ class PrivateRefusedTests(RealDeliveryTests):
         self.assertIn("not a public address", deliveries[0]["error"])
         self.assertEqual(deliveries[0]["state"], "pending")
         self.assertEqual(self.receiver.received, [])
+
+
+class ExportTests(SynchronousTestCase):
+    """Webhooks go out with their index (and server-wide ones with the server) and come back in."""
+
+    def test_roundTrip(self) -> None:
+        from .test_export import _Dirs, fired, openStorage, readState
+
+        dirs = _Dirs()
+        dirs.mktemp = self.mktemp  # type: ignore[attr-defined]
+        dirs.setUp()
+        dirs.importInto("server1")
+        storage, _ = openStorage(dirs.workdir.child("server1"))
+        registry = WebhookRegistry(storage, lambda: 1234.0)
+        try:
+            indexHook = fired(registry.add("alice/dev", HOOK))
+            serverHook = fired(registry.add("+server", {**HOOK, "events": ["user.created"]}))
+        finally:
+            fired(storage.close())
+        exported = dirs.exportTo("server1", "export")
+        data = json.loads(exported.child("dataindex.json").getContent())
+        [dumped] = data["indexes"]["alice/dev"]["devpi_twisted"]["webhooks"]
+        self.assertEqual((dumped["id"], dumped["secret"]), (indexHook, SECRET))
+        self.assertEqual([h["id"] for h in data["devpi_twisted"]["webhooks"]], [serverHook])
+        # a broken one is left out with a warning, not an import failure
+        data["indexes"]["alice/dev"]["devpi_twisted"]["webhooks"].append({**HOOK, "id": "x", "url": "ftp://x"})
+        exported.child("dataindex.json").setContent(json.dumps(data).encode())
+        dirs.importInto("server2", exported)
+        state = readState(dirs.workdir.child("server2"), "webhook/")
+        self.assertEqual(sorted(state), sorted([f"webhook/alice/dev/{indexHook}", f"webhook/+server/{serverHook}"]))
+        self.assertEqual(state[f"webhook/alice/dev/{indexHook}"],
+                         {**HOOK, "id": indexHook, "created": 1234.0})
+        self.assertIn("webhook 'x' not imported", dirs.out.getvalue())
