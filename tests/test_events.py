@@ -16,7 +16,9 @@ from zope.interface.verify import verifyObject
 from devpi_twisted.interfaces import IEventSubscriber
 from devpi_twisted.model import events as ev
 from devpi_twisted.model import keys
-from devpi_twisted.services.events import EventDispatcher, PositionFile, SubscriberPlugin, installedSubscribers
+from devpi_twisted.services.events import (
+    EventDispatcher, PositionFile, SharedPositions, SubscriberPlugin, installedSubscribers,
+)
 from devpi_twisted.services.fileentries import logEntry, newEntry, removeFileEntry, writeFileEntry
 from devpi_twisted.storage import BlobInfo
 from devpi_twisted.testing import MemoryStorage
@@ -116,7 +118,7 @@ class Recorder:
         return succeed(None)
 
 
-class DispatcherTests(SynchronousTestCase):
+class _Dispatching(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.storage = MemoryStorage(clock=self.clock.seconds)
@@ -153,6 +155,9 @@ class DispatcherTests(SynchronousTestCase):
     def saved(self) -> dict[str, int]:
         return json.loads(self.path.getContent())
 
+
+class DispatcherTests(_Dispatching):
+
     def test_inSerialOrderFromNow(self) -> None:
         self.write({"user/old": {}})  # before the subscriber existed: not delivered
         recorder = Recorder()
@@ -162,6 +167,8 @@ class DispatcherTests(SynchronousTestCase):
         self.write({"version/alice/dev/demo/1.0": {"name": "demo"}})  # no event
         self.assertEqual(recorder.seen, [("index.created", first), ("user.created", first),
                                          ("file.uploaded", second)])
+        self.assertEqual(self.saved(), {"recorder": second})  # moves without events: saved at the stop
+        self.stop(self.started[0])
         self.assertEqual(self.saved(), {"recorder": second + 1})
 
     def test_resumesAfterRestart(self) -> None:
@@ -225,6 +232,47 @@ class DispatcherTests(SynchronousTestCase):
             removeFileEntry(txn, "alice", "dev", txn.get(FILE))
         removed, _ = self.successResultOf(self.storage.write(remove))
         self.assertEqual(recorder.seen, [("file.uploaded", 0), ("file.yanked", serial), ("file.removed", removed)])
+
+
+class SharedPositionsTests(_Dispatching):
+    """Nodes sharing the storage: each event is delivered by one of them."""
+
+    def node(self, name: str, *subscribers: Any) -> EventDispatcher:
+        d = EventDispatcher(self.storage, self.clock, subscribers, SharedPositions(self.storage, self.clock, name))
+        d.startService()
+        self.started.append(d)
+        return d
+
+    def test_oneNodeDelivers(self) -> None:
+        one, two = Recorder(), Recorder()
+        self.node("node-1", one)
+        self.node("node-2", two)
+        serials = [self.write({f"user/u{n}": {}}) for n in range(5)]
+        self.assertEqual(sorted(one.seen + two.seen), [("user.created", s) for s in serials])
+        stored = self.successResultOf(self.storage.read(lambda v: v.get("eventposition/recorder")))
+        self.assertEqual(stored, {"serial": serials[-1]})
+
+    def test_deadNodesClaimLapses(self) -> None:
+        one, two = Recorder(), Recorder()
+        one.failing = 1000  # node 1 claims, then never finishes
+        first = self.node("node-1", one)
+        serial = self.write({"user/alice": {}})
+        self.stop(first)  # dies holding the claim
+        self.flushLoggedErrors(RuntimeError)
+        self.node("node-2", two)
+        self.assertEqual(two.seen, [])
+        self.clock.advance(SharedPositions.claimFor)
+        self.assertEqual(two.seen, [("user.created", serial)])
+
+    def test_restartResumesFromStoredPosition(self) -> None:
+        one = Recorder()
+        first = self.node("node-1", one)
+        self.write({"user/alice": {}})
+        self.stop(first)
+        missed = self.write({"user/bob": {}})
+        two = Recorder()
+        self.node("node-2", two)
+        self.assertEqual(two.seen, [("user.created", missed)])
 
 
 def deliverToList(event: ev.Event) -> None:

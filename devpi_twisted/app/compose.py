@@ -28,6 +28,7 @@ from treq.client import HTTPClient
 
 from devpi_twisted import __version__
 from devpi_twisted.config import ServerConfig
+from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.mirror.agent import LimitedAgent
 from devpi_twisted.mirror.service import Mirrors
 from devpi_twisted.mirror.upstream import UpstreamClient, upstreamTLSPolicy
@@ -43,7 +44,7 @@ from devpi_twisted.services.releases import Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.services.users import Users
-from devpi_twisted.services.events import EventDispatcher, PositionFile, installedSubscribers
+from devpi_twisted.services.events import EventDispatcher, PositionFile, SharedPositions, installedSubscribers
 from devpi_twisted.services.webhooks import WebhookRegistry, WebhookSender, WebhookSubscriber, webhookPoster
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
@@ -314,12 +315,15 @@ def eventServices(config: ServerConfig, storage: Any, reactor: Any, runner: Runn
     @param subscribers: the plugin subscribers (default: those installed).
     """
     services = MultiService()
+    # Nodes sharing the storage (PostgreSQL) claim what they deliver in it.
+    shared = ISharedSecret.providedBy(storage)
     sender = WebhookSender(storage, reactor, webhookPoster(reactor, config.webhookAllowPrivate, resolve),
-                           node, shared=config.backend.shared, ready=ready)
+                           node, shared=shared, ready=ready)
     hooks = WebhookSubscriber(storage, reactor.seconds, config.outsideURL or "", wake=sender.wake)
     if subscribers is None:
         subscribers = installedSubscribers()
-    positions = PositionFile(config.serverdir.child("+events").child("positions.json"), runner.runFile)
+    positions: Any = (SharedPositions(storage, reactor, node) if shared else
+                      PositionFile(config.serverdir.child("+events").child("positions.json"), runner.runFile))
     EventDispatcher(storage, reactor, [hooks, *subscribers], positions, ready=ready).setServiceParent(services)
     sender.setServiceParent(services)
     return services

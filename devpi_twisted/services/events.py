@@ -72,6 +72,8 @@ class PositionFile:
     replaced atomically (written and fsynced in C{runFile}'s thread).
     """
 
+    claimFor = 0.0
+
     def __init__(self, path: FilePath, runFile: Callable[..., Deferred[Any]]) -> None:
         self._path = path
         self._runFile = runFile
@@ -89,6 +91,22 @@ class PositionFile:
                      path=self._path.path)
             return {}
         return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    async def start(self, names: list[str], current: int) -> dict[str, int]:
+        saved = self.load()
+        # A new subscriber starts now: it is not given the whole history.
+        positions = {name: min(saved.get(name, current), current) for name in names}
+        await self.save(positions)
+        return positions
+
+    async def claim(self, name: str, serial: int) -> bool:
+        return True  # one node: nobody else delivers
+
+    def moved(self, positions: dict[str, int], name: str, serial: int, hadEvents: bool) -> None:
+        # Moves over records without events are saved when the server stops:
+        # reading them again after a crash costs little.
+        if hadEvents:
+            self.save(positions).addErrback(lambda f: log.failure("event positions not saved", f))
 
     def _write(self, positions: dict[str, int]) -> None:
         self._path.parent().makedirs(ignoreExistingDirectory=True)
@@ -121,6 +139,74 @@ class PositionFile:
         finally:
             self._saving = None
             done.callback(None)
+
+
+class Busy(Exception):
+    """Another node is delivering this subscriber's events right now."""
+
+
+class SharedPositions:
+    """
+    Positions for nodes that share their storage (PostgreSQL): kept in
+    storage (C{eventposition/<name>}, never exported), and a node claims a
+    serial's events in a transaction before delivering them, so one node
+    delivers them while the others skip them or wait.  A claim lapses after
+    L{claimFor} seconds (its node died), and another node delivers again:
+    at least once.  Only records with events are claimed and written.
+    """
+
+    prefix = "eventposition/"
+    claimFor = 60.0
+
+    def __init__(self, storage: IStorage, clock: IReactorTime, node: str) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._node = node
+
+    async def start(self, names: list[str], current: int) -> dict[str, int]:
+        def _start(txn: Any) -> dict[str, int]:
+            positions = {}
+            for name in names:
+                stored = txn.get(self.prefix + name)
+                if stored is None:
+                    stored = {"serial": current}
+                    txn.set(self.prefix + name, stored)
+                positions[name] = min(stored["serial"], current)
+            return positions
+
+        _, positions = await self._storage.write(_start)
+        return positions
+
+    async def claim(self, name: str, serial: int) -> bool:
+        now = self._clock.seconds()
+
+        def _claim(txn: Any) -> bool:
+            stored = txn.get(self.prefix + name) or {"serial": -1}
+            if stored["serial"] >= serial:
+                return False  # delivered by another node
+            claim = stored.get("claim")
+            if claim and claim["node"] != self._node and claim["until"] > now:
+                raise Busy(claim["node"])
+            txn.set(self.prefix + name, {**stored, "claim": {"node": self._node, "serial": serial,
+                                                              "until": now + self.claimFor}})
+            return True
+
+        _, claimed = await self._storage.write(_claim)
+        return claimed
+
+    def moved(self, positions: dict[str, int], name: str, serial: int, hadEvents: bool) -> None:
+        if not hadEvents:
+            return
+
+        def _moved(txn: Any) -> None:
+            stored = txn.get(self.prefix + name) or {"serial": -1}
+            if stored["serial"] < serial:
+                txn.set(self.prefix + name, {"serial": serial})
+
+        self._storage.write(_moved).addErrback(lambda f: log.failure("event position not saved", f))
+
+    async def save(self, positions: dict[str, int]) -> None:
+        pass  # written as they move
 
 
 class EventSource:
@@ -187,10 +273,12 @@ class _Follower:
                 if not records:
                     break
                 for record in records:
-                    for event in await d.source.eventsOf(record):
-                        await self._deliver(event)
+                    events = await d.source.eventsOf(record)
+                    if events and await self._claim(record.serial):
+                        for event in events:
+                            await self._deliver(event)
                     self.position = record.serial
-                    d.moved(self)
+                    d.moved(self, bool(events))
         except _Stopped:
             pass
         finally:
@@ -198,6 +286,26 @@ class _Follower:
             idle, self.idle = self.idle, None
             if idle is not None:
                 idle.callback(None)
+
+    async def _claim(self, serial: int) -> bool:
+        """Whether this node delivers the events of C{serial} (waiting while another node does)."""
+        d = self.dispatcher
+        while True:
+            try:
+                return await d.positionStore.claim(self.subscriber.name, serial)
+            except Busy:
+                await self._sleep(d.positionStore.claimFor / 2)
+
+    async def _sleep(self, delay: float) -> None:
+        if self.dispatcher.stopping:
+            raise _Stopped()
+        self._sleeping = deferLater(self.dispatcher.clock, delay, lambda: None)
+        try:
+            await self._sleeping
+        except CancelledError:
+            raise _Stopped()
+        finally:
+            self._sleeping = None
 
     async def _deliver(self, event: Event) -> None:
         d = self.dispatcher
@@ -213,13 +321,7 @@ class _Follower:
                 self.failures += 1
                 log.failure("subscriber {subscriber} failed on {event} at serial {serial}; again in {delay} s",
                             subscriber=self.subscriber.name, event=event.name, serial=event.serial, delay=delay)
-            self._sleeping = deferLater(d.clock, delay, lambda: None)
-            try:
-                await self._sleeping
-            except CancelledError:
-                raise _Stopped()
-            finally:
-                self._sleeping = None
+            await self._sleep(delay)
             delay = min(delay * 2, d.maxDelay)
 
 
@@ -235,13 +337,13 @@ class EventDispatcher(Service):
     maxDelay = 300.0
 
     def __init__(self, storage: IStorage, clock: IReactorTime, subscribers: Iterable[IEventSubscriber],
-                 positions: PositionFile, ready: Callable[[], Deferred[Any]] | None = None) -> None:
+                 positions: "PositionFile | SharedPositions", ready: Callable[[], Deferred[Any]] | None = None) -> None:
         self.storage = storage
         self.clock = clock
         self.source = EventSource(storage)
         self.stopping = False
         self._subscribers = list(subscribers)
-        self._positions = positions
+        self.positionStore = positions
         self._ready = ready
         self._unsubscribe: Callable[[], Any] | None = None
         self.followers: dict[str, _Follower] = {}
@@ -249,23 +351,22 @@ class EventDispatcher(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
-        saved = self._positions.load()
-        current = self.storage.currentSerial()
-        for subscriber in self._subscribers:
-            # A new subscriber starts now; it is not given the whole history.
-            position = min(saved.get(subscriber.name, current), current)
-            self.followers[subscriber.name] = _Follower(self, subscriber, position)
         ready = self._ready() if self._ready is not None else None
-        if ready is None:
-            self._begin()
-        else:
-            ready.addCallback(lambda _: self._begin())
+        d = ensureDeferred(self._start(ready))
+        d.addErrback(lambda f: log.failure("event delivery did not start", f))
 
-    def _begin(self) -> None:
+    async def _start(self, ready: Deferred[Any] | None) -> None:
+        if ready is not None:
+            await ready
         if self.stopping or not self.running:
             return
+        names = [subscriber.name for subscriber in self._subscribers]
+        positions = await self.positionStore.start(names, self.storage.currentSerial())
+        if self.stopping:
+            return
+        for subscriber in self._subscribers:
+            self.followers[subscriber.name] = _Follower(self, subscriber, positions[subscriber.name])
         self._unsubscribe = self.storage.subscribe(lambda record: self.wakeAll())
-        self._positions.save(self.positions())
         self.wakeAll()
 
     def wakeAll(self) -> None:
@@ -276,8 +377,8 @@ class EventDispatcher(Service):
     def positions(self) -> dict[str, int]:
         return {name: f.position for name, f in self.followers.items()}
 
-    def moved(self, follower: _Follower) -> None:
-        self._positions.save(self.positions())
+    def moved(self, follower: _Follower, hadEvents: bool) -> None:
+        self.positionStore.moved(self.positions(), follower.subscriber.name, follower.position, hadEvents)
 
     async def _stop(self) -> None:
         self.stopping = True
@@ -289,7 +390,7 @@ class EventDispatcher(Service):
         for follower in list(self.followers.values()):
             if follower.idle is not None:
                 await follower.idle
-        await self._positions.save(self.positions())
+        await self.positionStore.save(self.positions())
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
