@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -471,3 +471,89 @@ class ExportTests(SynchronousTestCase):
         self.assertEqual(state[f"webhook/alice/dev/{indexHook}"],
                          {**HOOK, "id": indexHook, "created": 1234.0})
         self.assertIn("webhook 'x' not imported", dirs.out.getvalue())
+
+
+class PosterResource(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[bytes] = []
+        self.stalled: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        self.requests.append(request.path)
+        if request.path == b"/redirect":
+            request.redirect(b"/elsewhere")
+            return b""
+        if request.path == b"/huge":
+            return b"x" * (4 * 1024 * 1024)
+        if request.path == b"/stall":
+            self.stalled.append(request)
+            from twisted.web.server import NOT_DONE_YET
+            return NOT_DONE_YET
+        return b"ok"
+
+
+class PosterTests(TestCase):
+    """The real poster against a receiver on 127.0.0.1 (allowed only with the flag)."""
+
+    async def serve(self) -> int:
+        self.resource = PosterResource()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(self.resource))
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def post(self, url: str, allowPrivate: bool = True, resolved: list[str] | None = None) -> Deferred[int]:
+        from devpi_twisted.services.webhooks import webhookPoster
+
+        resolve = (lambda host, port: succeed(resolved)) if resolved is not None else None
+        return webhookPoster(reactor, allowPrivate, resolve)(url, b"{}", {"X-Devpi-Event": "file.uploaded"})
+
+    async def test_redirectNotFollowed(self) -> None:
+        port = await self.serve()
+        self.assertEqual(await self.post(f"http://127.0.0.1:{port}/redirect"), 302)
+        self.assertEqual(self.resource.requests, [b"/redirect"])
+
+    async def test_hugeAnswerCut(self) -> None:
+        port = await self.serve()
+        self.assertEqual(await self.post(f"http://127.0.0.1:{port}/huge"), 200)
+
+    def test_readsAtMost64KB(self) -> None:
+        from devpi_twisted.services.webhooks import MAX_ANSWER, _Capped
+
+        class Transport:
+            stopped = 0
+
+            def stopProducing(self) -> None:
+                self.stopped += 1
+
+        done: Deferred[None] = Deferred()
+        reader = _Capped(done)
+        reader.makeConnection(Transport())  # type: ignore[arg-type]
+        reader.dataReceived(b"x" * MAX_ANSWER)
+        self.assertEqual(reader.transport.stopped, 0)
+        reader.dataReceived(b"x")
+        self.assertEqual(reader.transport.stopped, 1)
+        self.assertEqual(MAX_ANSWER, 64 * 1024)
+
+    async def test_nameResolvingToLoopbackRefused(self) -> None:
+        port = await self.serve()
+        with self.assertRaises(RefusedTarget):
+            await self.post(f"http://hooks.example.org:{port}/ok", allowPrivate=False, resolved=["127.0.0.1"])
+        with self.assertRaises(RefusedTarget):
+            await self.post(f"http://127.0.0.1:{port}/ok", allowPrivate=False)
+        self.assertEqual(self.resource.requests, [])
+        self.assertEqual(await self.post(f"http://hooks.example.org:{port}/ok", resolved=["127.0.0.1"]), 200)
+
+    async def test_timeout(self) -> None:
+        from devpi_twisted.services import webhooks
+
+        self.patch(webhooks, "TIMEOUT", 0.3)
+        port = await self.serve()
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            await self.post(f"http://127.0.0.1:{port}/stall")
+        self.assertLess(time.monotonic() - started, 5)
+        for request in self.resource.stalled:
+            request.channel.transport.loseConnection()

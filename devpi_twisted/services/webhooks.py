@@ -28,7 +28,7 @@ import socket
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -324,11 +324,30 @@ def webhookPoster(reactor: Any, allowPrivate: bool,
         allHeaders.setRawHeaders(b"content-type", [b"application/json"])
         allHeaders.setRawHeaders(b"user-agent", [b"devpi-twisted-webhooks"])
         d = agent.request(b"POST", url.encode("ascii"), allHeaders, _Body(body))
-        timer = reactor.callLater(TIMEOUT, d.cancel)
+        done: Deferred[None] = Deferred()
+        reader = _Capped(done)
+
+        reading = expired = False
+
+        def timedOut() -> None:
+            nonlocal expired
+            expired = True
+            d.cancel()
+            if reader.transport is not None:  # answered, but the body is too slow
+                reader.transport.stopProducing()
+            if reading and not done.called:
+                done.errback(TimeoutError(f"no complete answer within {TIMEOUT:g} s"))
+
+        timer = reactor.callLater(TIMEOUT, timedOut)
         try:
-            response = await d
-            done: Deferred[None] = Deferred()
-            response.deliverBody(_Capped(done))
+            try:
+                response = await d
+            except Exception as e:
+                if expired:
+                    raise TimeoutError(f"no answer within {TIMEOUT:g} s") from e
+                raise
+            reading = True
+            response.deliverBody(reader)
             await done
         finally:
             if timer.active():
@@ -386,6 +405,7 @@ class WebhookSender(Service):
         self._maxAge = maxAge
         self._slots = DeferredSemaphore(self.concurrency)
         self._inflight: set[str] = set()
+        self._attempts: set[Deferred[Any]] = set()
         self._timer: Any = None
         self._scanning = False
         self._again = False
@@ -398,10 +418,12 @@ class WebhookSender(Service):
         else:
             ready.addCallback(lambda _: self.wake())
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[Any]:
+        """Stop scanning; wait for the attempts in flight (10 s at most each) to be recorded."""
         super().stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        return DeferredList(list(self._attempts), consumeErrors=True)
 
     def wake(self) -> None:
         if not self.running:
@@ -433,11 +455,13 @@ class WebhookSender(Service):
                         continue
                     if due <= now:
                         self._inflight.add(key)
-                        self._slots.run(lambda k=key: ensureDeferred(self._attempt(k))).addErrback(
-                            lambda f, k=key: log.failure("webhook delivery {key} failed", f, key=k))
+                        attempt = self._slots.run(lambda k=key: ensureDeferred(self._attempt(k)))
+                        attempt.addErrback(lambda f, k=key: log.failure("webhook delivery {key} failed", f, key=k))
+                        self._attempts.add(attempt)
+                        attempt.addBoth(lambda _, a=attempt: self._attempts.discard(a))
                     else:
                         nextDue = min(nextDue, due)
-                if not self._again:
+                if not self._again or not self.running:
                     break
         finally:
             self._scanning = False
