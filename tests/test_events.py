@@ -290,7 +290,24 @@ class PluginTests(SynchronousTestCase):
         self.successResultOf(plugin.deliver(ev.Event("user.created", 1, 0, 1.0, user="x")))
         self.assertEqual(DELIVERED, ["user.created"])
 
-    def test_installedAreFound(self) -> None:
-        # The project installs none itself; whatever is found provides the interface.
+    def test_dropinFound(self) -> None:
+        """A dropin declaring a L{SubscriberPlugin} is found, as twisted/plugins/ dropins are."""
+        import importlib
+        import sys
+
+        root = FilePath(self.mktemp())
+        package = root.child("eventdropins")
+        package.makedirs()
+        package.child("__init__.py").setContent(b"")
+        package.child("mine.py").setContent(
+            b"from devpi_twisted.services.events import SubscriberPlugin\n"
+            b"mine = SubscriberPlugin('mine', 'tests.test_events:deliverToList')\n")
+        sys.path.insert(0, root.path)
+        self.addCleanup(sys.path.remove, root.path)
+        self.addCleanup(sys.modules.pop, "eventdropins", None)
+        self.addCleanup(sys.modules.pop, "eventdropins.mine", None)
+        [found] = installedSubscribers(importlib.import_module("eventdropins"))
+        self.assertEqual(found.name, "mine")
+        verifyObject(IEventSubscriber, found)
         for subscriber in installedSubscribers():
             verifyObject(IEventSubscriber, subscriber)

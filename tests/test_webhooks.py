@@ -415,6 +415,7 @@ class DeliveredTests(RealDeliveryTests):
             await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(self.receiver.received, [])
         self.assertTrue(os.path.exists(os.path.join(old.serverdir, "+events", "positions.json")))
+        self.assertNotIn("Traceback", old.output())
         await self.listen(port)
         self.server = ServerProcess(self, self.workdir, "--webhook-allow-private")
         await self.waitForServer()

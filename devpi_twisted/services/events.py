@@ -61,9 +61,9 @@ class SubscriberPlugin:
         return maybeDeferred(self._function, event)
 
 
-def installedSubscribers() -> list[IEventSubscriber]:
-    """The subscribers installed as plugins, by name."""
-    return sorted(getPlugins(IEventSubscriber), key=lambda s: s.name)
+def installedSubscribers(package: Any = None) -> list[IEventSubscriber]:
+    """The subscribers installed as plugins (in C{twisted.plugins}, or C{package}), by name."""
+    return sorted(getPlugins(IEventSubscriber, package), key=lambda s: s.name)
 
 
 class PositionFile:

@@ -188,6 +188,12 @@ class WebhookSubscriber:
         scopes = [SERVER]
         if event.user is not None and event.index is not None:
             scopes.append(f"{event.user}/{event.index}")
+        def _wanted(view: IReadView) -> bool:
+            return any(event.name in hook["events"] for scope in scopes for _, hook in view.items(hookPrefix(scope)))
+
+        # Most events interest no webhook: looking costs a read, not a write transaction.
+        if not await self._storage.read(_wanted):
+            return
         now = self._seconds()
         payload = event.toJSON(self._baseURL)
 

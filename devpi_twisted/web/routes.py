@@ -297,6 +297,8 @@ def makeWebResource(
     @param changelog: the replication feed, when this server may be followed.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
+    @param webhooks: the L{devpi_twisted.services.webhooks.WebhookRegistry}
+        behind C{+webhooks} (no such routes without it).
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
