@@ -311,3 +311,36 @@ class PluginTests(SynchronousTestCase):
         verifyObject(IEventSubscriber, found)
         for subscriber in installedSubscribers():
             verifyObject(IEventSubscriber, subscriber)
+
+
+class WiringTests(SynchronousTestCase):
+    """Only a primary's main process delivers; the real server is built with the dispatcher."""
+
+    def test_whoDelivers(self) -> None:
+        from devpi_twisted.app.compose import deliversEvents
+        from devpi_twisted.config import ServerConfig
+
+        config = ServerConfig(serverdir=FilePath("/x"), listen=())
+        self.assertTrue(deliversEvents(config))
+        self.assertFalse(deliversEvents(ServerConfig(serverdir=FilePath("/x"), listen=(), primaryURL="http://p")))
+        self.assertFalse(deliversEvents(ServerConfig(serverdir=FilePath("/x"), listen=(), requestsOnly=True)))
+
+    def test_builtIntoTheServer(self) -> None:
+        from devpi_twisted.services.webhooks import WebhookSender
+        from .test_tap import MakeServiceTests
+
+        case = MakeServiceTests("test_serves")
+        case.mktemp = self.mktemp  # type: ignore[method-assign]
+        case.patch = self.patch  # type: ignore[method-assign]
+        case.addCleanup = self.addCleanup  # type: ignore[method-assign]
+        case.setUp()
+        service, reactor = case.start("--webhook-allow-private")
+
+        def walk(s: Any) -> list[Any]:
+            return [s, *[c for child in getattr(s, "services", []) for c in walk(child)]]
+
+        found = walk(service)
+        [dispatcher] = [s for s in found if isinstance(s, EventDispatcher)]
+        [sender] = [s for s in found if isinstance(s, WebhookSender)]
+        self.assertEqual([type(s).__name__ for s in dispatcher._subscribers][:1], ["WebhookSubscriber"])
+        self.assertTrue(dispatcher.running and sender.running)

@@ -302,6 +302,11 @@ def buildServer(
     )
 
 
+def deliversEvents(config: ServerConfig) -> bool:
+    """Whether this process delivers events: a primary's main process, never a replica or a worker."""
+    return config.primaryURL is None and not config.requestsOnly
+
+
 def eventServices(config: ServerConfig, storage: Any, reactor: Any, runner: Runner, node: str,
                   ready: Callable[[], Any] | None = None, subscribers: Any = None,
                   resolve: Any = None) -> MultiService:

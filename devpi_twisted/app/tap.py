@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 
-from devpi_twisted.app.compose import buildServer, eventServices, primaryPool, upstreamPool
+from devpi_twisted.app.compose import buildServer, deliversEvents, eventServices, primaryPool, upstreamPool
 from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
 from devpi_twisted.app.logs import JSONLogService
 from devpi_twisted.app.opendir import openServerDir
@@ -135,7 +135,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         primaryPoolService.setServiceParent(replicaServices)
         server.replica.setServiceParent(replicaServices)
         replicaServices.setServiceParent(top)
-    if server.replica is None and not config.requestsOnly:
+    if deliversEvents(config):
         # Only a primary's main process delivers events (stopped before storage).
         eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady).setServiceParent(top)
     drain = DrainService(server.site, config.shutdownGrace)
