@@ -36,6 +36,8 @@ def entry(rel: str | None = "releasefile", filename: str = "demo-1.0.tar.gz", sh
     return made
 
 
+POLL = 1e9  # the dispatchers' look now and then, out of the way of the retry timers
+
 FILE = keys.fileKey("alice", "dev", "demo", "demo-1.0.tar.gz")
 
 
@@ -127,6 +129,7 @@ class _Dispatching(SynchronousTestCase):
 
     def dispatcher(self, *subscribers: Any) -> EventDispatcher:
         d = EventDispatcher(self.storage, self.clock, subscribers, PositionFile(self.path, maybeDeferred))
+        d.pollInterval = POLL
         d.startService()
         self.started.append(d)
         return d
@@ -192,7 +195,7 @@ class DispatcherTests(_Dispatching):
         self.assertEqual((failing.seen, failing.calls), ([], 1))
         delays = []
         while failing.failing:
-            delays.append(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds())
+            delays.append(min(c.getTime() for c in self.clock.getDelayedCalls()) - self.clock.seconds())
             self.clock.advance(delays[-1])
         self.assertEqual(delays[:10], [1, 2, 4, 8, 16, 32, 64, 128, 256, 300])
         self.assertEqual(delays[-1], 300)
@@ -211,8 +214,34 @@ class DispatcherTests(_Dispatching):
         again = Recorder()
         self.dispatcher(again)
         self.assertEqual(again.seen, [("user.created", serial)])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.getTime() < POLL], [])
         self.flushLoggedErrors(RuntimeError)
+
+    def test_storageTroubleRetried(self) -> None:
+        from devpi_twisted.errors import StorageUnavailable
+
+        recorder = Recorder()
+        self.dispatcher(recorder)
+        real = self.storage.changesSince
+        self.patch(self.storage, "changesSince", lambda *a: fail(StorageUnavailable("database down")))
+        serial = self.write({"user/alice": {}})
+        self.assertEqual(recorder.seen, [])
+        self.patch(self.storage, "changesSince", real)
+        self.clock.advance(1)
+        self.assertEqual(recorder.seen, [("user.created", serial)])
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 1)
+
+    def test_hangingSubscriberDoesNotHoldTheStop(self) -> None:
+        class Hanging(Recorder):
+            def deliver(self, event: ev.Event) -> Deferred[None]:
+                return Deferred()
+
+        d = self.dispatcher(Hanging())
+        self.write({"user/alice": {}})
+        stopped = d.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(EventDispatcher.stopTimeout)
+        self.successResultOf(stopped)
 
     def test_positionAheadOfStorageIsClamped(self) -> None:
         self.path.parent().makedirs()
@@ -239,6 +268,7 @@ class SharedPositionsTests(_Dispatching):
 
     def node(self, name: str, *subscribers: Any) -> EventDispatcher:
         d = EventDispatcher(self.storage, self.clock, subscribers, SharedPositions(self.storage, self.clock, name))
+        d.pollInterval = POLL
         d.startService()
         self.started.append(d)
         return d

@@ -26,7 +26,7 @@ from importlib import import_module
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -267,18 +267,29 @@ class _Follower:
 
     async def _run(self) -> None:
         d = self.dispatcher
+        delay = d.firstDelay
         try:
             while not d.stopping and self.position < d.storage.currentSerial():
-                records = await d.storage.changesSince(self.position, d.batch)
-                if not records:
-                    break
-                for record in records:
-                    events = await d.source.eventsOf(record)
-                    if events and await self._claim(record.serial):
-                        for event in events:
-                            await self._deliver(event)
-                    self.position = record.serial
-                    d.moved(self, bool(events))
+                try:
+                    records = await d.storage.changesSince(self.position, d.batch)
+                    if not records:
+                        break
+                    for record in records:
+                        events = await d.source.eventsOf(record)
+                        if events and await self._claim(record.serial):
+                            for event in events:
+                                await self._deliver(event)
+                        self.position = record.serial
+                        d.moved(self, bool(events))
+                    delay = d.firstDelay
+                except (_Stopped, CancelledError):
+                    raise
+                except Exception:
+                    # Storage unreachable: the changelog is read again later.
+                    log.failure("events for {subscriber} not read; again in {delay} s",
+                                subscriber=self.subscriber.name, delay=delay)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, d.maxDelay)
         except _Stopped:
             pass
         finally:
@@ -335,6 +346,8 @@ class EventDispatcher(Service):
     batch = 100
     firstDelay = 1.0
     maxDelay = 300.0
+    pollInterval = 30.0
+    stopTimeout = 10.0
 
     def __init__(self, storage: IStorage, clock: IReactorTime, subscribers: Iterable[IEventSubscriber],
                  positions: "PositionFile | SharedPositions", ready: Callable[[], Deferred[Any]] | None = None) -> None:
@@ -346,6 +359,7 @@ class EventDispatcher(Service):
         self.positionStore = positions
         self._ready = ready
         self._unsubscribe: Callable[[], Any] | None = None
+        self._poller: Any = None
         self.followers: dict[str, _Follower] = {}
 
     def startService(self) -> None:
@@ -368,6 +382,13 @@ class EventDispatcher(Service):
             self.followers[subscriber.name] = _Follower(self, subscriber, positions[subscriber.name])
         self._unsubscribe = self.storage.subscribe(lambda record: self.wakeAll())
         self.wakeAll()
+        self._poll()
+
+    def _poll(self) -> None:
+        """Look again now and then: nodes sharing storage may not hear of each other's commits."""
+        self.wakeAll()
+        if not self.stopping:
+            self._poller = self.clock.callLater(self.pollInterval, self._poll)
 
     def wakeAll(self) -> None:
         if not self.stopping:
@@ -387,9 +408,17 @@ class EventDispatcher(Service):
             self._unsubscribe = None
         for follower in self.followers.values():
             follower.stop()
+        if self._poller is not None and self._poller.active():
+            self._poller.cancel()
         for follower in list(self.followers.values()):
             if follower.idle is not None:
-                await follower.idle
+                # A subscriber that hangs does not hold up the stop for long.
+                waiting: Deferred[Any] = Deferred()
+                follower.idle.chainDeferred(waiting)
+                try:
+                    await waiting.addTimeout(self.stopTimeout, self.clock)
+                except TimeoutError:
+                    log.warn("subscriber {subscriber} still busy at the stop", subscriber=follower.subscriber.name)
         await self.positionStore.save(self.positions())
 
     def stopService(self) -> Deferred[None]:
