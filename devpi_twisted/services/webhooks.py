@@ -363,6 +363,14 @@ def webhookPoster(reactor: Any, allowPrivate: bool,
     return lambda url, body, headers: ensureDeferred(post(url, body, headers))
 
 
+def _describe(error: Exception) -> str:
+    """A short text of why an attempt failed, for the owner's listing."""
+    reasons = getattr(error, "reasons", None)  # ResponseFailed and friends wrap Failures
+    if reasons:
+        error = getattr(reasons[0], "value", error)
+    return (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)[:300]
+
+
 @implementer(IBodyProducer)
 class _Body:
     """A small request body, written at once."""
@@ -475,6 +483,7 @@ class WebhookSender(Service):
             self._schedule(nextDue - self._clock.seconds())
 
     async def _attempt(self, key: str) -> None:
+        due = None
         try:
             claimed = await self._claim(key)
             if claimed is None:
@@ -490,11 +499,12 @@ class WebhookSender(Service):
             try:
                 status = await self._post(hook["url"], body, headers)
             except Exception as e:
-                error = (str(e) or type(e).__name__)[:300]
-            await self._finish(key, status, error)
+                error = _describe(e)
+            due = await self._finish(key, status, error)
         finally:
             self._inflight.discard(key)
-        self.wake()
+        if due is not None and self.running:
+            self._schedule(due - self._clock.seconds())
 
     async def _claim(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         now = self._clock.seconds()
@@ -519,16 +529,17 @@ class WebhookSender(Service):
         _, found = await self._storage.write(claim)
         return found
 
-    async def _finish(self, key: str, status: int | None, error: str | None) -> None:
+    async def _finish(self, key: str, status: int | None, error: str | None) -> float | None:
+        """Record an attempt's outcome; the time of the next attempt, if there is one."""
         now = self._clock.seconds()
         ok = status is not None and 200 <= status < 300
         if status is not None and not ok:
             error = f"HTTP {status}"
 
-        def finish(txn: IWriteTransaction) -> None:
+        def finish(txn: IWriteTransaction) -> float | None:
             delivery = txn.get(key)
             if delivery is None:
-                return
+                return None
             attempts = delivery.get("attempts", 0) + 1
             delivery.update(attempts=attempts, status=status, error=error, lastAttempt=now)
             delivery.pop("claimedBy", None)
@@ -545,7 +556,8 @@ class WebhookSender(Service):
                 finished = [k for k, v in txn.items(prefix) if v.get("state") != "pending"]
                 for old in finished[:-KEEP_FINISHED]:
                     txn.delete(old)
+            return delivery["due"] if delivery["state"] == "pending" else None
 
-        await self._storage.write(finish)
-        log.info("webhook delivery {delivery} to {key}: {outcome}", delivery=key, key=key,
-                 outcome="delivered" if ok else (error or "failed"))
+        _, due = await self._storage.write(finish)
+        log.info("webhook delivery {key}: {outcome}", key=key, outcome="delivered" if ok else (error or "failed"))
+        return due
