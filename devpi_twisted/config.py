@@ -57,6 +57,7 @@ class ServerConfig:
     secretFile: str | None = None  # the secret shared with replicas / the primary
     replicaPollTimeout: float = 25.0
     requestsOnly: bool = False  # a --requests-only worker (README "Workers")
+    webhookAllowPrivate: bool = False  # webhooks may reach loopback/private addresses (README "Events and webhooks")
     workers: int = 1  # serving processes on this machine (--workers; README "Scaling out")
     blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
     # operations: limits, shutdown, logs (README "Deployment")

@@ -333,3 +333,26 @@ class IPresigningBlobStore(Interface):
 
         @return: str.
         """
+
+
+class IEventSubscriber(Interface):
+    """
+    Something told of every event (L{devpi_twisted.model.events.Event}):
+    found as a Twisted plugin (L{devpi_twisted.services.events.SubscriberPlugin})
+    or given by the server itself (webhooks).
+
+    Events come in serial order, one at a time, at least once: after a
+    restart a subscriber resumes after the last serial it fully handled,
+    so an event may come again and should be handled idempotently (by
+    C{(serial, ordinal)}).
+    """
+
+    name = Attribute("A unique name; the subscriber's position is kept under it.")
+
+    def deliver(event):
+        """
+        Handle one event.
+
+        @return: a Deferred; when it fails the same event is delivered again
+            later (with a growing delay) and later events wait.
+        """

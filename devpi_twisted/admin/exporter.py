@@ -258,6 +258,13 @@ def _deletedPaths(view: IReadView, user: str, index: str, live: set[str],
     return sorted(deleted, key=lambda d: d["path"])
 
 
+def exportedWebhooks(view: IReadView, scope: str | None) -> list[dict[str, Any]]:
+    """The webhooks of an index (or server-wide ones: C{None}), secrets included; devpi ignores them."""
+    from devpi_twisted.services.webhooks import SERVER, hookPrefix
+
+    return [hook for _, hook in view.items(hookPrefix(scope or SERVER))]
+
+
 def planExport(view: IReadView, includeMirrored: bool = False, warnings: list[str] | None = None,
                skipped: list[str] | None = None) -> tuple[dict[str, Any], list[FileCopy]]:
     """
@@ -279,13 +286,15 @@ def planExport(view: IReadView, includeMirrored: bool = False, warnings: list[st
         dumped: dict[str, Any] = {"indexconfig": config}
         indexes[f"{user}/{index}"] = dumped
         isMirror = config.get("type") == MIRROR
-        if isMirror and not includeMirrored:
-            continue
-        _dumpIndex(view, user, index, isMirror, dumped, copies, warnings, skipped)
+        if not (isMirror and not includeMirrored):
+            _dumpIndex(view, user, index, isMirror, dumped, copies, warnings, skipped)
+        hooks = exportedWebhooks(view, f"{user}/{index}")
+        if hooks:
+            dumped.setdefault(EXTRA, {})["webhooks"] = hooks
     data = {
         "dumpversion": DUMPVERSION,
         "pythonversion": list(sys.version_info),
-        EXTRA: {"version": __version__},
+        EXTRA: {"version": __version__, **({"webhooks": serverHooks} if (serverHooks := exportedWebhooks(view, None)) else {})},
         "users": users,
         "indexes": indexes,
     }

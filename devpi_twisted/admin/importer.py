@@ -501,6 +501,7 @@ class Importer:
                 continue
             files.setdefault(normalizeProject(projectName), []).append(desc)
         extras = exported.get(EXTRA) if isinstance(exported.get(EXTRA), dict) else {}
+        await self._importWebhooks(name, extras.get("webhooks"))
         projectConfigs = extras.get("projects") or {}
         count = 0
         names = sorted(set(files) | (set() if isMirror else set(projects)))
@@ -512,6 +513,26 @@ class Importer:
                                          files.get(project, []), projectConfigs.get(project))
         await self._importDeleted(name, extras.get("deleted") or [])
         self.summary.indexes[name] = (len(names), count)
+
+    async def _importWebhooks(self, scope: str, hooks: Any) -> None:
+        """Webhooks exported with an index (or server-wide), checked as a registration is."""
+        from devpi_twisted.errors import BadRequest
+        from devpi_twisted.services.webhooks import hookPrefix, validateRegistration
+
+        stored = []
+        for hook in hooks if isinstance(hooks, list) else []:
+            hookId = hook.get("id") if isinstance(hook, dict) else None
+            try:
+                valid = validateRegistration({k: hook.get(k) for k in ("url", "secret", "events")})
+            except BadRequest as e:
+                self.warn(f"{scope}: webhook {hookId!r} not imported: {e.message}")
+                continue
+            if not isinstance(hookId, str) or not safeSegment(hookId):
+                self.warn(f"{scope}: webhook {hookId!r} not imported: bad id")
+                continue
+            stored.append({**valid, "id": hookId, "created": hook.get("created")})
+        if stored:
+            await self._write(lambda txn: [txn.set(hookPrefix(scope) + h["id"], h) for h in stored])
 
     async def _importDeleted(self, name: str, deleted: Any) -> None:
         """The paths of deleted files, which keep answering 410 (our own exports carry them)."""
@@ -543,6 +564,9 @@ class Importer:
 
         await self._write(_accounts)
         self.summary.users = sorted(users)
+        from devpi_twisted.services.webhooks import SERVER
+        extras = self._data.get(EXTRA)
+        await self._importWebhooks(SERVER, extras.get("webhooks") if isinstance(extras, dict) else None)
         for name, config in sorted(indexes.items()):
             await self._importIndex(name, config)
         skipped = sorted(set(self._data["indexes"]) - set(indexes))

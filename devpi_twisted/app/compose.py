@@ -13,7 +13,7 @@ are made here too (L{upstreamPool}, L{primaryPool}).
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredSemaphore
 from twisted.web.client import (
     Agent,
@@ -28,6 +28,7 @@ from treq.client import HTTPClient
 
 from devpi_twisted import __version__
 from devpi_twisted.config import ServerConfig
+from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.mirror.agent import LimitedAgent
 from devpi_twisted.mirror.service import Mirrors
 from devpi_twisted.mirror.upstream import UpstreamClient, upstreamTLSPolicy
@@ -44,6 +45,8 @@ from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.services.tokens import Tokens
 from devpi_twisted.services.users import Users
+from devpi_twisted.services.events import EventDispatcher, PositionFile, SharedPositions, installedSubscribers
+from devpi_twisted.services.webhooks import WebhookRegistry, WebhookSender, WebhookSubscriber, webhookPoster
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.files import fileRedirects
@@ -86,6 +89,7 @@ class Server:
     replica: ReplicaService | None
     resource: Resource
     site: DevpiSite
+    webhooks: Any = None  # the registry behind the +webhooks routes
 
 
 class _PoolService(Service):
@@ -272,6 +276,7 @@ def buildServer(
     users = Users(storage, auth, config.policy)
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
     readRules = ReadRules(storage)
+    webhooks = WebhookRegistry(storage, reactor.seconds)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -293,6 +298,7 @@ def buildServer(
         replication=replica,
         runFile=runner.runFile,
         readRules=readRules,
+        webhooks=webhooks,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -321,4 +327,37 @@ def buildServer(
         config=config, nodeinfo=nodeinfo, storage=storage, blobs=blobs, auth=auth, throttle=throttle,
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
+        webhooks=webhooks,
     )
+
+
+def deliversEvents(config: ServerConfig) -> bool:
+    """Whether this process delivers events: a primary's main process, never a replica or a worker."""
+    return config.primaryURL is None and not config.requestsOnly
+
+
+def eventServices(config: ServerConfig, storage: Any, reactor: Any, runner: Runner, node: str,
+                  ready: Callable[[], Any] | None = None, subscribers: Any = None,
+                  resolve: Any = None) -> MultiService:
+    """
+    The event dispatcher (installed subscribers and webhooks) and the
+    webhook sender, for the one process that delivers: a primary's main
+    process (README "Events and webhooks").
+
+    @param node: this node's own uuid: it claims deliveries when several
+        nodes share the storage.
+    @param subscribers: the plugin subscribers (default: those installed).
+    """
+    services = MultiService()
+    # Nodes sharing the storage (PostgreSQL) claim what they deliver in it.
+    shared = ISharedSecret.providedBy(storage)
+    sender = WebhookSender(storage, reactor, webhookPoster(reactor, config.webhookAllowPrivate, resolve),
+                           node, shared=shared, ready=ready)
+    hooks = WebhookSubscriber(storage, reactor.seconds, config.outsideURL or "", wake=sender.wake)
+    if subscribers is None:
+        subscribers = installedSubscribers()
+    positions: Any = (SharedPositions(storage, reactor, node) if shared else
+                      PositionFile(config.serverdir.child("+events").child("positions.json"), runner.runFile))
+    EventDispatcher(storage, reactor, [hooks, *subscribers], positions, ready=ready).setServiceParent(services)
+    sender.setServiceParent(services)
+    return services

@@ -119,6 +119,8 @@ class Options(TypedOptions):
          "Run as an extra worker next to the main process on the same --serverdir: serve requests, "
          "run no background jobs (README \"Workers\")."],
         ["no-access-log", None, "Do not log a line per request."],
+        ["webhook-allow-private", None,
+         "Let webhooks reach loopback, private and link-local addresses (refused by default)."],
     ]
 
     def __init__(self) -> None:
@@ -263,6 +265,7 @@ class Options(TypedOptions):
             offlineMode=bool(self["offline-mode"]),
             rootPassword=self["root-passwd"],
             requestsOnly=bool(self["requests-only"]),
+            webhookAllowPrivate=bool(self["webhook-allow-private"]),
             blobCollectInterval=self["blob-collect-interval"],
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 
-from devpi_twisted.app.compose import buildServer, primaryPool, upstreamPool
+from devpi_twisted.app.compose import buildServer, deliversEvents, eventServices, primaryPool, upstreamPool
 from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
 from devpi_twisted.app.logs import JSONLogService
 from devpi_twisted.app.opendir import openServerDir
@@ -105,6 +105,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
     nodeinfo = serverdir.nodeinfo()
+    ownNode = nodeinfo["uuid"]  # this node's, even when the nodes sharing the state show one uuid
     if ISharedSecret.providedBy(storage) and config.primaryURL is None:
         try:
             nodeinfo = {**nodeinfo, "uuid": ISharedSecret(storage).sharedUUID(nodeinfo["uuid"])}
@@ -136,6 +137,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         primaryPoolService.setServiceParent(replicaServices)
         server.replica.setServiceParent(replicaServices)
         replicaServices.setServiceParent(top)
+    if deliversEvents(config):
+        # Only a primary's main process delivers events (stopped before storage).
+        eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady).setServiceParent(top)
     drain = DrainService(server.site, config.shutdownGrace)
     if config.workers > 1:
         # The children get SIGTERM while this process drains its own requests.

@@ -41,6 +41,7 @@ from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.tokens import TokenViews
 from devpi_twisted.web.upload import UploadViews
+from devpi_twisted.web.webhooks import WebhookViews
 from devpi_twisted.web.uploadform import FORM_TYPES
 
 USER = "<user>"
@@ -48,7 +49,8 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens"}
+_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens",
+            "+webhooks"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -77,8 +79,9 @@ class Routes:
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
                  docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
-                 tokens: TokenViews | None = None) -> None:
+                 tokens: TokenViews | None = None, webhooks: WebhookViews | None = None) -> None:
         self._tokens = tokens
+        self._webhooks = webhooks
         self._changelog = changelog
         self._metrics = metrics
         self._docs = docs
@@ -113,6 +116,31 @@ class Routes:
         if self._metrics is None:
             raise NotFound()
         return self._metrics.render(request)
+
+    # webhooks (see .webhooks)
+
+    def _hooks(self) -> WebhookViews:
+        if self._webhooks is None:
+            raise NotFound()
+        return self._webhooks
+
+    @app.route("/+webhooks", methods=["GET", "POST"])
+    def serverWebhooks(self, request: IRequest) -> Any:
+        hooks = self._hooks()
+        return hooks.add(request) if request.method == b"POST" else hooks.list(request)
+
+    @app.route("/+webhooks/<hookId>", methods=["DELETE"])
+    def serverWebhook(self, request: IRequest, hookId: str) -> Any:
+        return self._hooks().remove(request, hookId)
+
+    @app.route(f"/{USER}/{INDEX}/+webhooks", methods=["GET", "POST"])
+    def indexWebhooks(self, request: IRequest, user: str, index: str) -> Any:
+        hooks = self._hooks()
+        return hooks.add(request, user, index) if request.method == b"POST" else hooks.list(request, user, index)
+
+    @app.route(f"/{USER}/{INDEX}/+webhooks/<hookId>", methods=["DELETE"])
+    def indexWebhook(self, request: IRequest, user: str, index: str, hookId: str) -> Any:
+        return self._hooks().remove(request, hookId, user, index)
 
     # replication (see .changelog)
 
@@ -285,6 +313,7 @@ def makeWebResource(
     metrics: Any = None,
     runFile: Callable[..., Any] = maybeDeferred,
     readRules: ReadRules | None = None,
+    webhooks: Any = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -294,6 +323,8 @@ def makeWebResource(
     @param changelog: the replication feed, when this server may be followed.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
+    @param webhooks: the L{devpi_twisted.services.webhooks.WebhookRegistry}
+        behind C{+webhooks} (no such routes without it).
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
@@ -323,6 +354,7 @@ def makeWebResource(
         changelog,
         metrics,
         TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
+        WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
