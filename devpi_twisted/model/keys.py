@@ -14,7 +14,10 @@ Keys start with their kind, so one prefix scan lists one kind of thing:
   - C{deleted/<user>/<index>/<h3>/<h13>/<filename>}: a deleted file, so its
     URL answers 410 Gone rather than 404;
   - C{token/<user>/<id>}: an API token's record (its key, restrictions);
-  - C{tokenuse/<user>/<id>}: when it was last used (written in batches).
+  - C{tokenuse/<user>/<id>}: when it was last used (written in batches);
+  - C{download/<user>/<index>/<project>/<filename>}: when a file (private or
+    mirrored) was last downloaded and how often, written in batches, apart
+    from the file entry so that counting downloads never changes a page.
 Project names in keys are normalised.
 """
 
@@ -22,6 +25,7 @@ USER = "user/"
 INDEX = "index/"
 TOKEN = "token/"
 TOKEN_USE = "tokenuse/"
+DOWNLOAD = "download/"
 INDEX_CONTENT_KINDS = (
     "project/", "version/", "file/", "coremeta/", "path/", "simple/", "deleted/", "mirrornames/",
 )
@@ -114,3 +118,15 @@ def tokenUseKey(user: str, tokenId: str) -> str:
 
 def tokenUsePrefix(user: str) -> str:
     return f"{TOKEN_USE}{user}/"
+
+
+def downloadKey(user: str, index: str, project: str, filename: str) -> str:
+    """
+    The download record of one file: C{{"last": unix time, "count": n}}
+    (see L{devpi_twisted.model.keys} for why it is a key of its own).
+    """
+    return f"{downloadsPrefix(user, index)}{project}/{filename}"
+
+
+def downloadsPrefix(user: str, index: str) -> str:
+    return f"{DOWNLOAD}{user}/{index}/"
