@@ -184,6 +184,37 @@ class TwoNodesTests(_TwoNodes):
         self.assertIn("bytoken", indexes["result"]["indexes"])
         self.assertNotIn("forged", indexes["result"]["indexes"])
 
+    async def test_apiTokenRevokedOnEveryNode(self) -> None:
+        """
+        An API token made through A uploads through B; once deleted through
+        A, B refuses it within a second, and so do restricted reads.
+        """
+        await self.mustAPI("PATCH", "/alice/dev", ["acl_read=alice"], base=self.a.url)
+        created = await self.mustAPI("POST", "/alice/+token-create", {"indexes": ["alice/dev"]}, base=self.a.url)
+        token = created["result"]["token"]
+        bearer = {b"Authorization": [b"Bearer " + token.encode("ascii")]}
+        body = uploadBody(buildWheel(version="3.0"))
+        code, content, _ = await self.api("POST", "/alice/dev/", auth=("__token__", token), headers=body.headers,
+                                          data=body.body, base=self.b.url)
+        self.assertIn(code, (200, 201), content)
+        code, content, _ = await self.api("GET", "/alice/dev/+simple/demo-pkg/", auth=None, base=self.b.url,
+                                          headers={**bearer, b"Accept": [PIP_ACCEPT]})
+        self.assertEqual(code, 200, content)
+        tokenId = next(iter((await self.mustAPI("GET", "/alice/+tokens", base=self.a.url))["result"]["tokens"]))
+        await self.mustAPI("DELETE", f"/alice/+tokens/{tokenId}", base=self.a.url)
+        deadline = time.monotonic() + 1.0
+        while True:
+            code, content, _ = await self.api("GET", "/alice/dev/+simple/demo-pkg/", auth=None, base=self.b.url,
+                                              headers={**bearer, b"Accept": [PIP_ACCEPT]})
+            if code in (401, 403):
+                break
+            self.assertLess(time.monotonic(), deadline, f"B still accepts the deleted token: {code}")
+            await sleep(0.02)
+        code, content, _ = await self.api("POST", "/alice/dev/", auth=("__token__", token),
+                                          headers=uploadBody(buildWheel(version="3.1")).headers,
+                                          data=uploadBody(buildWheel(version="3.1")).body, base=self.b.url)
+        self.assertIn(code, (401, 403), content)
+
     async def test_serialsGapless(self) -> None:
         """
         Writes through both nodes at once give one gapless changelog, the
