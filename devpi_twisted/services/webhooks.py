@@ -28,7 +28,7 @@ import socket
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -36,12 +36,12 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from devpi_twisted.errors import BadRequest, NotFound
 from devpi_twisted.interfaces import IEventSubscriber, IReadView, IStorage, IWriteTransaction
 from devpi_twisted.model.events import EVENT_NAMES, INDEX_DELETED, Event
+from devpi_twisted.storage.readers import BytesBodyProducer
 
 log = Logger()
 
@@ -329,7 +329,7 @@ def webhookPoster(reactor: Any, allowPrivate: bool,
         allHeaders = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
         allHeaders.setRawHeaders(b"content-type", [b"application/json"])
         allHeaders.setRawHeaders(b"user-agent", [b"devpi-twisted-webhooks"])
-        d = agent.request(b"POST", url.encode("ascii"), allHeaders, _Body(body))
+        d = agent.request(b"POST", url.encode("ascii"), allHeaders, BytesBodyProducer(body))
         done: Deferred[None] = Deferred()
         reader = _Capped(done)
 
@@ -369,28 +369,6 @@ def _describe(error: Exception) -> str:
     if reasons:
         error = getattr(reasons[0], "value", error)
     return (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)[:300]
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """A small request body, written at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class WebhookSender(Service):

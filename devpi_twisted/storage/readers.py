@@ -2,8 +2,9 @@
 Blob readers that are not a blob store's own: bytes held in memory, a
 spooled file read in threads, and a blocking file of any reader's content
 for code that parses it in a thread; L{PiecePump}, which producers use to
-pass a reader's pieces on, and L{ReaderBodyProducer}, a reader as the body
-of an outgoing request.
+pass a reader's pieces on, and L{ReaderBodyProducer} and
+L{BytesBodyProducer}, a reader or a few bytes as the body of an outgoing
+request.
 """
 
 import os
@@ -197,6 +198,28 @@ async def blockingFile(reader: Any, runFile: RunFile) -> BinaryIO:
         return copy
     finally:
         await reader.close()
+
+
+@implementer(IBodyProducer)
+class BytesBodyProducer:
+    """A small request body, written at once (a webhook's JSON, a small forwarded body)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IBodyProducer)

@@ -28,7 +28,7 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -39,11 +39,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.replica.readplan import ReadPlan, planRead
-from devpi_twisted.storage.readers import FileObjectReader, ReaderBodyProducer, RunFile
+from devpi_twisted.storage.readers import BytesBodyProducer, FileObjectReader, ReaderBodyProducer, RunFile
 from devpi_twisted.web.context import outsideURL
 from devpi_twisted.web.limits import SPOOL_THRESHOLD
 
@@ -57,28 +56,6 @@ _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
 _READ_ONLY_POSTS = ("+api", "+status")
 _SMALL_BODY = SPOOL_THRESHOLD  # bodies twisted.web keeps in memory are sent at once
 _MAX_PAGES_REMEMBERED = 100000
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A small request body, sent at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Relay(Protocol):
@@ -290,7 +267,7 @@ class ReplicaProxyResource(Resource):
             size = content.tell()
             content.seek(0)
             if size <= _SMALL_BODY:
-                producer = _BytesProducer(content.read())
+                producer = BytesBodyProducer(content.read())
             else:
                 # Spooled to disk: read in the storage threads as the connection takes it.
                 producer = ReaderBodyProducer(FileObjectReader(content, size, self._runFile))
