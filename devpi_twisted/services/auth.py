@@ -110,19 +110,10 @@ class PasswordHashing:
 
 def parseBasic(header: bytes | None) -> tuple[str, str] | None:
     """C{(user, secret)} from a C{Basic} Authorization header or an X-Devpi-Auth value."""
-    if not header:
+    credentials = parseCredentials(header)
+    if credentials is None or credentials[1] is None or not credentials[0]:
         return None
-    value = header.strip()
-    if value[:6].lower() == b"basic ":
-        value = value[6:].strip()
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    user, sep, secret = decoded.partition(":")
-    if not sep or not user:
-        return None
-    return user, secret
+    return credentials[0], credentials[1]
 
 
 def parseCredentials(header: bytes | None) -> tuple[str, str | None] | None:
