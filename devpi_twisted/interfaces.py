@@ -297,8 +297,10 @@ class IBlobBackend(Interface):
 class ISharedSecret(Interface):
     """
     An optional capability of an L{IStorage} that several nodes share: the
-    secret that signs login tokens and replication credentials is kept with
-    the state, so a token one node made is good on every other.
+    secret that signs login tokens and replication credentials, and the
+    server's uuid, are kept with the state (outside the changelog), so a
+    token one node made is good on every other, and replicas and clients
+    see one server whichever node answers.
     """
 
     def sharedSecret(candidate):
@@ -307,6 +309,14 @@ class ISharedSecret(Interface):
         when there is none yet.  Blocking: called once at startup.
 
         @return: bytes.
+        """
+
+    def sharedUUID(candidate):
+        """
+        The server's uuid (C{X-Devpi-Uuid}); C{candidate} (this node's own)
+        becomes it when there is none yet.  Blocking: called once at startup.
+
+        @return: str.
         """
 
 

@@ -82,33 +82,6 @@ class S3BlobStoreContractTests(_S3, BlobStoreContract, TestCase):
         server = sharedS3()
         return self.openStore(server, server.newBucket(), prefix="node/")
 
-    async def test_deleteUnreferenced(self) -> None:
-        """
-        Unlike the contract's local stores: the bucket is shared, so at
-        startup unreferenced objects stay (the collector removes them later)
-        and only this node's spool leftovers go.
-        """
-        keep, other = await self.store(b"keep"), await self.store(b"another node's")
-        writer = self.blobs.openWriter()
-        await writer.write(b"unfinished")
-        removed = await self.blobs.deleteUnreferenced({keep.sha256})
-        self.assertEqual(removed, 1)
-        self.assertEqual(await self.content(keep.sha256), b"keep")
-        self.assertEqual(await self.content(other.sha256), b"another node's")
-
-    async def test_startupCleanupEmptiesTheTrash(self) -> None:
-        """
-        Unlike the contract's local stores: retired objects are left to the
-        collector at startup too (it removes them one grace period later).
-        """
-        wanted, unwanted = await self.store(b"wanted"), await self.store(b"unwanted")
-        now = time.time()
-        await self.collect(set(), now + 61)
-        self.assertEqual(await self.blobs.deleteUnreferenced({wanted.sha256}), 0)
-        self.assertEqual((await self.collect({wanted.sha256}, now + 200)).deleted, 1)
-        self.assertEqual(await self.content(wanted.sha256), b"wanted")
-        self.assertIsNone(await self.content(unwanted.sha256))
-
 
 class S3BlobStoreTests(_S3, TestCase):
     def setUp(self) -> None:

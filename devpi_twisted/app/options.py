@@ -206,6 +206,14 @@ class Options(TypedOptions):
                 raise usage.UsageError("--workers must be at least 1")
         if count > 1 and (self["requests-only"] or self["primary-url"] is not None):
             raise usage.UsageError("--workers is for the main process of a primary or standalone server")
+        if count > 1:
+            from devpi_twisted.app.workers import reusePortDescription
+
+            for description in self["listen"]:
+                try:
+                    reusePortDescription(description)
+                except ValueError as e:
+                    raise usage.UsageError(str(e))
         self["workers"] = count
 
     def _checkReplication(self) -> None:

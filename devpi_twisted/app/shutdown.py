@@ -68,10 +68,11 @@ class DrainService(Service):
 class WebService(SequentialStopService):
     """
     The listeners and the drain: on stop, first every listener closes (at
-    once), then the drain waits for the requests in flight.
+    once), then the drain waits for the requests in flight (a L{DrainService},
+    or a L{MultiService} of it and what stops meanwhile: C{--workers}' children).
     """
 
-    def __init__(self, drain: DrainService) -> None:
+    def __init__(self, drain: IService) -> None:
         super().__init__()
         self._listeners = MultiService()
         self._listeners.setName("listeners")

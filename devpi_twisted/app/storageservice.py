@@ -21,7 +21,8 @@ class StorageService(Service):
     workers: the cleanup runs only while no worker does (and keeps them
     from starting meanwhile), and once workers are seen the storage follows
     their commits.  A worker (C{requestsOnly}) runs no cleanup and follows
-    the other processes' commits from the start.
+    the other processes' commits from the start, as does every process on a
+    storage other nodes share (C{storage.sharedByNodes}).
     """
 
     log = Logger()
@@ -67,6 +68,9 @@ class StorageService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._clock is not None and getattr(self._storage, "sharedByNodes", False):
+            # Other nodes write to this storage whether or not workers run here.
+            self._followOthers()
         if self._requestsOnly:
             self._setReady()
             self._followOthers()

@@ -7,6 +7,7 @@ backend, threads and HTTP connection pools - and hands them to the
 composition root, L{devpi_twisted.app.compose.buildServer}.
 """
 
+import os
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from devpi_twisted.app.options import Options
 from devpi_twisted.app.serverdir import loadSecretFile
 from devpi_twisted.app.shutdown import DrainService, ExitZeroOnSIGTERM, SequentialStopService, WebService
 from devpi_twisted.app.storageservice import StorageService
+from devpi_twisted.app.workers import WorkerPool, childCommand, parentWatch, reusePortDescription
 from devpi_twisted.errors import ServerDirError, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.storage.collector import BlobCollector
@@ -42,10 +44,14 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     if reactor is None:
         from twisted.internet import reactor
     config = options.toConfig()
+    listen = list(config.listen)
+    if config.workers > 1:
+        # Every process of --workers listens on the same ports (devpi_twisted.app.workers).
+        listen = [reusePortDescription(description) for description in listen]
     # Endpoints are parsed (key and certificate files read) before anything
     # is opened; the site is given to them below.
     listeners = []
-    for description in config.listen:
+    for description in listen:
         try:
             listeners.append(strports.service(endpointDescription(description), None, reactor=reactor))
         except Exception as e:
@@ -53,7 +59,7 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
             raise SystemExit(1)
     # Before the directory is initialised: a first start that cannot listen
     # must not spend the one showing of root's generated password.
-    for description in config.listen if checkListen else ():
+    for description in listen if checkListen else ():
         problem = bindProblem(description)
         if problem is not None:
             sys.stderr.write(f"devpi-twisted: {problem}\n")
@@ -96,12 +102,19 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     except (ServerDirError, StorageUnavailable) as e:
         sys.stderr.write(f"devpi-twisted: {e}\n")
         raise SystemExit(1)
+    nodeinfo = serverdir.nodeinfo()
+    if ISharedSecret.providedBy(storage) and config.primaryURL is None:
+        try:
+            nodeinfo = {**nodeinfo, "uuid": ISharedSecret(storage).sharedUUID(nodeinfo["uuid"])}
+        except StorageUnavailable as e:
+            sys.stderr.write(f"devpi-twisted: {e}\n")
+            raise SystemExit(1)
     upstreamAgent, upstreamPoolService = upstreamPool(config, reactor)
     primaryAgent, primaryPoolService = primaryPool(config, reactor) if config.primaryURL else (None, None)
     server = buildServer(
         config,
         reactor=reactor,
-        nodeinfo=serverdir.nodeinfo(),
+        nodeinfo=nodeinfo,
         storage=storage,
         blobs=blobs,
         runner=runner,
@@ -121,7 +134,24 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         primaryPoolService.setServiceParent(replicaServices)
         server.replica.setServiceParent(replicaServices)
         replicaServices.setServiceParent(top)
-    web = WebService(DrainService(server.site, config.shutdownGrace))
+    drain = DrainService(server.site, config.shutdownGrace)
+    if config.workers > 1:
+        # The children get SIGTERM while this process drains its own requests.
+        drainAndWorkers = MultiService()
+        drain.setServiceParent(drainAndWorkers)
+        WorkerPool(
+            reactor, config.workers,
+            lambda: childCommand(options, listen, dict(os.environ)),
+            ready=storageService.whenReady,
+            stopTimeout=config.shutdownGrace + 10,
+            path=os.getcwd(),
+        ).setServiceParent(drainAndWorkers)
+        web = WebService(drainAndWorkers)
+    else:
+        web = WebService(drain)
+    watch = parentWatch(reactor, os.environ) if config.requestsOnly else None
+    if watch is not None:
+        watch.setServiceParent(top)
     for listener in listeners:
         listener.factory = server.site
         web.addListener(listener)

@@ -200,6 +200,7 @@ class S3BlobStore:
     """
 
     log = Logger()
+    sharedByNodes = True  # the startup cleanup leaves the bucket to the collector
 
     def __init__(self, client: Any, bucket: str, prefix: str, spool: FilePath, runner: Runner,
                  endpoint: str | None = None) -> None:
