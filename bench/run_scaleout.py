@@ -24,6 +24,7 @@ started here is stopped in a finally block.  See bench/README.rst.
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -235,9 +236,15 @@ def pagePaths(path: str = PAGE_PATH) -> dict[str, str]:
 
 
 def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[int, ...], args,
-            pin: str | None, results: Results) -> int:
-    """wrk on both page formats at each concurrency (median of the runs); the requests made."""
+            pin: str | None, results: Results, pids: tuple[int | None, ...] = ()) -> int:
+    """
+    wrk on both page formats at each concurrency (median of the runs); the
+    requests made.  With C{pids}, a note of the CPU their trees and wrk used.
+    """
     requests = 0
+    serverBefore = sum(treeCPU(pid) for pid in pids)
+    wrkBefore = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.monotonic()
     for fmt in FORMATS:
         accept = JSON_ACCEPT if fmt == "json" else None
         for concurrency in concurrencies:
@@ -256,6 +263,14 @@ def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[
             perRun = ", ".join(f"{s['rps']:.0f}" for s in samples)
             log(f"{column}: {key}: {results.figures[key + ' req/s'][column]:,.0f} req/s, "
                 f"p99 {results.figures[key + ' p99 ms'][column]:.1f} ms (runs: {perRun})")
+    if pids:
+        wall = time.monotonic() - wall
+        wrkAfter = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrkCPU = (wrkAfter.ru_utime + wrkAfter.ru_stime) - (wrkBefore.ru_utime + wrkBefore.ru_stime)
+        serverCPU = sum(treeCPU(pid) for pid in pids) - serverBefore
+        results.info.append(f"{column}: over its wrk runs the server processes used {serverCPU / wall:.2f} "
+                            f"CPUs, wrk {wrkCPU / wall:.2f} CPUs ({serverCPU * 1e6 / requests:.0f} us of "
+                            "server CPU a request)")
     return requests
 
 
@@ -316,7 +331,7 @@ def _singleNodes(args, work: dict, engines: Engines, results: Results, state: di
     sqlite.start()
     populate(sqlite, work, results)
     state["pages"] = checkPages(sqlite, results)
-    wrkRows(sqlite.port, pagePaths(), SQLITE, rp.CONCURRENCIES, args, clientPin, results)
+    wrkRows(sqlite.port, pagePaths(), SQLITE, rp.CONCURRENCIES, args, clientPin, results, (sqlite.pid,))
     bigUpload(sqlite, args, results, SQLITE, work["payload"])
     if args.skip_pg:
         return
@@ -335,22 +350,52 @@ def _singleNodes(args, work: dict, engines: Engines, results: Results, state: di
     pages = checkPages(pg, results)
     for fmt in FORMATS:
         if pages[fmt] != state["pages"][fmt]:
+            mine, theirs = pages[fmt], state["pages"][fmt]
+            at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
             results.info.append(f"the {fmt} page of the PG+S3 node differs from the SQLite node's "
-                                f"({len(pages[fmt]):,} against {len(state['pages'][fmt]):,} bytes)")
+                                f"({len(mine):,} against {len(theirs):,} bytes) from byte {at}: "
+                                f"{mine[max(0, at - 30):at + 30]!r} against {theirs[max(0, at - 30):at + 30]!r}")
     before = engines.cpu()
-    nodeBefore = treeCPU(pg.pid)
-    requests = wrkRows(shared, pagePaths(), PG, rp.CONCURRENCIES, args, clientPin, results)
+    wrkRows(shared, pagePaths(), PG, rp.CONCURRENCIES, args, clientPin, results, (pg.pid,))
     after = engines.cpu()
-    nodeCPU = treeCPU(pg.pid) - nodeBefore
-    results.info.append(
-        f"CPU during the PG+S3 node's page runs ({requests:,} requests): node {nodeCPU * 1e6 / requests:.0f} us "
-        f"a request; " + ", ".join(f"{name} {(after[name] - before[name]) * 1e3:.0f} ms in all"
-                                   for name in before))
+    results.info.append("CPU of the engines during the PG+S3 node's page runs: "
+                        + ", ".join(f"{name} {(after[name] - before[name]) * 1e3:.0f} ms" for name in before))
     before = engines.cpu()
     bigUpload(pg, args, results, PG, work["payload"])
     after = engines.cpu()
     results.info.append("CPU of the engines during the PG+S3 50 MB uploads: "
                         + ", ".join(f"{name} {after[name] - before[name]:.2f} s" for name in before))
+    directS3(engines, args, results, work["payload"])
+
+
+def directS3(engines: Engines, args, results: Results, payload: bytes) -> None:
+    """
+    The reference for the S3 upload: boto3 from this process straight to the
+    same SeaweedFS, with the node's TransferConfig (upload_file of a spooled
+    file, as the node does), and as one put_object.
+    """
+    import boto3
+    from devpi_twisted.storage.s3 import TRANSFER, clientConfig
+    from tests.engines import s3Environment
+
+    env = s3Environment()
+    client = boto3.client("s3", endpoint_url=engines.s3.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+                          config=clientConfig())
+    bucket = engines.s3.newBucket()
+    client.put_object(Bucket=bucket, Key="warm", Body=b"x")
+    spool = args.workdir / "direct-s3.bin"
+    spool.write_bytes(payload)
+    for label, send in (("upload_file", lambda key: client.upload_file(str(spool), bucket, key, Config=TRANSFER)),
+                        ("put_object", lambda key: client.put_object(Bucket=bucket, Key=key, Body=payload))):
+        rates = []
+        for run in range(args.runs):
+            t0 = time.perf_counter()
+            send(f"{label}-{run}")
+            rates.append(len(payload) / 1e6 / (time.perf_counter() - t0))
+        log(f"S3 direct {label}: " + ", ".join(f"{r:.0f}" for r in rates) + " MB/s")
+        results.put(f"50 MB to S3 direct, boto3 {label} MB/s", PG, rp.median(rates), rates)
+    spool.unlink()
 
 
 def twoNodes(args, engines: Engines, results: Results, state: dict) -> None:
@@ -362,7 +407,7 @@ def twoNodes(args, engines: Engines, results: Results, state: dict) -> None:
     setAffinity(pg1.pid, args.all_cpus)
     shared = state["pgPort"]
     warmUp(shared, pagePaths())
-    wrkRows(shared, pagePaths(), PG1, (50,), args, None, results)
+    wrkRows(shared, pagePaths(), PG1, (50,), args, None, results, (pg1.pid,))
     own = rp.freePort()
     pg2 = Node(args.workdir, "pg-node2", None, args.twistd, args.env, args.workdir / "pg-node2",
                [reuseport(shared), tcp(own)], own, state["backend"])
@@ -370,7 +415,7 @@ def twoNodes(args, engines: Engines, results: Results, state: dict) -> None:
     pg2.start()
     checkPages(pg2, results)
     warmUp(shared, pagePaths())
-    wrkRows(shared, pagePaths(), PG2, (50,), args, None, results)
+    wrkRows(shared, pagePaths(), PG2, (50,), args, None, results, (pg1.pid, pg2.pid))
     pg2.stop()
     pg1.stop()
 
@@ -384,7 +429,7 @@ def twoProcesses(args, results: Results, state: dict) -> None:
     sqlite: Node = state["sqlite"]
     setAffinity(sqlite.pid, args.all_cpus)
     warmUp(sqlite.port, pagePaths())
-    wrkRows(sqlite.port, pagePaths(), PROC1, (50,), args, None, results)
+    wrkRows(sqlite.port, pagePaths(), PROC1, (50,), args, None, results, (sqlite.pid,))
     port = sqlite.port
     mode = None
     if args.worker_mode in ("auto", "workers"):
@@ -415,6 +460,7 @@ def twoProcesses(args, results: Results, state: dict) -> None:
             state["sqlite"] = main
     else:
         main = sqlite
+    worker: Node | None = None
     if mode is None:
         own = rp.freePort()
         worker = Node(args.workdir, "sqlite-worker", None, args.twistd, args.env, args.workdir / "sqlite-server",
@@ -427,7 +473,8 @@ def twoProcesses(args, results: Results, state: dict) -> None:
     state["workerMode"] = mode
     time.sleep(1)
     warmUp(port, pagePaths())
-    wrkRows(port, pagePaths(), PROC2, (50,), args, None, results)
+    wrkRows(port, pagePaths(), PROC2, (50,), args, None, results,
+            (main.pid, worker.pid if worker is not None else None))
     for server in list(rp.STARTED):
         if isinstance(server, Node) and server.name.startswith("sqlite"):
             server.stop()
@@ -443,7 +490,8 @@ def nginxReference(args, results: Results, state: dict) -> None:
             data, _ = rp.fetchPage(nginx, nginx.pagePath(fmt), fmt)
             if data != state["pages"][fmt]:
                 raise RuntimeError(f"nginx serves other bytes for {fmt}")
-        wrkRows(nginx.port, {fmt: nginx.pagePath(fmt) for fmt in FORMATS}, NGINX, (50,), args, None, results)
+        wrkRows(nginx.port, {fmt: nginx.pagePath(fmt) for fmt in FORMATS}, NGINX, (50,), args, None, results,
+                (nginx.process.pid if nginx.process else None,))
     finally:
         nginx.stop()
 
@@ -463,7 +511,8 @@ def printTable(results: Results) -> None:
     print("\n1. One node, pinned: node on CPU 0, wrk and the upload client on CPU 1")
     rows = []
     keys = [f"page {fmt} c={c} {unit}" for fmt in FORMATS for c in rp.CONCURRENCIES
-            for unit in ("req/s", "p50 ms", "p99 ms")] + ["50 MB upload MB/s"]
+            for unit in ("req/s", "p50 ms", "p99 ms")] + ["50 MB upload MB/s"] + [
+        f"50 MB to S3 direct, boto3 {label} MB/s" for label in ("upload_file", "put_object")]
     for key in keys:
         row = figures.get(key, {})
         if SQLITE in row or PG in row:
