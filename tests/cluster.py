@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from .engines import s3Environment, sharedPostgreSQL, sharedS3
+from .engines import PostgreSQLServer, SeaweedS3, s3Environment, sharedPostgreSQL, sharedS3
 from .serverprocess import ROOT_PASSWORD, TWISTD, freePort, readText, waitForAnswer
 from .test_clients import ClientRunning, serverEnvironment
 
@@ -73,14 +73,31 @@ class Node:
 
 
 class ClusterCase(ClientRunning, TestCase):
-    """A fresh database and bucket, and nodes on them started by the test."""
+    """
+    A fresh database and bucket, and nodes on them started by the test.
+
+    With C{privatePostgreSQL} or C{privateS3} the engine is the test's own
+    (a fault test stops and starts it without disturbing other tests).
+    """
 
     timeout = 600
+    privatePostgreSQL = False
+    privateS3 = False
 
     def setUp(self) -> None:
         self.prepareClients()
-        self.pg = sharedPostgreSQL()
-        self.s3 = sharedS3()
+        if self.privatePostgreSQL:
+            self.pg = PostgreSQLServer()
+            self.addCleanup(self.pg.destroy)
+            self.pg.start()
+        else:
+            self.pg = sharedPostgreSQL()
+        if self.privateS3:
+            self.s3 = SeaweedS3()
+            self.addCleanup(self.s3.destroy)
+            self.s3.start()
+        else:
+            self.s3 = sharedS3()
         self.dsn = self.pg.newDatabase()
         self.bucket = self.s3.newBucket()
         self.nodes: list[Node] = []
@@ -104,9 +121,33 @@ class ClusterCase(ClientRunning, TestCase):
 
         return _All()
 
-    def startNode(self, name: str, *extra: str, port: int | None = None) -> "Deferred[Node]":
-        """A node on the shared database and bucket; fires with it once it answers."""
-        node = Node(self, self.workdir, name, self.backendOptions(), self.serverEnv, *extra, port=port)
+    def sharedSecret(self) -> bytes:
+        """The secret the nodes keep in the database (signs tokens and replication credentials)."""
+        import base64
+
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT value FROM devpi_meta WHERE name = 'secret'").fetchone()
+        self.assertIsNotNone(row, "no secret in devpi_meta: has a node started?")
+        return base64.b64decode(row[0])
+
+    def sharedSecretFile(self) -> str:
+        """The shared secret as a C{--secretfile} (mode 0600), for a replica; its path."""
+        path = os.path.join(self.workdir, f"secret-{len(os.listdir(self.workdir))}")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(self.sharedSecret())
+        return path
+
+    def startNode(self, name: str, *extra: str, port: int | None = None,
+                  backend: list[str] | None = None) -> "Deferred[Node]":
+        """
+        A node on the shared database and bucket (or on C{backend}, such as
+        C{[]} for a replica's own embedded storage); fires with it once it
+        answers.
+        """
+        options = self.backendOptions() if backend is None else backend
+        node = Node(self, self.workdir, name, options, self.serverEnv, *extra, port=port)
         self.nodes.append(node)
         return Deferred.fromCoroutine(self.waitForNode(node))
 

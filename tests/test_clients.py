@@ -110,7 +110,10 @@ class ServerProcess:
 
 
 class ClientRunning:
-    """Runs the real clients for a test with C{workdir}, C{env} and a C{server}."""
+    """
+    Runs the real clients for a test with C{workdir}, C{env} and a C{server};
+    the helpers talk to C{server.url}, or to the server at C{base} when given.
+    """
 
     workdir: str
     env: dict[str, str]
@@ -140,6 +143,88 @@ class ClientRunning:
         self.addCleanup(pool.closeCachedConnections)  # type: ignore[attr-defined]
         self.http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
 
+    async def api(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
+                  headers: dict[bytes, list[bytes]] | None = None, data: bytes | None = None,
+                  base: str | None = None) -> tuple[int, bytes, Any]:
+        """One request to the server (or the one at C{base}): C{(code, body, response)}."""
+        sendHeaders = dict(JSON_HEADERS)
+        if auth is not None:
+            sendHeaders.update(basic(*auth))
+        sendHeaders.update(headers or {})
+        if body is not None:
+            data = jsonlib.dumps(body).encode("utf-8")
+        response = await self.http.request(method, (base or self.server.url) + path, headers=sendHeaders,
+                                           data=data, timeout=60)
+        content = await response.content()
+        return response.code, content, response
+
+    async def mustAPI(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
+                      expect: int = 200, base: str | None = None) -> Any:
+        code, content, _ = await self.api(method, path, body, auth, base=base)
+        self.assertEqual(code, expect, content)  # type: ignore[attr-defined]
+        return jsonlib.loads(content) if content else None
+
+    async def simpleFiles(self, stage: str, project: str, base: str | None = None) -> dict[str, str] | None:
+        """C{{filename: sha256}} of the JSON simple page, or C{None} on 404."""
+        code, content, _ = await self.api("GET", f"/{stage}/+simple/{project}/", auth=None,
+                                          headers={b"Accept": [PIP_ACCEPT]}, base=base)
+        if code == 404:
+            return None
+        self.assertEqual(code, 200, content)  # type: ignore[attr-defined]
+        return {f["filename"]: f["hashes"]["sha256"] for f in jsonlib.loads(content)["files"]}
+
+    def distDir(self, name: str) -> str:
+        path = os.path.join(self.workdir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    # the clients
+
+    async def twineUpload(self, stage: str, dist: Dist, base: str | None = None) -> subprocess.CompletedProcess:
+        path = writeDist(dist, self.distDir(f"dist-{dist.sha256[:12]}"))
+        return await self.runClient(
+            tool("twine"), "upload", "--repository-url", f"{base or self.server.url}/{stage}/",
+            "-u", "alice", "-p", "alicepw", "--non-interactive", "--disable-progress-bar", path,
+        )
+
+    async def uvPublish(self, stage: str, dist: Dist, base: str | None = None) -> subprocess.CompletedProcess:
+        path = writeDist(dist, self.distDir(f"dist-{dist.sha256[:12]}"))
+        return await self.runClient(
+            tool("uv"), "publish", "--publish-url", f"{base or self.server.url}/{stage}/",
+            "-u", "alice", "-p", "alicepw", path,
+        )
+
+    def indexURL(self, stage: str, base: str | None = None) -> str:
+        return f"{base or self.server.url}/{stage}/+simple/"
+
+    async def pipInstall(self, stage: str, *requirements: str,
+                     base: str | None = None) -> tuple[subprocess.CompletedProcess, str]:
+        target = self.distDir(f"pip-target-{len(os.listdir(self.workdir))}")
+        pip = os.path.join(BIN, "pip")
+        command = [pip] if os.path.isfile(pip) else [sys.executable, "-m", "pip"]
+        result = await self.runClient(*command, "install", "--index-url", self.indexURL(stage, base),
+                                "--no-cache-dir", "--target", target, *requirements)
+        return result, target
+
+    async def uvInstall(self, stage: str, *requirements: str,
+                     base: str | None = None) -> tuple[subprocess.CompletedProcess, str]:
+        target = self.distDir(f"uv-target-{len(os.listdir(self.workdir))}")
+        result = await self.runClient(tool("uv"), "pip", "install", "--index-url", self.indexURL(stage, base),
+                                "--target", target, "--no-cache", "--python", sys.executable,
+                                *requirements)
+        return result, target
+
+    async def importedVersion(self, target: str, module: str = "demo_pkg") -> str:
+        """Import C{module} from C{target} in a fresh Python and return its C{VERSION}."""
+        env = dict(self.env, PYTHONPATH=target)
+        result = await self.runClient(sys.executable, "-c",
+                                f"import {module}; print({module}.VERSION); print({module}.__file__)", env=env)
+        self.assertSucceeded(result)
+        version, path = result.stdout.split()
+        self.assertTrue(  # type: ignore[attr-defined]
+            os.path.realpath(path).startswith(os.path.realpath(target)), path)
+        return version
+
     async def waitForServer(self) -> None:
         await waitForAnswer(self, self.http, self.server.url + "/+api",
                             lambda: self.server.process.poll() is None, self.server.output)
@@ -161,85 +246,6 @@ class _ClientCase(ClientRunning, TestCase):
         await self.mustAPI("PUT", "/alice", {"password": "alicepw"}, auth=None, expect=201)
         await self.mustAPI("PUT", "/alice/dev", {})
         await self.mustAPI("PUT", "/alice/staging", {"bases": ["alice/dev"]})
-
-
-    async def api(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
-                  headers: dict[bytes, list[bytes]] | None = None, data: bytes | None = None) -> tuple[int, bytes, Any]:
-        """One request to the server: C{(code, body, response)}."""
-        sendHeaders = dict(JSON_HEADERS)
-        if auth is not None:
-            sendHeaders.update(basic(*auth))
-        sendHeaders.update(headers or {})
-        if body is not None:
-            data = jsonlib.dumps(body).encode("utf-8")
-        response = await self.http.request(method, self.server.url + path, headers=sendHeaders,
-                                           data=data, timeout=60)
-        content = await response.content()
-        return response.code, content, response
-
-    async def mustAPI(self, method: str, path: str, body: Any = None, auth: Any = ("alice", "alicepw"),
-                      expect: int = 200) -> Any:
-        code, content, _ = await self.api(method, path, body, auth)
-        self.assertEqual(code, expect, content)
-        return jsonlib.loads(content) if content else None
-
-    async def simpleFiles(self, stage: str, project: str) -> dict[str, str] | None:
-        """C{{filename: sha256}} of the JSON simple page, or C{None} on 404."""
-        code, content, _ = await self.api("GET", f"/{stage}/+simple/{project}/", auth=None,
-                                          headers={b"Accept": [PIP_ACCEPT]})
-        if code == 404:
-            return None
-        self.assertEqual(code, 200, content)
-        return {f["filename"]: f["hashes"]["sha256"] for f in jsonlib.loads(content)["files"]}
-
-    def distDir(self, name: str) -> str:
-        path = os.path.join(self.workdir, name)
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    # the clients
-
-    async def twineUpload(self, stage: str, dist: Dist) -> subprocess.CompletedProcess:
-        path = writeDist(dist, self.distDir(f"dist-{dist.sha256[:12]}"))
-        return await self.runClient(
-            tool("twine"), "upload", "--repository-url", f"{self.server.url}/{stage}/",
-            "-u", "alice", "-p", "alicepw", "--non-interactive", "--disable-progress-bar", path,
-        )
-
-    async def uvPublish(self, stage: str, dist: Dist) -> subprocess.CompletedProcess:
-        path = writeDist(dist, self.distDir(f"dist-{dist.sha256[:12]}"))
-        return await self.runClient(
-            tool("uv"), "publish", "--publish-url", f"{self.server.url}/{stage}/",
-            "-u", "alice", "-p", "alicepw", path,
-        )
-
-    def indexURL(self, stage: str) -> str:
-        return f"{self.server.url}/{stage}/+simple/"
-
-    async def pipInstall(self, stage: str, *requirements: str) -> tuple[subprocess.CompletedProcess, str]:
-        target = self.distDir(f"pip-target-{len(os.listdir(self.workdir))}")
-        pip = os.path.join(BIN, "pip")
-        command = [pip] if os.path.isfile(pip) else [sys.executable, "-m", "pip"]
-        result = await self.runClient(*command, "install", "--index-url", self.indexURL(stage),
-                                "--no-cache-dir", "--target", target, *requirements)
-        return result, target
-
-    async def uvInstall(self, stage: str, *requirements: str) -> tuple[subprocess.CompletedProcess, str]:
-        target = self.distDir(f"uv-target-{len(os.listdir(self.workdir))}")
-        result = await self.runClient(tool("uv"), "pip", "install", "--index-url", self.indexURL(stage),
-                                "--target", target, "--no-cache", "--python", sys.executable,
-                                *requirements)
-        return result, target
-
-    async def importedVersion(self, target: str, module: str = "demo_pkg") -> str:
-        """Import C{module} from C{target} in a fresh Python and return its C{VERSION}."""
-        env = dict(self.env, PYTHONPATH=target)
-        result = await self.runClient(sys.executable, "-c",
-                                f"import {module}; print({module}.VERSION); print({module}.__file__)", env=env)
-        self.assertSucceeded(result)
-        version, path = result.stdout.split()
-        self.assertTrue(os.path.realpath(path).startswith(os.path.realpath(target)), path)
-        return version
 
 
 class PublishTests(_ClientCase):

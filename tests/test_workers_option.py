@@ -49,24 +49,23 @@ class ListenRewriteTests(SynchronousTestCase):
                          "reuseport:3141:interface=127.0.0.1")
 
     def test_refused(self) -> None:
-        """TLS, systemd and UNIX listeners, port 0 and unknown arguments are refused in one line."""
-        for description in ("ssl:443:privateKey=k.pem:certKey=c.pem", "tls:/etc/tls:port=443",
-                            "systemd:domain=INET:index=0", "unix:/tmp/s"):
+        """systemd and UNIX listeners, port 0 and unknown arguments are refused in one line (TLS: tests.test_workers_tls)."""
+        for description in ("systemd:domain=INET:index=0", "unix:/tmp/s"):
             error = self.assertRaises(ValueError, reusePortDescription, description)
-            self.assertIn("--workers needs tcp listeners", str(error))
+            self.assertIn("--workers needs listeners on a TCP port", str(error))
             self.assertNotIn("\n", str(error))
         for description in ("tcp:0", "tcp:3141:interfce=127.0.0.1"):
             error = self.assertRaises(ValueError, reusePortDescription, description)
             self.assertIn("--workers needs a fixed port", str(error))
 
     def test_usageError(self) -> None:
-        """C{--workers 2} with a TLS listener is a usage error; with one process it is fine."""
+        """C{--workers 2} with a UNIX socket listener is a usage error; with one process it is fine."""
         self.patch(optionsModule.os, "environ", {})
         error = self.assertRaises(usage.UsageError, Options().parseOptions,
-                                  ["--workers", "2", "--listen", "tls:/etc/tls:port=8443"])
-        self.assertIn("--workers needs tcp listeners", str(error))
+                                  ["--workers", "2", "--listen", "unix:/tmp/devpi.sock"])
+        self.assertIn("--workers needs listeners on a TCP port", str(error))
         options = Options()
-        options.parseOptions(["--listen", "tls:/etc/tls:port=8443"])
+        options.parseOptions(["--listen", "unix:/tmp/devpi.sock"])
         self.assertEqual(options["workers"], 1)
 
 

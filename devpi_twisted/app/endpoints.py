@@ -7,9 +7,14 @@ one port and the kernel spreads the connections among them::
     twistd -n devpi --requests-only --listen reuseport:3141:interface=127.0.0.1
 
 Arguments are those of C{tcp:}: C{PORT[:interface=ADDRESS][:backlog=N]}; an
-interface with a colon (escaped as C{\\:}) listens on IPv6.  Linux and the
-BSDs have C{SO_REUSEPORT}; elsewhere C{listen} fails saying so.  With systemd,
-socket activation (C{systemd:domain=INET:index=0}) shares one socket instead.
+interface with a colon (escaped as C{\\:}) listens on IPv6.  With those of
+C{ssl:} as well (C{:privateKey=KEY.pem[:certKey=CERT.pem][:extraCertChain=
+CHAIN.pem][:dhParameters=DH.pem]}) it serves TLS, as C{ssl:} would: that is
+what C{--workers} makes of an C{ssl:} listener.  (A C{tls:} directory
+listener takes C{:reuseport=yes} instead, L{devpi_twisted.app.tlsdir}.)
+Linux and the BSDs have C{SO_REUSEPORT}; elsewhere C{listen} fails saying so.
+With systemd, socket activation (C{systemd:domain=INET:index=0}) shares one
+socket instead.
 
 Also here: what C{twistd devpi} says, in one line, about a C{--listen} it
 cannot use (L{listenSyntaxError}, L{bindProblem}), before it touches the
@@ -22,12 +27,12 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import _parse
+from twisted.internet.endpoints import _parse, _parseSSL, wrapServerTLS
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from devpi_twisted.app.tlsdir import tlsDirectoryParser
+from devpi_twisted.app.tlsdir import tlsDirectoryParser, yesOrNo
 
 
 @implementer(IStreamServerEndpoint)
@@ -61,12 +66,25 @@ class ReusePortEndpoint:
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class ReusePortParser:
-    """C{reuseport:PORT[:interface=ADDRESS][:backlog=N]}."""
+    """
+    C{reuseport:PORT[:interface=ADDRESS][:backlog=N]}, and with
+    C{:privateKey=KEY.pem} (and C{ssl:}'s other arguments) TLS over it.
+    """
 
     prefix = "reuseport"
 
-    def parseStreamServer(self, reactor: Any, port: str, interface: str = "", backlog: str = "50") -> ReusePortEndpoint:
-        return ReusePortEndpoint(reactor, int(port), interface, int(backlog))
+    def parseStreamServer(self, reactor: Any, port: str, interface: str = "", backlog: str = "50",
+                          privateKey: str | None = None, certKey: str | None = None,
+                          extraCertChain: str | None = None, dhParameters: str | None = None) -> IStreamServerEndpoint:
+        listening = ReusePortEndpoint(reactor, int(port), interface, int(backlog))
+        if privateKey is None:
+            if certKey is not None or extraCertChain is not None or dhParameters is not None:
+                raise ValueError("TLS needs privateKey=KEY.pem")
+            return listening
+        # Twisted's own reading of ssl:'s files, so both mean the same.
+        (_, _, contextFactory), _ = _parseSSL(None, port, privateKey, certKey, extraCertChain=extraCertChain,
+                                              dhParameters=dhParameters)
+        return wrapServerTLS(contextFactory, listening, clock=reactor)
 
 
 reusePortParser = ReusePortParser()
@@ -119,6 +137,7 @@ def listenSyntaxError(description: str, error: Exception) -> str:
         return (f"--listen {description!r}: {kind}: has no parameter {unknown.group(1)!r}; it takes "
                 f"PORT[:interface=ADDRESS][:backlog=N]"
                 + (":privateKey=KEY.pem:certKey=CERT.pem" if kind == "ssl" else "")
+                + ("[:privateKey=KEY.pem:certKey=CERT.pem]" if kind == "reuseport" else "")
                 + f", e.g. {kind}:3141:interface=127.0.0.1" + (":privateKey=key.pem:certKey=cert.pem" if kind == "ssl" else ""))
     if unknown and kind == "tls":
         return (f"--listen {description!r}: tls: has no parameter {unknown.group(1)!r}; it takes "
@@ -156,6 +175,18 @@ def _withPort(description: str, port: int, new: int) -> str:
     return re.sub(rf"(?<=[:=]){port}(?=:|$)", str(new), description, count=1)
 
 
+def sharesPort(description: str) -> bool:
+    """Whether the listener binds with C{SO_REUSEPORT} (C{reuseport:}, C{tls:...:reuseport=yes})."""
+    args, kwargs = _parts(description)
+    kind = args[0].lower() if args else ""
+    if kind in ("tls", tlsDirectoryParser.prefix):
+        try:
+            return yesOrNo("reuseport", kwargs.get("reuseport", "no"))
+        except ValueError:
+            return False
+    return kind == "reuseport"
+
+
 def bindProblem(description: str) -> str | None:
     """
     Why C{--listen description} could not listen now (port in use, a
@@ -164,6 +195,10 @@ def bindProblem(description: str) -> str | None:
 
     A throwaway socket is bound with the options Twisted's (or our
     C{reuseport:}) listening socket uses, so only a real conflict counts.
+    So a C{reuseport:} description passes while processes of this user
+    listen there with C{SO_REUSEPORT}: right for a C{--workers} child
+    joining its main, which therefore checks the user's own C{--listen}
+    (C{tcp:}, C{tls:}), not its rewriting, to find another server there.
     """
     address = listenAddress(description)
     if address is None or address[1] == 0:
@@ -174,7 +209,7 @@ def bindProblem(description: str) -> str | None:
     where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if description.startswith("reuseport:") and hasattr(socket, "SO_REUSEPORT"):
+        if sharesPort(description) and hasattr(socket, "SO_REUSEPORT"):
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, port))

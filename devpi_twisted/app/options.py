@@ -185,13 +185,13 @@ class Options(TypedOptions):
             raise usage.UsageError("--page-cache-size must not be negative")
         self._checkReplication()
         self["backend"] = backendSettings(self, environ={})  # the environment was applied above
-        self._checkWorkers()
         for description in self["listen"]:
             if description.startswith("ssl:") and "sslmethod=" in description:
                 raise usage.UsageError(
                     f"--listen {description!r}: sslmethod is not supported; TLS 1.2 and 1.3 with "
                     "modern ciphers (Twisted's defaults) are always used"
                 )
+        self._checkWorkers()
 
     def _checkWorkers(self) -> None:
         value = str(self["workers"]).strip().lower()

@@ -58,8 +58,10 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
             sys.stderr.write(f"devpi-twisted: {listenSyntaxError(description, e)}\n")
             raise SystemExit(1)
     # Before the directory is initialised: a first start that cannot listen
-    # must not spend the one showing of root's generated password.
-    for description in listen if checkListen else ():
+    # must not spend the one showing of root's generated password.  The
+    # user's own --listen is checked, not its reuseport rewriting: another
+    # server on the port must count even if it shares with SO_REUSEPORT.
+    for description in config.listen if checkListen else ():
         problem = bindProblem(description)
         if problem is not None:
             sys.stderr.write(f"devpi-twisted: {problem}\n")

@@ -219,19 +219,37 @@ class CertificateDirectory:
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class TLSDirectoryParser:
     """
-    C{tlsdir:DIRECTORY[:port=443][:interface=::][:backlog=50]}, Twisted's
-    C{tls:} syntax and defaults over a L{CertificateDirectory}.  Twisted ships
-    a C{tls:} plugin of its own, which plugin lookup always finds first, so
-    ours has its own prefix and C{--listen tls:...} is given to it by
-    L{devpi_twisted.app.endpoints.endpointDescription}.
+    C{tlsdir:DIRECTORY[:port=443][:interface=::][:backlog=50][:reuseport=yes]},
+    Twisted's C{tls:} syntax and defaults over a L{CertificateDirectory}.
+    Twisted ships a C{tls:} plugin of its own, which plugin lookup always
+    finds first, so ours has its own prefix and C{--listen tls:...} is given
+    to it by L{devpi_twisted.app.endpoints.endpointDescription}.
+
+    C{reuseport=yes} listens with C{SO_REUSEPORT}
+    (L{devpi_twisted.app.endpoints.ReusePortEndpoint}), so the processes of
+    C{--workers} share the port; each reads the directory itself.
     """
 
     prefix = "tlsdir"
 
     def parseStreamServer(self, reactor: Any, path: str, port: str = "443", backlog: str = "50",
-                          interface: str = "::") -> IStreamServerEndpoint:
-        listening = TCP6ServerEndpoint(reactor, int(port), int(backlog), interface)
+                          interface: str = "::", reuseport: str = "no") -> IStreamServerEndpoint:
+        listening: IStreamServerEndpoint
+        if yesOrNo("reuseport", reuseport):
+            # Here, not at the top: endpoints imports this module.
+            from devpi_twisted.app.endpoints import ReusePortEndpoint
+
+            listening = ReusePortEndpoint(reactor, int(port), interface, int(backlog))
+        else:
+            listening = TCP6ServerEndpoint(reactor, int(port), int(backlog), interface)
         return wrapServerTLS(CertificateDirectory(path, reactor), listening, clock=reactor)
+
+
+def yesOrNo(name: str, value: str) -> bool:
+    """An endpoint's C{name=yes|no} argument."""
+    if value.lower() in ("yes", "no"):
+        return value.lower() == "yes"
+    raise ValueError(f"{name} must be yes or no, not {value!r}")
 
 
 tlsDirectoryParser = TLSDirectoryParser()

@@ -5,8 +5,10 @@ C{--workers N}: one command, N serving processes on this machine.
 The main process (C{twistd devpi --workers N}) opens and cleans up the server
 directory as usual, then starts N-1 children: the same C{twistd devpi} as
 C{--requests-only} workers (README "Workers").  Every process listens on the
-same ports with C{SO_REUSEPORT} (C{tcp:PORT} becomes C{reuseport:PORT}), so
-the kernel spreads the connections among them.
+same ports with C{SO_REUSEPORT} (C{tcp:PORT} becomes C{reuseport:PORT},
+C{ssl:PORT:...} C{reuseport:PORT:...} with the same key and certificate
+files, C{tls:DIR...} C{tls:DIR...:reuseport=yes}), so the kernel spreads the
+connections among them; each process reads the TLS files itself.
 
 The children get the main's parsed options through their environment
 (C{DEVPI_TWISTED_<OPTION>}, which every option reads): nothing the user
@@ -49,34 +51,60 @@ _MAX_LINE = 1024 * 1024
 log = Logger()
 
 
+_SHAREABLE = "tcp:PORT[:interface=ADDRESS], ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem or tls:DIRECTORY[:port=443]"
+_SSL_FILES = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+
+
+def _quote(value: str) -> str:
+    """A value for an endpoint string, its separators escaped."""
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
 def reusePortDescription(description: str) -> str:
     """
-    The C{reuseport:} endpoint serving the same port as the C{tcp:}/C{tcp6:}
-    C{--listen} C{description}, for several processes.
+    The C{--listen} C{description} as several processes can serve it, each
+    binding the same port with C{SO_REUSEPORT}: C{tcp:}/C{tcp6:} becomes
+    C{reuseport:} on the same port and interface, C{ssl:} C{reuseport:} with
+    the same TLS files, C{tls:DIR} C{tls:DIR:reuseport=yes}.
 
-    @raise ValueError: for a listener several processes cannot share (TLS,
-        systemd, UNIX sockets, port 0), in one line for the user.
+    @raise ValueError: for a listener several processes cannot share
+        (systemd, UNIX sockets, port 0, arguments it does not know), in one
+        line for the user.
     """
     args, kwargs = _parts(description)
     kind = args[0].lower() if args else ""
-    if kind not in ("tcp", "tcp6", "reuseport"):
+    if kind not in ("tcp", "tcp6", "reuseport", "ssl", "tls", "tlsdir"):
         raise ValueError(
-            f"--workers needs tcp listeners (tcp:PORT[:interface=ADDRESS]), not --listen {description!r}; "
-            "terminate TLS in a proxy in front, or run one process per listener (README \"Workers\")"
+            f"--workers needs listeners on a TCP port ({_SHAREABLE}), not --listen {description!r}; "
+            "or run one process per listener (README \"Workers\")"
         )
-    unknown = set(kwargs) - {"port", "interface", "backlog"}
-    port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
-    if unknown or len(args) > 2 or not port.isdigit() or int(port) == 0:
-        raise ValueError(
-            f"--workers needs a fixed port, given as tcp:PORT[:interface=ADDRESS][:backlog=N], "
-            f"not --listen {description!r}"
-        )
+    if kind in ("tls", "tlsdir"):
+        known, positional, port = {"port", "interface", "backlog", "reuseport"}, 2, kwargs.get("port", "443")
+        syntax = "tls:DIRECTORY[:port=443][:interface=ADDRESS][:backlog=N]"
+    else:
+        known = {"port", "interface", "backlog"} | (set(_SSL_FILES) if kind in ("ssl", "reuseport") else set())
+        positional = 1 if "port" in kwargs else 2
+        port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+        syntax = f"{'tcp' if kind == 'reuseport' else kind}:PORT[:interface=ADDRESS][:backlog=N]"
+        if kind == "ssl":
+            syntax += ":privateKey=KEY.pem:certKey=CERT.pem[:extraCertChain=CHAIN.pem]"
+    if set(kwargs) - known or len(args) != positional or not port.isdigit() or int(port) == 0 \
+            or kwargs.get("reuseport", "yes").lower() != "yes":
+        raise ValueError(f"--workers needs a fixed port, given as {syntax}, not --listen {description!r}")
+    rewritten = f"tls:{_quote(args[1])}:port={int(port)}" if kind in ("tls", "tlsdir") else f"reuseport:{int(port)}"
     interface = kwargs.get("interface", "::" if kind == "tcp6" else "")
-    rewritten = f"reuseport:{int(port)}"
     if interface:
-        rewritten += ":interface=" + interface.replace(":", "\\:")
+        rewritten += ":interface=" + _quote(interface)
     if "backlog" in kwargs:
         rewritten += f":backlog={kwargs['backlog']}"
+    if kind == "ssl":
+        # ssl:'s default key file, written out: for reuseport: no key means no TLS.
+        kwargs.setdefault("privateKey", "server.pem")
+    for name in _SSL_FILES:
+        if name in kwargs:
+            rewritten += f":{name}={_quote(kwargs[name])}"
+    if kind in ("tls", "tlsdir"):
+        rewritten += ":reuseport=yes"
     return rewritten
 
 

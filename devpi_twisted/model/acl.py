@@ -81,3 +81,20 @@ def mayUpload(requester: str | None, owner: str, config: dict[str, Any]) -> bool
     if requester is not None and requester in (owner, ROOT):
         return True
     return matchesPrincipals(requester, config.get("acl_upload", ()))
+
+
+def isPublic(config: dict[str, Any]) -> bool:
+    """Whether everyone may read the index (C{acl_read} absent, the default, or naming C{:ANONYMOUS:})."""
+    return ANONYMOUS in config.get("acl_read", (ANONYMOUS,))
+
+
+def mayRead(requester: str | None, owner: str, config: dict[str, Any]) -> bool:
+    """
+    Whether C{requester} may read the index (its pages, files, docs, JSON):
+    the owner and root always may, then whoever C{acl_read} names.
+    """
+    if isPublic(config):
+        return True
+    if requester is not None and requester in (owner, ROOT):
+        return True
+    return matchesPrincipals(requester, config.get("acl_read", ()))

@@ -359,7 +359,10 @@ class PostgresStorage:
                 return
             self._pool = None
         log.warn("lost PostgreSQL at {where}: {error}", where=self._where, error=_firstLine(error))
-        pool.close(timeout=0)
+        # Its threads take a moment to stop: let them, off the request's thread
+        # (closing with no wait makes the pool log an error for each).
+        threading.Thread(target=pool.close, kwargs={"timeout": 10}, name="devpi-postgres-close",
+                         daemon=True).start()
 
     def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run C{work} on a pooled connection (in a storage thread), mapping lost connections."""

@@ -8,6 +8,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.web.iweb import IRequest
 
+from devpi_twisted.errors import Forbidden
+from devpi_twisted.model.identity import Identity
 from devpi_twisted.services.auth import Authenticator, parseBasic
 from devpi_twisted.web.headers import isValidHost
 
@@ -35,6 +37,34 @@ async def requesterOf(request: IRequest, auth: Authenticator) -> str | None:
         user = await auth.authenticate(*credentials, address=clientAddress(request))
     setattr(request, _REQUESTER, user)
     return user
+
+
+async def identityOf(request: IRequest, auth: Authenticator) -> Identity | None:
+    """
+    Who the request acts as, with the scope of the API token that
+    authenticated it, if one did; C{None} for anonymous.
+    """
+    user = await requesterOf(request, auth)
+    return None if user is None else Identity(user, getattr(request, _SCOPE, None))
+
+
+async def requesterFor(request: IRequest, auth: Authenticator, permission: str,
+                       index: str | None = None, project: str | None = None) -> str | None:
+    """
+    The requester's user name for an action needing C{permission} on
+    C{index} ("user/index") and C{project}: as L{requesterOf}, but a request
+    authenticated by an API token that does not allow it is refused (403).
+    """
+    identity = await identityOf(request, auth)
+    if identity is None:
+        return None
+    if not identity.permits(permission, index, project):
+        where = f" on {index}" if index else ""
+        raise Forbidden(f"the API token used does not allow {permission}{where}")
+    return identity.user
+
+
+_SCOPE = "_devpiTokenScope"
 
 
 def clientAddress(request: IRequest) -> str | None:
