@@ -93,6 +93,41 @@ def treeCPU(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpuSnapshot() -> tuple[float, dict[int, tuple[float, str]]]:
+    """The machine's busy CPU seconds, and every process's CPU seconds and command."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / tick
+    processes = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            stat = text.rsplit(")", 1)[1].split()
+            processes[int(entry)] = ((int(stat[11]) + int(stat[12])) / tick, command.strip()[:80])
+    return busy, processes
+
+
+def othersNote(before: tuple[float, dict], after: tuple[float, dict], ours: set[int], wall: float) -> str:
+    """How busy the machine was, and the processes not ours that used the most CPU."""
+    used = []
+    for pid, (cpu, command) in after[1].items():
+        if pid in ours or pid == os.getpid():
+            continue
+        delta = cpu - before[1].get(pid, (0.0, ""))[0]
+        if delta > 0.02 * wall:
+            used.append((delta, command or f"pid {pid}"))
+    used.sort(reverse=True)
+    text = f"machine busy {(after[0] - before[0]) / wall:.2f} CPUs"
+    if used:
+        text += "; others: " + "; ".join(f"{cpu / wall:.2f} CPUs {command}" for cpu, command in used[:3])
+    return text
+
+
 def setAffinity(pid: int, cpus: set[int]) -> None:
     """Move every thread of C{pid}'s tree to C{cpus} (threads started later inherit it)."""
     for p in processTree(pid):
@@ -244,6 +279,7 @@ def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[
     requests = 0
     serverBefore = sum(treeCPU(pid) for pid in pids)
     wrkBefore = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machineBefore = cpuSnapshot()
     wall = time.monotonic()
     for fmt in FORMATS:
         accept = JSON_ACCEPT if fmt == "json" else None
@@ -268,9 +304,10 @@ def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[
         wrkAfter = resource.getrusage(resource.RUSAGE_CHILDREN)
         wrkCPU = (wrkAfter.ru_utime + wrkAfter.ru_stime) - (wrkBefore.ru_utime + wrkBefore.ru_stime)
         serverCPU = sum(treeCPU(pid) for pid in pids) - serverBefore
+        ours = {p for pid in pids if pid is not None for p in processTree(pid)} | set(args.engine_pids())
         results.info.append(f"{column}: over its wrk runs the server processes used {serverCPU / wall:.2f} "
                             f"CPUs, wrk {wrkCPU / wall:.2f} CPUs ({serverCPU * 1e6 / requests:.0f} us of "
-                            "server CPU a request)")
+                            f"server CPU a request); {othersNote(machineBefore, cpuSnapshot(), ours, wall)}")
     return requests
 
 
@@ -649,6 +686,7 @@ def main() -> int:
         f"devpi-twisted: {rp.describeSource(args.src)}; {args.twistd}",
     ]
     engines = Engines()
+    args.engine_pids = lambda: [p for pid in (engines.pgPid(), engines.s3Pid()) if pid for p in processTree(pid)]
     state: dict = {}
     work: dict = {}
     started = time.monotonic()
