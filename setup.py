@@ -23,6 +23,8 @@ setup(
         "argon2-cffi>=23.1",
         "prometheus-client>=0.20",
         "multipart>=2.0",
+        # API tokens are macaroons, byte-compatible with devpi-tokens' (and PyPI's)
+        "pymacaroons>=0.13",
     ],
     extras_require={
         # --storage postgresql: psycopg 3 and its connection pool

@@ -340,6 +340,9 @@ class PostgreSQLStoppedTests(_TwoNodes):
         first = buildWheel(version="1.0")
         await self.mustUpload(self.a, first)
         await self.waitForFiles(self.b, "alice/dev", "demo-pkg", {first.filename: first.sha256}, within=1.0)
+        # B may read the upload before its notification arrives, which then
+        # drops the page B cached: cache it once B has been told.
+        await self.sameSerial(within=5.0)
         for _ in range(2):
             cached = await self.simpleFiles("alice/dev", "demo-pkg", base=self.b.url)
         await deferToThread(self.pg.stop)

@@ -42,12 +42,13 @@ from devpi_twisted.services.push import pushClient
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
+from devpi_twisted.services.tokens import Tokens
 from devpi_twisted.services.users import Users
 from devpi_twisted.storage.threads import Runner
 from devpi_twisted.web.accesslog import AccessLog
 from devpi_twisted.web.files import fileRedirects
 from devpi_twisted.web.changelog import ChangelogFeed
-from devpi_twisted.web.headers import identityHeaders
+from devpi_twisted.web.headers import identityHeaders, setSerial
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.metrics import (
@@ -55,6 +56,8 @@ from devpi_twisted.web.metrics import (
 )
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
+from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.upload import UploadGate
 
 
@@ -163,6 +166,23 @@ def makeReplica(config: ServerConfig, nodeinfo: dict[str, Any], storage: Any, bl
     )
 
 
+def _refusalHeaders(storage: Any, nodeinfo: dict[str, Any], version: str) -> Callable[[Any], None]:
+    """devpi's headers for a refusal written in front of a replica's proxy."""
+    primaryUUID = (nodeinfo.get("primary-uuid") or nodeinfo["uuid"]).encode("ascii")
+    static = identityHeaders(nodeinfo["uuid"]) + [
+        (b"X-Devpi-Server-Version", version.encode("ascii")),
+        (b"X-Devpi-Primary-Uuid", primaryUUID),
+        (b"X-Devpi-Master-Uuid", primaryUUID),
+    ]
+
+    def stamp(request: Any) -> None:
+        for name, value in static:
+            request.setHeader(name, value)
+        setSerial(request, storage.currentSerial())
+
+    return stamp
+
+
 def buildServer(
     config: ServerConfig,
     *,
@@ -209,7 +229,11 @@ def buildServer(
         storage = ReadOnlyStorage(storage)  # on a replica only the follower writes
     throttle = LoginThrottle(reactor, config.loginMaxFailures, config.loginWindow,
                              config.loginMaxUserFailures, config.loginMaxAddressFailures)
-    auth = Authenticator(storage, runner.runFile, secret, reactor, hashing=hashing, throttle=throttle)
+    # API tokens: last use is written on the primary only (a replica cannot write)
+    tokens = Tokens(storage, secret, reactor, config.policy, throttle=throttle,
+                    persistUse=config.primaryURL is None)
+    auth = Authenticator(storage, runner.runFile, secret, reactor, hashing=hashing, throttle=throttle,
+                         tokens=tokens)
     upstreamStats = UpstreamStats(config.maxUpstreamFetches)
     feed = ChangelogFeed(storage, blobs, secret, reactor)
     replica = None
@@ -247,6 +271,7 @@ def buildServer(
     releases = Releases(storage, reactor.seconds)
     users = Users(storage, auth, config.policy)
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
+    readRules = ReadRules(storage)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -267,10 +292,14 @@ def buildServer(
         changelog=feed,
         replication=replica,
         runFile=runner.runFile,
+        readRules=readRules,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
                                         replica, config.outsideURL, runFile=runner.runFile)
+        # Reads the proxy sends to the primary are refused here first, with
+        # the replicated acl_read and users, as the replica's own answers are.
+        resource = ReadGate(resource, readRules, auth, stamp=_refusalHeaders(storage, nodeinfo, version))
     # Answers written before any resource (rawAnswer adds nosniff itself).
     requestClass = limitedRequestFactory(
         config.maxUploadSize,

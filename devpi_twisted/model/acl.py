@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from devpi_twisted.model.identity import PKG_READ, Identity
 from devpi_twisted.model.indexconfig import ANONYMOUS, AUTHENTICATED
 
 ROOT = "root"
@@ -98,3 +99,17 @@ def mayRead(requester: str | None, owner: str, config: dict[str, Any]) -> bool:
     if requester is not None and requester in (owner, ROOT):
         return True
     return matchesPrincipals(requester, config.get("acl_read", ()))
+
+
+def identityMayRead(identity: Identity | None, owner: str, index: str, config: dict[str, Any]) -> bool:
+    """
+    L{mayRead} for an L{Identity}: an API token must also allow
+    C{pkg_read} on the index, unless everyone may read it anyway.
+    """
+    if isPublic(config):
+        return True
+    if identity is None:
+        return False
+    if not identity.permits(PKG_READ, f"{owner}/{index}"):
+        return False
+    return mayRead(identity.user, owner, config)

@@ -15,7 +15,11 @@ DEL_PROJECT = "del_project"
 DEL_VERDATA = "del_verdata"
 TOXRESULT_UPLOAD = "toxresult_upload"
 INDEX_MODIFY = "index_modify"
-TOKEN_PERMISSIONS = frozenset({UPLOAD, PKG_READ, DEL_PROJECT, DEL_VERDATA, TOXRESULT_UPLOAD, INDEX_MODIFY})
+INDEX_CREATE = "index_create"
+INDEX_DELETE = "index_delete"
+DEL_ENTRY = "del_entry"
+TOKEN_PERMISSIONS = frozenset({UPLOAD, PKG_READ, DEL_PROJECT, DEL_VERDATA, TOXRESULT_UPLOAD, INDEX_MODIFY,
+                               INDEX_CREATE, INDEX_DELETE, DEL_ENTRY})
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ INDEX_TYPES = (STAGE, MIRROR)
 ANONYMOUS = ":ANONYMOUS:"
 AUTHENTICATED = ":AUTHENTICATED:"
 
-_COMMON_KEYS = {"type", "volatile", "title", "description", "custom_data"}
+_COMMON_KEYS = {"type", "volatile", "title", "description", "custom_data", "acl_read"}
 _STAGE_KEYS = _COMMON_KEYS | {
     "bases",
     "acl_upload",
@@ -45,7 +45,7 @@ _BOOL_KEYS = {
     "mirror_ignore_serial_header",
     "mirror_provides_core_metadata",
 }
-_LIST_KEYS = {"bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist"}
+_LIST_KEYS = {"bases", "acl_upload", "acl_toxresult_upload", "acl_read", "mirror_whitelist"}
 _FREE_KEYS = {"title", "description", "custom_data", "mirror_web_url_fmt"}
 
 
@@ -221,7 +221,7 @@ def applyEdits(current: dict[str, Any], edits: list[Any]) -> dict[str, Any]:
         if key.endswith("+"):
             key = key[:-1]
             _checkListKey(key, indexType)
-            items = list(result.get(key) or [])
+            items = _currentList(result, key)
             for item in parseList(value):
                 if item not in items:
                     items.append(item)
@@ -234,7 +234,7 @@ def applyEdits(current: dict[str, Any], edits: list[Any]) -> dict[str, Any]:
                 result.pop(key, None)
                 continue
             _checkListKey(key, indexType)
-            items = list(result.get(key) or [])
+            items = _currentList(result, key)
             for item in parseList(value):
                 candidates = [i for i in items if _sameItem(key, i, item)]
                 if not candidates:
@@ -247,10 +247,20 @@ def applyEdits(current: dict[str, Any], edits: list[Any]) -> dict[str, Any]:
     return result
 
 
+def _currentList(config: dict[str, Any], key: str) -> list[str]:
+    """
+    A list setting as edits start from: an absent C{acl_read} means
+    everyone may read, so C{acl_read+=carol} keeps C{:ANONYMOUS:}.
+    """
+    if key == "acl_read" and key not in config:
+        return [ANONYMOUS]
+    return list(config.get(key) or [])
+
+
 def _sameItem(key: str, stored: str, given: str) -> bool:
     if key == "mirror_whitelist" and given != "*":
         return stored == normalizeProject(given)
-    if key in ("acl_upload", "acl_toxresult_upload"):
+    if key in ("acl_upload", "acl_toxresult_upload", "acl_read"):
         return stored == _principal(given)
     return stored == given
 

@@ -12,12 +12,16 @@ Keys start with their kind, so one prefix scan lists one kind of thing:
   - C{path/<user>/<index>/<h3>/<h13>/<filename>}: which file entry a stable
     file URL (C{+f/<h3>/<h13>/<filename>}) names;
   - C{deleted/<user>/<index>/<h3>/<h13>/<filename>}: a deleted file, so its
-    URL answers 410 Gone rather than 404.
+    URL answers 410 Gone rather than 404;
+  - C{token/<user>/<id>}: an API token's record (its key, restrictions);
+  - C{tokenuse/<user>/<id>}: when it was last used (written in batches).
 Project names in keys are normalised.
 """
 
 USER = "user/"
 INDEX = "index/"
+TOKEN = "token/"
+TOKEN_USE = "tokenuse/"
 INDEX_CONTENT_KINDS = (
     "project/", "version/", "file/", "coremeta/", "path/", "simple/", "deleted/", "mirrornames/",
 )
@@ -94,3 +98,19 @@ def tombstoneKey(user: str, index: str, h3: str, h13: str, filename: str) -> str
 
 def tombstonePrefix(user: str, index: str) -> str:
     return f"deleted/{user}/{index}/"
+
+
+def tokenKey(user: str, tokenId: str) -> str:
+    return f"{TOKEN}{user}/{tokenId}"
+
+
+def tokensPrefix(user: str) -> str:
+    return f"{TOKEN}{user}/"
+
+
+def tokenUseKey(user: str, tokenId: str) -> str:
+    return f"{TOKEN_USE}{user}/{tokenId}"
+
+
+def tokenUsePrefix(user: str) -> str:
+    return f"{TOKEN_USE}{user}/"

@@ -22,7 +22,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from devpi_twisted.model.identity import Identity
 from devpi_twisted.model.keys import userKey
+from devpi_twisted.model.tokens import looksLikeToken, parseToken
 
 TOKEN_PREFIX = "dtw1."
 TOKEN_LIFETIME = 36000  # seconds, as devpi's login
@@ -123,6 +125,29 @@ def parseBasic(header: bytes | None) -> tuple[str, str] | None:
     return user, secret
 
 
+def parseCredentials(header: bytes | None) -> tuple[str, str | None] | None:
+    """
+    C{(user, secret)} from a Basic value as API tokens may come: the user
+    name may be empty (C{:TOKEN}, as twine and uv send it) and the colon
+    missing (C{TOKEN} alone, as devpi-tokens allows), giving no secret.
+    """
+    if not header:
+        return None
+    value = header.strip()
+    if value[:6].lower() == b"basic ":
+        value = value[6:].strip()
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    user, sep, secret = decoded.partition(":")
+    return user, secret if sep else None
+
+
+TOKEN_USER = "__token__"
+"""The user name PyPI's convention sends with a token (twine, uv publish, poetry)."""
+
+
 class Authenticator:
     """
     Checks passwords and tokens against the users in storage.
@@ -143,7 +168,9 @@ class Authenticator:
         clock: IReactorTime,
         hashing: PasswordHashing | None = None,
         throttle: Any = None,
+        tokens: Any = None,
     ) -> None:
+        self.tokens = tokens  # a devpi_twisted.services.tokens.Tokens: API tokens, or None
         self._throttle = throttle  # a devpi_twisted.services.throttle.LoginThrottle, or None
         self._storage = storage
         self._runInThread = runInThread
@@ -242,7 +269,45 @@ class Authenticator:
             and hmac.compare_digest(str(tokenFingerprint), fingerprint)
         )
 
-    # the entry point
+    # the entry points
+
+    async def identify(self, user: str | None, secret: str | None, address: str | None = None) -> Identity | None:
+        """
+        Who credentials stand for: a user by password or login token, or a
+        user narrowed by an API token; C{None} when they stand for no one.
+
+        An API token comes as the password with its owner's name,
+        C{__token__} or no name (C{user} C{None} for a Bearer token), or as
+        the user name with no password.
+
+        @raise devpi_twisted.services.tokens.TokenRefused: an API token that
+            is not valid (401).
+        """
+        tokens = self.tokens
+        if tokens is not None:
+            # a token checked a moment ago: no parsing, no storage read
+            if secret:
+                known = tokens.fromCache(secret, None if user in ("", TOKEN_USER) else user)
+            else:
+                known = tokens.fromCache(user, None) if user else None
+            if known is not None:
+                return known
+        token = parseToken(secret) if secret else None
+        claimed = user
+        if token is None and not secret and user:
+            asName = parseToken(user)
+            if asName is not None:
+                token, secret, claimed = asName, user, None
+        if token is not None and secret is not None:
+            if tokens is None:
+                return None
+            if claimed in ("", TOKEN_USER):
+                claimed = None
+            return await tokens.verify(token, secret, claimed, address)
+        if not user or secret is None:
+            return None
+        name = await self.authenticate(user, secret, address)
+        return None if name is None else Identity(name)
 
     async def authenticate(self, user: str, secret: str, address: str | None = None) -> str | None:
         """
@@ -260,6 +325,8 @@ class Authenticator:
             this user from this address, for this user, or from this address
             that failed too often recently.
         """
+        if looksLikeToken(secret):
+            return None  # an API token never logs in: the login token would not carry its limits
         config = await self._storage.read(lambda view: view.get(userKey(user)))
         pwhash = config.get("pwhash") if config is not None else None
         if config is not None and self._tokenUser(secret, user, self.fingerprintOf(config)):

@@ -1,6 +1,7 @@
 """
 Read-side views of releases in devpi's JSON shapes (C{projectconfig},
-C{versiondata} with C{+links}), over an index's resolution order.
+C{versiondata} with C{+links}), over an index's resolution order: the part
+of it the requester may read (L{devpi_twisted.model.inheritance.visibleOrder}).
 """
 
 from dataclasses import dataclass, field
@@ -9,11 +10,12 @@ from typing import Any
 from devpi_twisted.errors import NotFound
 from devpi_twisted.interfaces import IReadView, IStorage
 from devpi_twisted.model import keys
+from devpi_twisted.model.acl import isPublic
 from devpi_twisted.model.indexconfig import MIRROR
-from devpi_twisted.model.inheritance import Stage, contributingStages
+from devpi_twisted.model.inheritance import Stage, contributingStages, isPublicOrder, visibleOrder
 from devpi_twisted.model.simplepage import SimpleFile
 from devpi_twisted.services.fileentries import coreMetadata, lookupFile, projectEntries
-from devpi_twisted.services.simple import orderOf
+from devpi_twisted.services.simple import Identify, Readable, orderOf, readerFor
 
 _LIST_DEFAULTS = (
     "platform", "classifiers", "supported_platform", "provides", "requires", "obsoletes",
@@ -68,6 +70,8 @@ class ProjectVersions:
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
     found: bool = False
     mirrors: list[Stage] = field(default_factory=list)
+    # read without a requester, the order had a restricted index: nothing collected
+    restricted: bool = False
 
     def add(self, versions: dict[str, dict[str, Any]]) -> None:
         """Merge one stage's versions; a version seen earlier shadows the later one."""
@@ -85,14 +89,23 @@ class ProjectVersions:
 
 
 def collectProject(view: IReadView, user: str, index: str, project: str, baseURL: str,
-                   ignoreBases: bool) -> ProjectVersions:
+                   ignoreBases: bool, readable: Readable | None = None) -> ProjectVersions:
     """
     C{GET /user/index/project}: every version the private stages of the
     index serve, with links, and the mirrors that may add theirs.
+
+    @param readable: whether the requester may read a stage; without it
+        only a public order is read (else the answer is C{restricted}).
     """
     order = orderOf(view, user, index)
+    if readable is not None:
+        order = visibleOrder(order, readable)
+        if not order:
+            raise NotFound(f"The stage {user}/{index} could not be found.")
     if ignoreBases:
         order = order[:1]
+    if readable is None and not isPublicOrder(order):
+        return ProjectVersions(project, restricted=True)
 
     def holds(stage: Stage) -> bool:
         return view.get(keys.projectKey(stage.user, stage.index, project)) is not None
@@ -155,9 +168,20 @@ class Queries:
         self._storage = storage
 
     async def projectVersions(self, user: str, index: str, project: str, baseURL: str,
-                              ignoreBases: bool) -> ProjectVersions:
-        """See L{collectProject}; the mirrors it names are still to be asked."""
-        return await self._storage.read(lambda view: collectProject(view, user, index, project, baseURL, ignoreBases))
+                              ignoreBases: bool, identify: Identify | None = None) -> ProjectVersions:
+        """
+        See L{collectProject}; the mirrors it names are still to be asked.
+
+        @param identify: who asks, called only when the order has a
+            restricted index; without it the requester is anonymous.
+        """
+        collected = await self._storage.read(
+            lambda view: collectProject(view, user, index, project, baseURL, ignoreBases))
+        if collected.restricted:
+            readable = await readerFor(identify)
+            collected = await self._storage.read(
+                lambda view: collectProject(view, user, index, project, baseURL, ignoreBases, readable))
+        return collected
 
     async def file(self, user: str, index: str, relpath: str) -> dict[str, Any]:
         """The entry a C{+f/...} path names.  @raise Gone: deleted.  @raise NotFound: never here."""
@@ -168,6 +192,15 @@ class Queries:
         The stored file entry (C{None} when a mirror has yet to fetch it),
         and the index as a stage when it is a mirror.
         """
+        entry, stage, _ = await self.servedFile(user, index, relpath)
+        return entry, stage
+
+    async def servedFile(self, user: str, index: str, relpath: str
+                         ) -> tuple[dict[str, Any] | None, Stage | None, bool]:
+        """
+        As L{fileOrMirror}, and whether the index is public (only a public
+        index's files may be answered before routing).
+        """
         return await self._storage.read(lambda view: _fileOrMirror(view, user, index, relpath))
 
     async def coreMetadata(self, user: str, index: str, entry: dict[str, Any]) -> bytes | None:
@@ -176,14 +209,16 @@ class Queries:
             lambda view: coreMetadata(view, user, index, entry["project"], entry["filename"]))
 
 
-def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str) -> tuple[dict[str, Any] | None, Stage | None]:
+def _fileOrMirror(view: IReadView, user: str, index: str, relpath: str
+                  ) -> tuple[dict[str, Any] | None, Stage | None, bool]:
     config = view.get(keys.indexKey(user, index))
     if config is None:
         raise NotFound(f"The stage {user}/{index} could not be found.")
     stage = Stage(user, index, config) if config.get("type") == MIRROR else None
+    public = isPublic(config)
     try:
-        return lookupFile(view, user, index, relpath), stage
+        return lookupFile(view, user, index, relpath), stage, public
     except NotFound:
         if stage is None:
             raise
-        return None, stage
+        return None, stage, public

@@ -21,7 +21,8 @@ from devpi_twisted.services.fileentries import (
     existingFile, fileEntry, logEntry, lookupFile, newEntry, projectEntries, removeFileEntry, toxresultRelpath,
     writeFileEntry,
 )
-from devpi_twisted.services.simple import orderOf
+from devpi_twisted.model.inheritance import isPublicOrder
+from devpi_twisted.services.simple import Restricted, orderOf, readerFor
 from devpi_twisted.storage import BlobInfo
 
 PROJECT_STATUSES = ("active", "archived", "quarantined", "deprecated")
@@ -350,14 +351,22 @@ class Documentation:
         _, stored = await self._storage.write(_store)
         return stored
 
-    async def findDoc(self, user: str, index: str, project: str, version: str) -> dict[str, Any] | None:
+    async def findDoc(self, user: str, index: str, project: str, version: str,
+                      identify: Any = None) -> dict[str, Any] | None:
         """
         The doczip entry of a release (C{version} may be C{latest} or
-        C{stable}), looking through the index's private stages in order.
+        C{stable}), looking through the index's private stages in order:
+        those the requester may read (C{identify} finds who asks, called
+        only when a stage is restricted; without it, anonymous).
         """
 
-        def _find(view: IReadView) -> dict[str, Any] | None:
-            for stage in orderOf(view, user, index):
+        def _find(view: IReadView, readable: Any = None) -> Any:
+            order = orderOf(view, user, index)
+            if readable is None and not isPublicOrder(order):
+                return Restricted(order)
+            if readable is not None:
+                order = orderOf(view, user, index, readable)
+            for stage in order:
                 if stage.isMirror:
                     continue
                 wanted = version
@@ -370,7 +379,11 @@ class Documentation:
                     return entry
             return None
 
-        return await self._storage.read(_find)
+        found = await self._storage.read(_find)
+        if isinstance(found, Restricted):
+            readable = await readerFor(identify)
+            found = await self._storage.read(lambda view: _find(view, readable))
+        return found
 
     async def checkToxresultRights(self, requester: str | None, user: str, index: str, relpath: str) -> dict[str, Any]:
         from devpi_twisted.model.acl import matchesPrincipals

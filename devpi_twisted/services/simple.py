@@ -10,6 +10,16 @@ Project lists are rendered whole, in a thread (a list with PyPI's names is
 tens of megabytes), with a gzip copy, once per change of the names: a
 private project added or removed, or a mirror's list of names fetched anew.
 
+Under read ACLs a page shows only what the requester may read of the
+index's bases (L{devpi_twisted.model.inheritance.visibleOrder}).  A page of
+a public chain (every index in the order public, the common case) is the
+same for everyone and kept under the keys below, which the answer before
+routing looks up without authenticating.  A page of a chain with a
+restricted index is kept under keys that also name the visible chain (the
+indexes it was built over), never the user, so it only ever answers a
+requester who sees that same chain; finding that chain costs a storage read
+and the authentication.  An index change (C{acl_read} is one) drops all.
+
 What is kept is bounded by bytes, least recently used first out, so requests
 that make many variants of a page (another Host, another installer) cannot
 grow the memory or push out everyone's pages at once.
@@ -19,7 +29,7 @@ import gzip
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Iterator, Protocol
+from typing import Any, Awaitable, Callable, Hashable, Iterable, Iterator, Protocol
 
 from packaging.utils import canonicalize_name
 
@@ -29,7 +39,16 @@ from devpi_twisted.model.coalesce import Coalescer
 from devpi_twisted.errors import NotFound, StorageUnavailable, UpstreamError
 from devpi_twisted.interfaces import IReadView, IStorage
 from devpi_twisted.model import keys
-from devpi_twisted.model.inheritance import Stage, contributingStages, resolutionOrder
+from devpi_twisted.model.identity import Identity
+from devpi_twisted.model.inheritance import (
+    Stage,
+    chainOf,
+    contributingStages,
+    isPublicOrder,
+    resolutionOrder,
+    stageReader,
+    visibleOrder,
+)
 from devpi_twisted.model.negotiation import JSON
 from devpi_twisted.model.simplepage import (
     ProjectPage,
@@ -241,11 +260,40 @@ class _CachedList:
     sources: tuple[tuple[Any, ...], ...] = field(default=())
 
 
-def orderOf(view: IReadView, user: str, index: str) -> list[Stage]:
+# Who a request acts as, found only when a page needs it (authenticating costs
+# a storage read): C{None} is anonymous.
+Identify = Callable[[], Awaitable[Identity | None]]
+# Whether the requester may read a stage.
+Readable = Callable[[Stage], bool]
+
+
+def orderOf(view: IReadView, user: str, index: str, readable: Readable | None = None) -> list[Stage]:
+    """
+    The resolution order of C{user/index}; with C{readable}, the part of it
+    the requester sees (L{visibleOrder}).
+    """
     order = resolutionOrder(user, index, lambda u, i: view.get(keys.indexKey(u, i)))
+    if readable is not None:
+        order = visibleOrder(order, readable)
     if not order:
         raise NotFound(f"The stage {user}/{index} could not be found.")
     return order
+
+
+@dataclass(frozen=True)
+class Restricted:
+    """
+    What a read returns instead of a page's data when the order has a
+    restricted index and the requester is not known yet: the whole order,
+    from which their visible chain is found once they are.
+    """
+
+    order: list[Stage]
+
+
+async def readerFor(identify: Identify | None) -> Readable:
+    """Whether the requester (anonymous without C{identify}) may read a stage."""
+    return stageReader(None if identify is None else await identify())
 
 
 def provenancePath(relpath: str) -> str:
@@ -277,6 +325,8 @@ class _Collected:
     mirrors: list[Stage]
     hidden: list[Stage]
     serial: int
+    # the visible chain when the order has a restricted index, else None
+    chain: tuple[str, ...] | None = None
 
 
 class SimplePages:
@@ -297,7 +347,7 @@ class SimplePages:
         # Raised by every change that may change a project list: a list
         # rendered meanwhile is sent but not kept.
         self._listGeneration = 0
-        self._listBuilds: Coalescer[RenderedPage] = Coalescer()
+        self._listBuilds: Coalescer[RenderedPage | Restricted] = Coalescer()
         storage.subscribe(self._changed)
 
     def _changed(self, record: ChangeRecord) -> None:
@@ -324,17 +374,20 @@ class SimplePages:
         """Forget pages of one project (mirror code calls this after a refresh)."""
         self.cache.dropGroup(("project", project))
 
-    def cachedProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage | None:
+    def cachedProjectPage(self, cacheKey: tuple[Any, ...], project: str,
+                          chain: tuple[str, ...] | None = None) -> RenderedPage | None:
         """
         The rendered page if it is cached and still valid, without any I/O.
 
         @param cacheKey: C{(user, index, mediaType, rootPrefix, installer, baseURL)}.
             Most pages do not depend on the base URL (their links are
             relative): those are kept once for every base URL.
+        @param chain: the visible chain of an order with a restricted index;
+            C{None} finds only pages of public chains.
         """
-        hit = self.cache.get(("project", project, *cacheKey[:-1], None))
+        hit = self.cache.get(_pageKey(project, cacheKey, chain, None))
         if hit is None:
-            hit = self.cache.get(("project", project, *cacheKey))
+            hit = self.cache.get(_pageKey(project, cacheKey, chain, cacheKey[-1]))
             if hit is None:
                 return None
         if self._mirrors is not None and not all(self._mirrors.isFresh(stage, project) for stage in hit[1]):
@@ -342,18 +395,21 @@ class SimplePages:
         return hit[0]
 
     async def projectPage(self, user: str, index: str, project: str, mediaType: str,
-                          rootPrefix: str, installer: bool, baseURL: str) -> RenderedPage:
+                          rootPrefix: str, installer: bool, baseURL: str,
+                          identify: Identify | None = None) -> RenderedPage:
         """
         @param rootPrefix: leads from the page's URL back to the server root.
         @param baseURL: the server's outside URL, for the links PEP 740 wants
             absolute (provenance).
+        @param identify: who asks, called only when the index's order has a
+            restricted index; without it the requester is anonymous.
         """
         cacheKey = (user, index, mediaType, rootPrefix, installer, baseURL)
         cached = self.cachedProjectPage(cacheKey, project)
         if cached is not None:
             return cached
         try:
-            return await self._buildProjectPage(cacheKey, project)
+            return await self._buildProjectPage(cacheKey, project, identify)
         except StorageUnavailable as e:
             # A page that no change has dropped, only the mirrors' freshness
             # has expired, is still the best answer while storage is down.
@@ -365,14 +421,30 @@ class SimplePages:
             return stale
 
     def _keptProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage | None:
-        """The cached page whatever the mirrors' freshness (changes drop pages, not expiry)."""
-        hit = self.cache.get(("project", project, *cacheKey[:-1], None)) or self.cache.get(("project", project, *cacheKey))
+        """
+        The cached page of a public chain whatever the mirrors' freshness
+        (changes drop pages, not expiry).
+        """
+        hit = (self.cache.get(_pageKey(project, cacheKey, None, None))
+               or self.cache.get(_pageKey(project, cacheKey, None, cacheKey[-1])))
         return None if hit is None else hit[0]
 
-    async def _buildProjectPage(self, cacheKey: tuple[Any, ...], project: str) -> RenderedPage:
+    async def _buildProjectPage(self, cacheKey: tuple[Any, ...], project: str,
+                                identify: Identify | None) -> RenderedPage:
         user, index, mediaType, rootPrefix, installer, baseURL = cacheKey
         serialBefore = self._storage.currentSerial()
-        collected = await self._storage.read(lambda view: self._collect(view, user, index, project, rootPrefix, baseURL))
+        found: _Collected | Restricted = await self._storage.read(
+            lambda view: self._collect(view, user, index, project, rootPrefix, baseURL, None))
+        if isinstance(found, Restricted):
+            readable = await readerFor(identify)
+            cached = self.cachedProjectPage(cacheKey, project, chainOf(visibleOrder(found.order, readable)))
+            if cached is not None:
+                return cached
+            serialBefore = self._storage.currentSerial()
+            found = await self._storage.read(
+                lambda view: self._collect(view, user, index, project, rootPrefix, baseURL, readable))
+        assert isinstance(found, _Collected)
+        collected = found
         files = list(collected.files)
         versions = set(collected.versions)
         found = collected.found
@@ -433,19 +505,33 @@ class SimplePages:
         if self._storage.currentSerial() == serialBefore:
             # Only absolute links (provenance) tie a page to the base URL.
             usesBase = any(f.provenanceURL is not None and f.provenanceURL.startswith(baseURL) for f in files)
-            key = ("project", project, *cacheKey[:-1], baseURL if usesBase else None)
+            key = _pageKey(project, cacheKey, collected.chain, baseURL if usesBase else None)
             self.cache.put(key, ("project", project), (rendered, collected.mirrors), rendered.size)
         return rendered
 
     def _collect(self, view: IReadView, user: str, index: str, project: str, rootPrefix: str,
-                 baseURL: str) -> _Collected:
+                 baseURL: str, readable: Readable | None) -> "_Collected | Restricted":
+        """
+        What the private stages the requester sees hold of C{project}.
+        Without C{readable} only a public order is read; one with a
+        restricted index answers L{Restricted}.
+        """
         order = orderOf(view, user, index)
+        chain = None
+        if readable is None:
+            if not isPublicOrder(order):
+                return Restricted(order)
+        else:
+            order = visibleOrder(order, readable)
+            if not order:
+                raise NotFound(f"The stage {user}/{index} could not be found.")
+            chain = chainOf(order)
 
         def holds(stage: Stage) -> bool:
             return view.get(keys.projectKey(stage.user, stage.index, project)) is not None
 
         contributing, hidden = contributingStages(order, project, holds)
-        collected = _Collected(False, [], set(), None, [], hidden, view.serial)
+        collected = _Collected(False, [], set(), None, [], hidden, view.serial, chain)
         seen: set[str] = set()
         for stage in contributing:
             if stage.isMirror:
@@ -475,10 +561,14 @@ class SimplePages:
                     await self._mirrors.refresh(stage, project)
         self.invalidateProject(project)
 
-    async def indexPage(self, user: str, index: str, mediaType: str) -> RenderedPage:
+    async def indexPage(self, user: str, index: str, mediaType: str,
+                        identify: Identify | None = None) -> RenderedPage:
         """
         The project list: the cached rendering while the names are the same,
         else rendered anew in a thread (concurrent requests share one).
+
+        @param identify: who asks, called only when the index's order has a
+            restricted index; without it the requester is anonymous.
         """
         key = (_LISTS, user, index, mediaType)
         cached = self.cache.get(key)
@@ -486,7 +576,19 @@ class SimplePages:
             return cached.page
         generation = self._listGeneration
         try:
-            return await self._listBuilds.run((key, generation), lambda: self._buildList(key, generation))
+            built = await self._listBuilds.run((key, generation), lambda: self._buildList(key, generation, None))
+            if isinstance(built, Restricted):
+                # Shared only by requesters who see the same chain.
+                readable = await readerFor(identify)
+                chainKey = (*key, chainOf(visibleOrder(built.order, readable)))
+                cached = self.cache.get(chainKey)
+                if cached is not None and self._listFresh(cached):
+                    return cached.page
+                generation = self._listGeneration
+                built = await self._listBuilds.run(
+                    (chainKey, generation), lambda: self._buildList(chainKey, generation, readable))
+            assert isinstance(built, RenderedPage)
+            return built
         except StorageUnavailable as e:
             # Kept until a change drops it: its mirrors' names merely expired.
             cached = self.cache.get(key)
@@ -505,22 +607,42 @@ class SimplePages:
         return all(source[0] == "file" and self._mirrors.projectNamesFresh(stage)
                    for stage, source in zip(cached.mirrors, cached.sources))
 
-    async def _buildList(self, key: tuple[Any, ...], generation: int) -> RenderedPage:
-        _, user, index, mediaType = key
+    async def _buildList(self, key: tuple[Any, ...], generation: int,
+                         readable: Readable | None) -> "RenderedPage | Restricted":
+        """
+        The project list of C{key}: C{(_LISTS, user, index, mediaType)} for
+        a public order (an order with a restricted index answers
+        L{Restricted}), with the visible chain added for one seen through
+        C{readable}.
+        """
+        user, index, mediaType = key[1:4]
 
-        def _names(view: IReadView) -> tuple[list[str], list[Stage], int]:
+        def _names(view: IReadView) -> Any:
             names: dict[str, str] = {}
             mirrors = []
-            for stage in orderOf(view, user, index):
+            order = orderOf(view, user, index)
+            if readable is None and not isPublicOrder(order):
+                return Restricted(order)
+            if readable is not None:
+                order = visibleOrder(order, readable)
+                if not order:
+                    raise NotFound(f"The stage {user}/{index} could not be found.")
+            for stage in order:
                 if stage.isMirror:
                     mirrors.append(stage)
                     continue
                 prefix = keys.projectsPrefix(stage.user, stage.index)
                 for k, config in view.items(prefix):
                     names.setdefault(k[len(prefix):], config.get("name") or k[len(prefix):])
-            return sorted(names.values(), key=str.lower), mirrors, view.serial
+            return sorted(names.values(), key=str.lower), mirrors, view.serial, chainOf(order)
 
-        names, mirrors, serial = await self._storage.read(_names)
+        read = await self._storage.read(_names)
+        if isinstance(read, Restricted):
+            return read
+        names, mirrors, serial, chain = read
+        # A chain that changed since the requester's was found is not kept
+        # under a key that names another.
+        keep = readable is None or (*key[:4], chain) == key
         sources: list[Any] = []
         versions: list[tuple[Any, ...]] = []
         stages: list[Stage] = []
@@ -547,7 +669,7 @@ class SimplePages:
             return cached.page
         title = f"{user}/{index}: simple list (including inherited indices)"
         rendered = await self._runner.runFile(renderProjectList, names, sources, mediaType, title, serial)
-        if self._listGeneration == generation:
+        if keep and self._listGeneration == generation:
             self.cache.put(key, _LISTS, _CachedList(rendered, tuple(stages), tuple(versions)), rendered.size)
         self.log.info("rendered the project list of {user}/{index} ({mediaType}): {size} bytes",
                       user=user, index=index, mediaType=mediaType, size=len(rendered.body))
@@ -555,3 +677,14 @@ class SimplePages:
 
 
 _LISTS = "lists"
+
+
+def _pageKey(project: str, cacheKey: tuple[Any, ...], chain: tuple[str, ...] | None, base: str | None) -> tuple[Any, ...]:
+    """
+    Where a project page is kept: a public chain's page under today's key
+    (which the answer before routing builds), a restricted chain's with
+    its visible chain too (a key of another length, so never confused).
+    """
+    if chain is None:
+        return ("project", project, *cacheKey[:-1], base)
+    return ("project", project, *cacheKey[:-1], chain, base)

@@ -178,6 +178,9 @@ class Users:
             for index in indexes:
                 deleteIndexContents(txn, name, index)
                 txn.delete(keys.indexKey(name, index))
+            for prefix in (keys.tokensPrefix(name), keys.tokenUsePrefix(name)):
+                for key, _ in txn.items(prefix):
+                    txn.delete(key)  # its API tokens go with the user
             txn.delete(keys.userKey(name))
 
         await self._storage.write(_delete)

@@ -19,7 +19,12 @@ from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.interfaces import IStorage
 from devpi_twisted.model.redact import scrubText, scrubURL
 from devpi_twisted.services.users import Users
-from devpi_twisted.web.context import clientAddress, hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.model.acl import identityMayRead, isPublic
+from devpi_twisted.model.identity import INDEX_CREATE, INDEX_DELETE, INDEX_MODIFY, PKG_READ, UPLOAD
+from devpi_twisted.model.names import isValidProjectName, normalizeProject
+from devpi_twisted.web.context import (
+    accountRequester, clientAddress, hasQueryFlag, identityOf, outsideURL, requesterFor, requesterOf,
+)
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.responses import jsonBody, readJSON
 
@@ -50,7 +55,9 @@ class APIViews:
         replication: Any = None,
         metrics: Any = None,
         runFile: Callable[..., Any] = maybeDeferred,
+        readRules: Any = None,
     ) -> None:
+        self._readRules = readRules  # which indexes restrict reading (services.readrules.ReadRules)
         self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._metrics = metrics  # statusList(): devpi's [name, type, value] list
         self._replication = replication  # statusFields(): the feed's, or a replica's
@@ -121,7 +128,7 @@ class APIViews:
             "metrics": self._metrics.statusList() if self._metrics is not None else [],
             "role": "MASTER",
             "polling_replicas": {},
-            "mirrors": _scrubbed(self._mirrors.statuses()) if self._mirrors is not None else {},
+            "mirrors": self._publicOnly(_scrubbed(self._mirrors.statuses())) if self._mirrors is not None else {},
             "started-at": self._startedAt,
         }
         if self._replication is not None:
@@ -133,20 +140,44 @@ class APIViews:
 
     # users
 
+    def _publicOnly(self, statuses: dict[str, Any]) -> dict[str, Any]:
+        """Mirror states of indexes everyone may read: C{/+status} names no restricted index."""
+        restricted = getattr(self._readRules, "restricted", None) or {}
+        return {name: status for name, status in statuses.items()
+                if tuple(name.split("/", 1)) not in restricted}
+
+    async def _readableOnly(self, request: IRequest, users: dict[str, dict[str, Any]]) -> None:
+        """
+        Drop from C{users} the indexes the requester may not read.  The
+        requester is only authenticated when some index is restricted.
+        """
+        if not any(not isPublic(config) for info in users.values() for config in info.get("indexes", {}).values()):
+            return
+        identity = await identityOf(request, self._auth)
+        for owner, info in users.items():
+            indexes = info.get("indexes")
+            if indexes:
+                info["indexes"] = {name: config for name, config in indexes.items()
+                                   if identityMayRead(identity, owner, name, config)}
+
     async def listUsers(self, request: IRequest) -> bytes:
-        return jsonBody(request, result=await self._users.listAll(), type="list:userconfig")
+        users = await self._users.listAll()
+        await self._readableOnly(request, users)
+        return jsonBody(request, result=users, type="list:userconfig")
 
     async def getUser(self, request: IRequest, user: str) -> bytes:
-        return jsonBody(request, result=await self._users.get(user), type="userconfig")
+        config = await self._users.get(user)
+        await self._readableOnly(request, {user: config})
+        return jsonBody(request, result=config, type="userconfig")
 
     async def createUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         result = await self._users.create(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, 201, result=result, type="userconfig")
 
     async def modifyUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         token = await self._users.modify(requester, user, await readJSON(request, self._runFile))
         self._written(request)
         if token is not None:
@@ -159,7 +190,7 @@ class APIViews:
         return jsonBody(request, message="user updated")
 
     async def deleteUser(self, request: IRequest, user: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await accountRequester(request, self._auth)
         await self._users.delete(requester, user)
         self._written(request)
         return jsonBody(request, message=f"user {user!r} deleted")
@@ -172,13 +203,13 @@ class APIViews:
         return jsonBody(request, result=result, type="indexconfig")
 
     async def createIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_CREATE, f"{user}/{index}")
         result = await self._indexes.create(requester, user, index, await readJSON(request, self._runFile))
         self._written(request)
         return jsonBody(request, result=result, type="indexconfig")
 
     async def modifyIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_MODIFY, f"{user}/{index}")
         result = await self._indexes.modify(
             requester, user, index, await readJSON(request, self._runFile), errorOnNoop=hasQueryFlag(request, b"error_on_noop")
         )
@@ -186,7 +217,7 @@ class APIViews:
         return jsonBody(request, result=result, type="indexconfig")
 
     async def deleteIndex(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, INDEX_DELETE, f"{user}/{index}")
         await self._indexes.delete(requester, user, index)
         self._written(request)
         return jsonBody(request, 201, message=f"index {user}/{index} deleted")
@@ -195,7 +226,14 @@ class APIViews:
         """devpi-client's C{push}: a release to another index here, or to an upload URL elsewhere."""
         if self._pusher is None:
             raise BadRequest("push is not enabled")
-        requester = await requesterOf(request, self._auth)
-        status, actions = await self._pusher.push(requester, user, index, await readJSON(request, self._runFile))
+        body = await readJSON(request, self._runFile)
+        name = body.get("name") if isinstance(body, dict) else None
+        project = normalizeProject(name) if isinstance(name, str) and isValidProjectName(name) else None
+        requester = await requesterFor(request, self._auth, PKG_READ, f"{user}/{index}", project)
+        target = body.get("targetindex") if isinstance(body, dict) else None
+        if isinstance(target, str):
+            # an API token must allow the upload where the release goes, too
+            await requesterFor(request, self._auth, UPLOAD, target.strip("/"), project)
+        status, actions = await self._pusher.push(requester, user, index, body)
         self._written(request)
         return jsonBody(request, status, result=actions, type="actionlog")

@@ -8,9 +8,9 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.web.iweb import IRequest
 
-from devpi_twisted.errors import Forbidden
+from devpi_twisted.errors import Forbidden, Unauthorized
 from devpi_twisted.model.identity import Identity
-from devpi_twisted.services.auth import Authenticator, parseBasic
+from devpi_twisted.services.auth import Authenticator, parseCredentials
 from devpi_twisted.web.headers import isValidHost
 
 _REQUESTER = "_devpiRequester"
@@ -20,23 +20,50 @@ async def requesterOf(request: IRequest, auth: Authenticator) -> str | None:
     """
     The authenticated user name, or C{None} for anonymous.
 
-    C{X-Devpi-Auth} (devpi-client) wins over C{Authorization: Basic} (pip,
-    twine); when it is present but invalid the request is anonymous, as with
-    devpi.  Either may carry a password or a login token.  The answer is kept
-    on the request.
+    C{X-Devpi-Auth} (devpi-client) wins over C{Authorization} (pip, twine);
+    when it is present but invalid the request is anonymous, as with devpi.
+    Either may carry a password, a login token or an API token; an API
+    token may also come as C{Authorization: Bearer}.  A request with an API
+    token gets its scope (L{identityOf}); one with an API token that is not
+    valid is refused (401).  The answer is kept on the request.
     """
     if hasattr(request, _REQUESTER):
         return getattr(request, _REQUESTER)
-    devpiAuth = request.getHeader(b"x-devpi-auth")
-    if devpiAuth is not None:
-        credentials = parseBasic(devpiAuth.encode("latin-1") if isinstance(devpiAuth, str) else devpiAuth)
-    else:
-        credentials = parseBasic(request.getHeader(b"authorization"))
-    user = None
+    refused = getattr(request, _REFUSED, None)
+    if refused is not None:
+        raise refused
+    credentials = requestCredentials(request)
+    identity = None
     if credentials is not None:
-        user = await auth.authenticate(*credentials, address=clientAddress(request))
+        try:
+            identity = await auth.identify(*credentials, address=clientAddress(request))
+        except Unauthorized as error:
+            setattr(request, _REFUSED, error)  # checked once: a wrong token counts once
+            raise
+    if identity is not None and identity.scope is not None:
+        setattr(request, _SCOPE, identity.scope)
+    user = None if identity is None else identity.user
     setattr(request, _REQUESTER, user)
     return user
+
+
+def requestCredentials(request: IRequest) -> tuple[str | None, str] | None:
+    """C{(user, secret)} a request carries (C{user} C{None} for a Bearer token), or C{None}."""
+    devpiAuth = request.getHeader(b"x-devpi-auth")
+    if devpiAuth is not None:
+        return parseCredentials(devpiAuth.encode("latin-1") if isinstance(devpiAuth, str) else devpiAuth)
+    header = request.getHeader(b"authorization")
+    if header is None:
+        return None
+    if isinstance(header, str):
+        header = header.encode("latin-1")
+    scheme, _, value = header.strip().partition(b" ")
+    if scheme.lower() == b"bearer":
+        token = value.strip().decode("ascii", "replace")
+        return (None, token) if token else None
+    if scheme.lower() != b"basic":
+        return None
+    return parseCredentials(value)
 
 
 async def identityOf(request: IRequest, auth: Authenticator) -> Identity | None:
@@ -46,6 +73,20 @@ async def identityOf(request: IRequest, auth: Authenticator) -> Identity | None:
     """
     user = await requesterOf(request, auth)
     return None if user is None else Identity(user, getattr(request, _SCOPE, None))
+
+
+async def accountRequester(request: IRequest, auth: Authenticator) -> str | None:
+    """
+    The requester for user management, password changes and token
+    management, which an API token never grants: a request authenticated by
+    one is refused (403).
+    """
+    identity = await identityOf(request, auth)
+    if identity is None:
+        return None
+    if identity.scope is not None:
+        raise Forbidden("an API token cannot be used to manage users, passwords or tokens")
+    return identity.user
 
 
 async def requesterFor(request: IRequest, auth: Authenticator, permission: str,
@@ -65,6 +106,7 @@ async def requesterFor(request: IRequest, auth: Authenticator, permission: str,
 
 
 _SCOPE = "_devpiTokenScope"
+_REFUSED = "_devpiAuthRefused"
 
 
 def clientAddress(request: IRequest) -> str | None:

@@ -27,7 +27,8 @@ from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.services.releases import Documentation
 from devpi_twisted.storage.doczip import DocMember, DocZipReader, RunFile
 from devpi_twisted.storage.readers import PiecePump
-from devpi_twisted.web.context import requesterOf
+from devpi_twisted.model.identity import TOXRESULT_UPLOAD
+from devpi_twisted.web.context import identityOf, requesterFor
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.pages import redirect
 from devpi_twisted.web.responses import jsonBody
@@ -144,11 +145,12 @@ class DocViews:
         self._auth = auth
         self._docs = docs
 
-    async def _entry(self, user: str, index: str, name: str, version: str) -> dict[str, Any]:
+    async def _entry(self, request: IRequest, user: str, index: str, name: str, version: str) -> dict[str, Any]:
         if not isValidProjectName(name):
             raise NotFound(f"no project {name!r}")
         project = normalizeProject(name)
-        entry = await self._docs.findDoc(user, index, project, version)
+        # Of the bases, only those the requester may read are looked through.
+        entry = await self._docs.findDoc(user, index, project, version, lambda: identityOf(request, self._auth))
         if entry is None:
             raise NotFound(f"no documentation for {project} {version}")
         return entry
@@ -156,7 +158,7 @@ class DocViews:
     async def doc(self, request: IRequest, user: str, index: str, name: str, version: str, path: str) -> Any:
         if not path:
             return redirect(request, request.path.decode("latin-1").rstrip("/") + "/index.html")
-        entry = await self._entry(user, index, name, version)
+        entry = await self._entry(request, user, index, name, version)
         reader = await self._blobs.open(entry["sha256"])
         if reader is None:
             raise NotFound("documentation content is missing on this server")
@@ -166,7 +168,7 @@ class DocViews:
         return _MemberResponse(member, b'"' + entry["sha256"].encode("ascii") + b'"')
 
     async def doczip(self, request: IRequest, user: str, index: str, name: str, version: str) -> Any:
-        entry = await self._entry(user, index, name, version)
+        entry = await self._entry(request, user, index, name, version)
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound("documentation content is missing on this server")
@@ -178,8 +180,9 @@ class DocViews:
 
     async def postToxresult(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
         """devpi-client's C{test}: attach a tox result (any JSON, stored verbatim) to a release file."""
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, TOXRESULT_UPLOAD, f"{user}/{index}")
         release = await self._docs.checkToxresultRights(requester, user, index, relpath)
+        await requesterFor(request, self._auth, TOXRESULT_UPLOAD, f"{user}/{index}", release.get("project"))
         raw = await self._runFile(_readToxresult, request.content)
         writer = self._blobs.openWriter()
         try:

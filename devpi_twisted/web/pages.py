@@ -15,7 +15,8 @@ from devpi_twisted.errors import NotAcceptable, NotFound
 from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import chooseSimpleFormat
 from devpi_twisted.services.simple import RenderedPage, SimplePages
-from devpi_twisted.web.context import outsideURL
+from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.web.context import identityOf, outsideURL
 from devpi_twisted.web.files import etagMatches
 from devpi_twisted.web.responses import redirect, withLength
 
@@ -83,14 +84,32 @@ class CachedAnswersFirst(Resource):
 
 
 class PageViews:
-    """Renders simple pages from the page cache with conditional answers."""
+    """
+    Renders simple pages from the page cache with conditional answers.
 
-    def __init__(self, pages: SimplePages, outsideURL: str | None) -> None:
+    @param auth: finds who asks, when an index's order has a restricted
+        index (its pages show only the bases the requester may read);
+        without it every requester is anonymous there.
+    """
+
+    def __init__(self, pages: SimplePages, outsideURL: str | None, auth: Authenticator | None = None) -> None:
         self._pages = pages
         self._outsideURL = outsideURL
+        self._auth = auth
+
+    def _identify(self, request: IRequest) -> Any:
+        """Who asks, found only if a page needs it."""
+        auth = self._auth
+        if auth is None:
+            return None
+        return lambda: identityOf(request, auth)
 
     def cachedProject(self, request: IRequest, user: str, index: str, project: str) -> bytes | None:
-        """A cached project page for C{.../+simple/<project>/}, or C{None} to take the routed way."""
+        """
+        A cached project page for C{.../+simple/<project>/}, or C{None} to
+        take the routed way.  Only pages of public chains are found here
+        (no authentication before routing); the others take the routes.
+        """
         mediaType = chooseSimpleFormat(request.getHeader(b"accept"))
         if mediaType is None:
             return None
@@ -143,7 +162,7 @@ class PageViews:
         mediaType = self._mediaType(request)
         if not slash and not isInstaller(request) and "json" not in mediaType:
             return redirect(request, request.uri.decode("latin-1").split("?")[0] + "/", 301)
-        page = await self._pages.indexPage(user, index, mediaType)
+        page = await self._pages.indexPage(user, index, mediaType, self._identify(request))
         return self._send(request, page)
 
     async def project(self, request: IRequest, user: str, index: str, name: str, slash: bool) -> bytes:
@@ -165,6 +184,6 @@ class PageViews:
         rootPrefix = "../" * (path.count("/") - 1)
         page = await self._pages.projectPage(
             user, index, project, mediaType, rootPrefix, isInstaller(request),
-            outsideURL(request, self._outsideURL),
+            outsideURL(request, self._outsideURL), self._identify(request),
         )
         return self._send(request, page)

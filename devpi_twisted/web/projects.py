@@ -14,7 +14,7 @@ from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.config import ServerConfig
-from devpi_twisted.errors import BadRequest, NotFound, UnsupportedMediaType, UpstreamError
+from devpi_twisted.errors import BadRequest, Gone, NotFound, UnsupportedMediaType, UpstreamError
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.model.attestations import provenanceObject
@@ -22,7 +22,8 @@ from devpi_twisted.model.names import isValidProjectName, normalizeProject
 from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
-from devpi_twisted.web.context import hasQueryFlag, outsideURL, requesterOf
+from devpi_twisted.model.identity import DEL_ENTRY, DEL_PROJECT, DEL_VERDATA, UPLOAD
+from devpi_twisted.web.context import hasQueryFlag, identityOf, outsideURL, requesterFor
 from devpi_twisted.web.files import FileRedirects, FileResponse, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
@@ -71,26 +72,29 @@ class ProjectViews:
             return redirect(request, request.path.decode("latin-1").replace(name, project, 1))
         base = outsideURL(request, self._config.outsideURL)
         ignoreBases = hasQueryFlag(request, b"ignore_bases")
-        result = await self._projectConfig(user, index, project, base, ignoreBases)
+        result = await self._projectConfig(request, user, index, project, base, ignoreBases)
         return jsonBody(request, result=result, type="projectconfig")
 
     async def getVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
         base = outsideURL(request, self._config.outsideURL)
-        versions = await self._projectConfig(user, index, project, base, ignoreBases=False)
+        versions = await self._projectConfig(request, user, index, project, base, ignoreBases=False)
         if version not in versions:
             raise NotFound(f"The version {version} of project {project} does not exist.")
         return jsonBody(request, result=versions[version], type="versiondata")
 
-    async def _projectConfig(self, user: str, index: str, project: str, base: str,
+    async def _projectConfig(self, request: IRequest, user: str, index: str, project: str, base: str,
                              ignoreBases: bool) -> dict[str, Any]:
         """
         devpi's C{projectconfig}: the private stages' versions, then each
         mirror's, asked as the simple pages ask it (so C{mirror_cache_expiry}
         decides when upstream is asked again, and a project that appeared
-        upstream since the last look is found).
+        upstream since the last look is found).  Of the bases only those
+        the requester may read count (who they are is found only when one
+        is restricted).
         """
-        collected = await self._queries.projectVersions(user, index, project, base, ignoreBases)
+        collected = await self._queries.projectVersions(
+            user, index, project, base, ignoreBases, lambda: identityOf(request, self._auth))
         for stage in collected.mirrors:
             if self._mirrors is None:
                 continue
@@ -109,14 +113,14 @@ class ProjectViews:
 
     async def deleteProject(self, request: IRequest, user: str, index: str, name: str) -> bytes:
         project = _project(name)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, DEL_PROJECT, f"{user}/{index}", project)
         await self._releases.deleteProject(requester, user, index, project, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} deleted from stage {user}/{index}")
 
     async def deleteVersion(self, request: IRequest, user: str, index: str, name: str, version: str) -> bytes:
         project = _project(name)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, DEL_VERDATA, f"{user}/{index}", project)
         await self._releases.deleteVersion(requester, user, index, project, version, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"project {project} version {version!r} deleted")
@@ -127,7 +131,7 @@ class ProjectViews:
         body = await readJSON(request, self._runFile)
         if not isinstance(body, dict) or "status" not in body:
             raise BadRequest("expected a JSON object with 'status' (and optionally 'reason')")
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", project)
         await self._releases.setStatus(requester, user, index, project, body["status"], body.get("reason"))
         self._written(request)
         return jsonBody(request, message=f"status of {project} set to {body['status']}")
@@ -136,7 +140,7 @@ class ProjectViews:
         """C{{"yanked": true | "reason" | false}} for every file of a version (PEP 592)."""
         project = _project(name)
         yanked = await self._yankedValue(request)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", project)
         changed = await self._releases.setYanked(requester, user, index, project, version, None, yanked)
         self._written(request)
         return jsonBody(request, message=f"{changed} files of {project} {version} changed")
@@ -155,7 +159,8 @@ class ProjectViews:
     async def getFile(self, request: IRequest, user: str, index: str, relpath: str) -> Any:
         metadata = relpath.endswith(".metadata")
         target = relpath[: -len(".metadata")] if metadata else relpath
-        entry, mirror = await self._queries.fileOrMirror(user, index, target)
+        serial = self._storage.currentSerial()
+        entry, mirror, public = await self._queries.servedFile(user, index, target)
         if entry is None:
             if self._mirrorFiles is None:
                 raise NotFound("no such file")
@@ -164,15 +169,17 @@ class ProjectViews:
             return await self._coreMetadata(request, user, index, entry, mirror)
         if wantsJSONAPI(request.getHeader(b"accept")):
             return jsonBody(request, result=fileMeta(entry), type="releasefilemeta")
+        # Only a public index's files are answered before routing (no read check there).
+        known = self._knownFiles if public else None
         if self._redirects is not None:
-            if self._knownFiles is not None:
-                self._knownFiles.remember(request.path, entry)
+            if known is not None:
+                known.remember(request.path, entry, serial)
             return self._redirects.answer(request, entry["sha256"], entry["filename"])
         file = await self._blobs.open(entry["sha256"])
         if file is None:
             raise NotFound(f"content of {entry['filename']} is missing on this server")
-        if self._knownFiles is not None:
-            self._knownFiles.remember(request.path, entry)
+        if known is not None:
+            known.remember(request.path, entry, serial)
         return FileResponse(
             file=file, size=entry["size"], filename=entry["filename"],
             etag=b'"' + entry["sha256"].encode("ascii") + b'"',
@@ -199,7 +206,13 @@ class ProjectViews:
         return metadataResponse(entry["filename"], data, entry.get("last_modified"))
 
     async def deleteFile(self, request: IRequest, user: str, index: str, relpath: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        entry = None
+        try:
+            entry = await self._entry(user, index, relpath)
+        except (NotFound, Gone):
+            pass  # the service gives the answer for a missing file
+        requester = await requesterFor(request, self._auth, DEL_ENTRY, f"{user}/{index}",
+                                       entry.get("project") if entry else None)
         deleted = await self._releases.deleteFile(requester, user, index, relpath, hasQueryFlag(request, b"force"))
         self._written(request)
         return jsonBody(request, message=f"package {deleted!r} deleted")
@@ -208,7 +221,7 @@ class ProjectViews:
         """C{{"yanked": ...}} for one file."""
         yanked = await self._yankedValue(request)
         entry = await self._entry(user, index, relpath)
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", entry["project"])
         await self._releases.setYanked(
             requester, user, index, entry["project"], None, entry["filename"], yanked
         )

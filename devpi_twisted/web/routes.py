@@ -35,8 +35,11 @@ from devpi_twisted.web.headers import DevpiHeadersResource, contentTypeOf
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
+from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
+from devpi_twisted.web.tokens import TokenViews
 from devpi_twisted.web.upload import UploadViews
 from devpi_twisted.web.uploadform import FORM_TYPES
 
@@ -45,7 +48,7 @@ INDEX = "<index>"
 PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
-_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance"}
+_SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -73,7 +76,9 @@ class Routes:
     app = Klein()
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
-                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None) -> None:
+                 docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
+                 tokens: TokenViews | None = None) -> None:
+        self._tokens = tokens
         self._changelog = changelog
         self._metrics = metrics
         self._docs = docs
@@ -138,6 +143,26 @@ class Routes:
             b"PATCH": self._api.modifyUser,
             b"DELETE": self._api.deleteUser,
         }, user)
+
+    # API tokens (devpi-tokens' routes; see .tokens)
+
+    @app.route(f"/{USER}/+token-create", methods=["POST"])
+    def tokenCreate(self, request: IRequest, user: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.create(request, user)
+
+    @app.route(f"/{USER}/+tokens", methods=["GET"])
+    def tokenList(self, request: IRequest, user: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.list(request, user)
+
+    @app.route(f"/{USER}/+tokens/<tokenId>", methods=["DELETE"])
+    def tokenDelete(self, request: IRequest, user: str, tokenId: str) -> Any:
+        if self._tokens is None:
+            raise NotFound()
+        return self._tokens.delete(request, user, tokenId)
 
     # indexes
 
@@ -259,6 +284,7 @@ def makeWebResource(
     replication: Any = None,
     metrics: Any = None,
     runFile: Callable[..., Any] = maybeDeferred,
+    readRules: ReadRules | None = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -271,9 +297,14 @@ def makeWebResource(
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
+    @param readRules: which indexes restrict reading (made over C{storage}
+        when not given); the read gate in front of everything, fast paths
+        included, enforces them.
     """
+    if readRules is None:
+        readRules = ReadRules(storage)
     documentation = Documentation(storage, releases.clock)
-    pageViews = PageViews(pages, config.outsideURL)
+    pageViews = PageViews(pages, config.outsideURL, auth)
     knownFiles = KnownFiles(storage)
     redirects = fileRedirects(config.backend.s3Redirect, blobs)
     if mirrorFiles is None and mirrors is not None:
@@ -282,7 +313,7 @@ def makeWebResource(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
                  replication=replication if replication is not None else changelog, metrics=metrics,
-                 runFile=runFile),
+                 runFile=runFile, readRules=readRules),
         pageViews,
         ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles,
                      runFile, redirects),
@@ -291,8 +322,10 @@ def makeWebResource(
         DocViews(storage, blobs, auth, documentation, runFile),
         changelog,
         metrics,
+        TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
     )
     return DevpiHeadersResource(
-        CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
+        ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
+                 readRules, auth),
         storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version,
     )

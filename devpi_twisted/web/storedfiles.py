@@ -9,6 +9,11 @@ files, indexes or users arrives from storage; the next GET or HEAD of that
 path then costs a dictionary lookup and the open of the blob in a storage
 thread, not routing and a database read.  Anything unusual (a JSON
 C{Accept}, a blob that cannot be opened) takes the routed way.
+
+Only files of public indexes are remembered: a file of an index with
+C{acl_read} is answered through the routes every time, where the read check
+is, so nothing answers it here to whoever asks.  A change of C{acl_read} is
+an index change and forgets every path.
 """
 
 from dataclasses import dataclass
@@ -48,13 +53,21 @@ class KnownFiles:
 
     def __init__(self, storage: IStorage) -> None:
         self._known: dict[bytes, KnownFile] = {}
+        self._storage = storage
         storage.subscribe(self._changed)
 
     def _changed(self, record: ChangeRecord) -> None:
         if self._known and altersFilePaths(record.changes):
             self._known.clear()
 
-    def remember(self, path: bytes, entry: dict[str, Any]) -> None:
+    def remember(self, path: bytes, entry: dict[str, Any], serial: int | None = None) -> None:
+        """
+        Keep what C{path} answered, if it was read at the current serial
+        (C{serial}, taken before the read): a change that arrived meanwhile
+        (such as the index becoming restricted) must not be outlived.
+        """
+        if serial is not None and serial != self._storage.currentSerial():
+            return
         if len(self._known) >= _MAX_KNOWN:
             self._known.clear()
         self._known[path] = KnownFile(entry["sha256"], entry["size"], entry["filename"], entry.get("last_modified"))

@@ -37,7 +37,8 @@ from devpi_twisted.model.names import isValidProjectName
 from devpi_twisted.model.names import checkVersion, normalizeProject
 from devpi_twisted.services.releases import Documentation, Releases, UploadedFile
 from devpi_twisted.storage import newHashes
-from devpi_twisted.web.context import hasCredentials, requesterOf
+from devpi_twisted.model.identity import UPLOAD
+from devpi_twisted.web.context import hasCredentials, requesterFor
 from devpi_twisted.web.headers import contentTypeOf
 from devpi_twisted.web.limits import SPOOL_THRESHOLD, LimitedRequest
 from devpi_twisted.web.responses import withLength
@@ -96,7 +97,8 @@ class UploadGate:
         return ensureDeferred(self._check(request, values["user"], values["index"]))
 
     async def _check(self, request: IRequest, user: str, index: str) -> None:
-        requester = await requesterOf(request, self._auth)
+        # the project is in the body: an API token's projects are checked by the view
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}")
         await self._releases.checkCanUpload(requester, user, index)
 
 
@@ -121,7 +123,7 @@ class UploadViews:
             raise
 
     async def _submit(self, request: IRequest, user: str, index: str) -> bytes:
-        requester = await requesterOf(request, self._auth)
+        requester = await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}")
         try:
             config = await self._releases.checkCanUpload(requester, user, index)
         except Unauthorized as error:
@@ -130,6 +132,10 @@ class UploadViews:
             raise
         form = await self._readForm(request)
         try:
+            name = form.first("name")
+            if name and isValidProjectName(name):
+                # what an API token's projects allow is known only now
+                await requesterFor(request, self._auth, UPLOAD, f"{user}/{index}", normalizeProject(name))
             action = form.first(":action")
             if action == "file_upload":
                 await self._fileUpload(request, requester, user, index, config, form)
