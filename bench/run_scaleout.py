@@ -42,6 +42,7 @@ from run_private import FORMATS, HOST, JSON_ACCEPT, PAGE_PATH, Results, log  # n
 
 DEFAULT_TWISTD = Path(sys.executable).parent / "twistd"
 BIG_SIZE = 50 * 1000 * 1000
+SERVER_OPTIONS: list[str] = []   # given to every node (--no-access-log)
 
 # Columns of the figures (Results.figures[row][column]).
 SQLITE, PG = "SQLite+files", "PG+S3"
@@ -168,7 +169,7 @@ class Node(rp.IndexServer):
         self.port = port   # where the checks and wrk go
         self.argv = [str(twistd), "-n", "--pidfile=", "devpi", "--serverdir", str(serverdir),
                      "--root-passwd", "", "--no-root-pypi",
-                     *[arg for endpoint in listen for arg in ("--listen", endpoint)], *extra]
+                     *[arg for endpoint in listen for arg in ("--listen", endpoint)], *extra, *SERVER_OPTIONS]
         self.env = env
 
     def start(self) -> None:
@@ -648,6 +649,8 @@ def main() -> int:
                              "when it starts a second process, else a worker (auto, the default)")
     parser.add_argument("--skip-pg", action="store_true",
                         help="no PostgreSQL + S3 nodes (the SQLite, two-process and nginx figures only)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="start every node with --no-access-log (the default logs a line a request)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin anything in phase 1")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, server dirs)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
@@ -671,6 +674,8 @@ def main() -> int:
     args.env = {**os.environ, **s3Environment(),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(args.src), os.environ.get("PYTHONPATH")]))}
     args.workdir = Path(tempfile.mkdtemp(prefix="devpi-twisted-scaleout-"))
+    if args.no_access_log:
+        SERVER_OPTIONS.append("--no-access-log")
 
     results = Results()
     results.info += [
@@ -683,7 +688,8 @@ def main() -> int:
         "PostgreSQL 15 as tests/engines.py starts it: fsync=off, synchronous_commit=off, "
         "full_page_writes=off; SeaweedFS `weed mini` with its defaults; SQLite as the embedded "
         "default sets it (WAL, synchronous=FULL)",
-        f"devpi-twisted: {rp.describeSource(args.src)}; {args.twistd}",
+        f"devpi-twisted: {rp.describeSource(args.src)}; {args.twistd}; access log "
+        + ("off (--no-access-log)" if args.no_access_log else "on (the default), in each node's output file"),
     ]
     engines = Engines()
     args.engine_pids = lambda: [p for pid in (engines.pgPid(), engines.s3Pid()) if pid for p in processTree(pid)]
