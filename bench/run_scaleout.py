@@ -80,6 +80,15 @@ def processTree(pid: int) -> list[int]:
     return found
 
 
+def ownCPU(pid: int) -> float:
+    """User plus system CPU seconds of C{pid} alone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def treeCPU(pid: int | None) -> float:
     """User plus system CPU seconds of C{pid} and its descendants."""
     if pid is None:
@@ -279,6 +288,7 @@ def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[
     """
     requests = 0
     serverBefore = sum(treeCPU(pid) for pid in pids)
+    processesBefore = {p: ownCPU(p) for pid in pids if pid is not None for p in processTree(pid)}
     wrkBefore = resource.getrusage(resource.RUSAGE_CHILDREN)
     machineBefore = cpuSnapshot()
     wall = time.monotonic()
@@ -306,8 +316,11 @@ def wrkRows(port: int, paths: dict[str, str], column: str, concurrencies: tuple[
         wrkCPU = (wrkAfter.ru_utime + wrkAfter.ru_stime) - (wrkBefore.ru_utime + wrkBefore.ru_stime)
         serverCPU = sum(treeCPU(pid) for pid in pids) - serverBefore
         ours = {p for pid in pids if pid is not None for p in processTree(pid)} | set(args.engine_pids())
+        each = [ownCPU(p) - cpu for p, cpu in processesBefore.items()]
+        split = (" (" + " + ".join(f"{cpu / wall:.2f}" for cpu in each if cpu > 0.01 * wall) + ")"
+                 if len(each) > 1 else "")
         results.info.append(f"{column}: over its wrk runs the server processes used {serverCPU / wall:.2f} "
-                            f"CPUs, wrk {wrkCPU / wall:.2f} CPUs ({serverCPU * 1e6 / requests:.0f} us of "
+                            f"CPUs{split}, wrk {wrkCPU / wall:.2f} CPUs ({serverCPU * 1e6 / requests:.0f} us of "
                             f"server CPU a request); {othersNote(machineBefore, cpuSnapshot(), ours, wall)}")
     return requests
 
