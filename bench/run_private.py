@@ -416,10 +416,10 @@ def ensureDevpiVenv(venv: Path) -> None:
                    check=True)
 
 
-def nginxConfig(root: Path, port: int, www: Path, access: str, locations: str) -> str:
-    """One nginx worker serving C{www} on C{port} with sendfile, its state under C{root}, plus C{locations}."""
+def nginxConfig(root: Path, port: int, www: Path, access: str, locations: str, workers: int = 1) -> str:
+    """C{workers} nginx workers serving C{www} on C{port} with sendfile, their state under C{root}, plus C{locations}."""
     return f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
@@ -447,6 +447,7 @@ http {{
 
 class Nginx(Server):
     name = "nginx"
+    workers = 1   # worker processes
 
     def __init__(self, workdir: Path, pin: str | None, pages: dict[str, bytes], file: bytes | None = None) -> None:
         super().__init__(workdir, pin)
@@ -471,7 +472,7 @@ class Nginx(Server):
         location = /page.html {{ types {{ }} default_type "text/html; charset=utf-8"; }}
         location = /page.json {{ types {{ }} default_type "{JSON_ACCEPT}"; }}
         # The "upload" limit: read the body and discard it.
-        location = /upload/ {{ client_max_body_size 0; return 200; }}"""))
+        location = /upload/ {{ client_max_body_size 0; return 200; }}""", workers=self.workers))
         t0 = time.monotonic()
         self._spawn(["nginx", "-e", str(root / "error.log"), "-p", str(root), "-c", str(config)])
         assert self.process is not None
