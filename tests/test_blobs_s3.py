@@ -148,6 +148,13 @@ class S3BlobStoreTests(_S3, TestCase):
 
     async def test_multipartUpload(self) -> None:
         """A blob past the multipart threshold goes up in parts and reads back whole."""
+        from boto3.s3.transfer import TransferConfig
+
+        from devpi_twisted.storage import s3
+
+        # the real threshold is 64 MiB: a smaller one keeps the test quick
+        self.patch(s3, "TRANSFER", TransferConfig(multipart_threshold=8 * 1024 * 1024,
+                                                  multipart_chunksize=5 * 1024 * 1024, max_concurrency=4))
         data = random.Random(7).randbytes(20 * 1024 * 1024)
         calls = self.countCalls(self.blobs, "CreateMultipartUpload", "UploadPart", "PutObject")
         info = await self.store(data)
