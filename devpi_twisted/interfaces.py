@@ -349,6 +349,10 @@ class IEventSubscriber(Interface):
 
     name = Attribute("A unique name; the subscriber's position is kept under it.")
 
+    # Optional: wants(events) -> Deferred[bool] (or bool), whether any of a
+    # serial's events matter to it; when not, they are passed over without
+    # a claim or a position written (the webhooks subscriber has one).
+
     def deliver(event):
         """
         Handle one event.

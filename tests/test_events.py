@@ -305,6 +305,24 @@ class SharedPositionsTests(_Dispatching):
         self.assertEqual(two.seen, [("user.created", missed)])
 
 
+    def test_unwantedEventsCostNoWrite(self) -> None:
+        """
+        A subscriber that wants none of a serial's events (webhooks, when no
+        webhook asks for them) gets no claim and no position written: the
+        serial does not move for it.
+        """
+        class NotInterested(Recorder):
+            def wants(self, events: Any) -> bool:
+                return False
+
+        quiet = NotInterested()
+        self.node("node-1", quiet)
+        serial = self.write({"user/alice": {}})
+        self.clock.advance(POLL)
+        self.assertEqual(quiet.seen, [])
+        self.assertEqual(self.storage.currentSerial(), serial)
+
+
 def deliverToList(event: ev.Event) -> None:
     DELIVERED.append(event.name)
 

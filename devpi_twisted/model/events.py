@@ -10,9 +10,10 @@ into L{Event}s, so subscribers and webhooks see the same events on every
 node and after every restart.
 """
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from devpi_twisted.model.timeutil import isoNow
 
 USER_CREATED = "user.created"
 USER_CHANGED = "user.changed"
@@ -68,7 +69,7 @@ class Event:
         return {
             "event": self.name,
             "serial": self.serial,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+            "time": isoNow(self.time),
             "user": self.user,
             "index": self.index,
             "project": self.project,

@@ -276,6 +276,8 @@ class _Follower:
                         break
                     for record in records:
                         events = await d.source.eventsOf(record)
+                        if events and not await self._wanted(events):
+                            events = []  # nothing to do: no claim, no position written
                         if events and await self._claim(record.serial):
                             for event in events:
                                 await self._deliver(event)
@@ -297,6 +299,11 @@ class _Follower:
             idle, self.idle = self.idle, None
             if idle is not None:
                 idle.callback(None)
+
+    async def _wanted(self, events: list[Event]) -> bool:
+        """Whether the subscriber wants any of C{events} (its optional C{wants}; else all)."""
+        wants = getattr(self.subscriber, "wants", None)
+        return True if wants is None else bool(await maybeDeferred(wants, events))
 
     async def _claim(self, serial: int) -> bool:
         """Whether this node delivers the events of C{serial} (waiting while another node does)."""

@@ -164,6 +164,13 @@ class WebhookRegistry:
         await self._storage.write(_remove)
 
 
+def _scopes(event: Event) -> list[str]:
+    """The webhook scopes that see C{event}: the server's, and its index's."""
+    if event.user is not None and event.index is not None:
+        return [SERVER, f"{event.user}/{event.index}"]
+    return [SERVER]
+
+
 @implementer(IEventSubscriber)
 class WebhookSubscriber:
     """
@@ -181,18 +188,25 @@ class WebhookSubscriber:
         self._baseURL = baseURL
         self.wake = wake
 
+    def wants(self, events: list[Event]) -> Deferred[bool]:
+        """
+        Whether a webhook wants any of C{events}: most interest none, and
+        looking costs a read, where handling them would cost writes (and,
+        on shared storage, a claim).
+        """
+
+        def _wanted(view: IReadView) -> bool:
+            return any(event.name in hook["events"] for event in events for scope in _scopes(event)
+                       for _, hook in view.items(hookPrefix(scope)))
+
+        return self._storage.read(_wanted)
+
     def deliver(self, event: Event) -> Deferred[Any]:
         return ensureDeferred(self._enqueue(event))
 
     async def _enqueue(self, event: Event) -> None:
-        scopes = [SERVER]
-        if event.user is not None and event.index is not None:
-            scopes.append(f"{event.user}/{event.index}")
-        def _wanted(view: IReadView) -> bool:
-            return any(event.name in hook["events"] for scope in scopes for _, hook in view.items(hookPrefix(scope)))
-
-        # Most events interest no webhook: looking costs a read, not a write transaction.
-        if not await self._storage.read(_wanted):
+        scopes = _scopes(event)
+        if not await self.wants([event]):
             return
         now = self._seconds()
         payload = event.toJSON(self._baseURL)
