@@ -466,13 +466,16 @@ class SqliteStorage:
     def _giveBackSpace(self) -> None:
         """Return the pages pruning freed to the file system."""
         conn = self._conn()
-        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+        if conn.execute("PRAGMA auto_vacuum").fetchall()[0][0] == 0:
             # A database made before incremental vacuum: converted once.
             log.info("converting {path} to incremental vacuum (once)", path=self._path.path)
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("VACUUM")
         else:
-            conn.execute("PRAGMA incremental_vacuum")
+            # executescript runs the pragma to its end (execute frees one page).
+            conn.executescript("PRAGMA incremental_vacuum;")
+        # The file shrinks once the WAL is copied back (without waiting for readers).
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def _prune(self, keepFrom: int, olderThan: float | None) -> int:
         total = 0
