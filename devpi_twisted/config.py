@@ -60,6 +60,8 @@ class ServerConfig:
     webhookAllowPrivate: bool = False  # webhooks may reach loopback/private addresses (README "Events and webhooks")
     workers: int = 1  # serving processes on this machine (--workers; README "Scaling out")
     blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
+    historyKeep: float = 7 * 24 * 3600.0  # seconds of history kept (README "Retention")
+    historyPruneInterval: float = 3600.0  # 0: history is never pruned
     # operations: limits, shutdown, logs (README "Deployment")
     shutdownGrace: float = 30.0
     idleTimeout: float = 60.0

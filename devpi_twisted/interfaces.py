@@ -69,7 +69,9 @@ class IStorage(Interface):
         Call C{function(view)} with an L{IReadView} of the state as it was right
         after the change C{serial}.
 
-        @return: a Deferred with C{function}'s result.
+        @return: a Deferred with C{function}'s result; it fails with
+            L{devpi_twisted.storage.HistoryPruned} when C{serial} is older
+            than L{oldestKeptSerial}.
         """
 
     def write(function):
@@ -100,7 +102,47 @@ class IStorage(Interface):
         """
         The changelog records after C{serial}, oldest first, at most C{limit}.
 
-        @return: a Deferred with a list of L{devpi_twisted.storage.ChangeRecord}.
+        @return: a Deferred with a list of L{devpi_twisted.storage.ChangeRecord};
+            it fails with L{devpi_twisted.storage.HistoryPruned} when
+            C{serial} is older than L{oldestKeptSerial} (records after it
+            are gone).
+        """
+
+    def oldestKeptSerial():
+        """
+        The oldest serial that L{readAsOf} and L{changesSince} still answer
+        for: -1 while nothing was pruned.  Every later serial is kept
+        exactly; the current state never depends on it.
+
+        @return: a Deferred with the serial.
+        """
+
+    def pruneHistory(keepFrom, olderThan=None):
+        """
+        Drop the history that only reads as of serials before C{keepFrom}
+        need: older values that were overwritten or deleted by C{keepFrom},
+        and the changelog before it.  Afterwards L{oldestKeptSerial} is
+        C{keepFrom} (never moved back, and never past L{currentSerial}),
+        or, when C{olderThan} (a Unix time) is given and earlier, the last
+        serial committed at or before C{olderThan}.
+        Large prunes go in several short transactions, so writers are not
+        held up long.
+
+        @return: a Deferred with the number of history entries removed.
+        """
+
+    def applySnapshot(serial, time, state):
+        """
+        Replace the whole state with C{state} (a dict of key to value), as
+        the state of another store right after its change C{serial} at
+        C{time}: a replica whose primary no longer keeps the changes it
+        lacks starts over from a copy.  C{serial} must be above
+        L{currentSerial}, else L{devpi_twisted.storage.SerialMismatch}.
+        Afterwards L{currentSerial} and L{oldestKeptSerial} are C{serial};
+        subscribers are told of one record at C{serial} with the keys that
+        changed (C{None}: gone).
+
+        @return: a Deferred that fires with the serial.
         """
 
     def referencedBlobs():

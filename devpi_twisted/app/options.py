@@ -100,6 +100,11 @@ class Options(TypedOptions):
         ["blob-collect-interval", None, 3600.0,
          "Seconds between passes that free the disk space of files nothing refers to any more "
          "(deleted, overwritten); such a file goes after two to three intervals (0: only at startup).", float],
+        ["history-keep", None, 7 * 24 * 3600.0,
+         "Seconds of history (older values, the changelog) the database keeps for replicas and "
+         "event subscribers; a replica further behind starts over from a snapshot.", float],
+        ["history-prune-interval", None, 3600.0,
+         "Seconds between passes that prune history older than --history-keep (0: never prune).", float],
         # replication (README "Replication")
         ["primary-url", None, None,
          "Run as a replica of the devpi-twisted primary at this URL (an empty --serverdir is "
@@ -178,8 +183,9 @@ class Options(TypedOptions):
         for name in ("max-header-size", "max-connections", "max-upstream-fetches", "min-body-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-        if self["blob-collect-interval"] < 0:
-            raise usage.UsageError("--blob-collect-interval must not be negative")
+        for name in ("blob-collect-interval", "history-keep", "history-prune-interval"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
         for name in ("login-max-failures", "login-user-failures", "login-addr-failures"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
@@ -267,6 +273,8 @@ class Options(TypedOptions):
             requestsOnly=bool(self["requests-only"]),
             webhookAllowPrivate=bool(self["webhook-allow-private"]),
             blobCollectInterval=self["blob-collect-interval"],
+            historyKeep=self["history-keep"],
+            historyPruneInterval=self["history-prune-interval"],
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],
             headerTimeout=self["header-timeout"],

@@ -27,6 +27,8 @@ from devpi_twisted.errors import ServerDirError, StorageError, StorageUnavailabl
 from devpi_twisted.interfaces import ISharedSecret
 from devpi_twisted.storage.collector import BlobCollector
 from devpi_twisted.storage.plugin import openBackends
+from devpi_twisted.storage.pruner import HistoryPruner
+from devpi_twisted.services.events import EventDispatcher
 from devpi_twisted.storage.threads import ThreadRunner
 from devpi_twisted.web.changelog import FeedStopper
 
@@ -137,9 +139,20 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         primaryPoolService.setServiceParent(replicaServices)
         server.replica.setServiceParent(replicaServices)
         replicaServices.setServiceParent(top)
+    pruner = None
+    if not config.requestsOnly and config.historyPruneInterval > 0:
+        # The main process prunes history (stopped before storage), after
+        # what this node's event subscribers still need (below).
+        pruner = HistoryPruner(storage, reactor, config.historyPruneInterval, config.historyKeep,
+                               ready=storageService.whenReady)
+        pruner.setServiceParent(top)
     if deliversEvents(config):
         # Only a primary's main process delivers events (stopped before storage).
-        eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady).setServiceParent(top)
+        events = eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady)
+        events.setServiceParent(top)
+        for service in events:
+            if pruner is not None and isinstance(service, EventDispatcher):
+                pruner.addNeeded(service.neededSerial)
     drain = DrainService(server.site, config.shutdownGrace)
     if config.workers > 1:
         # The children get SIGTERM while this process drains its own requests.

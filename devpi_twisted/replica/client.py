@@ -33,6 +33,20 @@ class ReplicationError(Exception):
     """The primary answered something a replica cannot use."""
 
 
+class HistoryGone(ReplicationError):
+    """The primary no longer keeps the changes the replica needs next (410): it starts over from a snapshot."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The primary's whole state right after its change C{serial}."""
+
+    serial: int
+    time: float
+    state: dict[str, Any]
+    uuid: str | None
+
+
 def checkPrimaryURL(url: str) -> str:
     """The primary's base URL without a trailing slash; C{ValueError} if unusable."""
     parts = urlsplit(url)
@@ -192,6 +206,8 @@ class PrimaryClient:
         @return: how many records were applied.
         """
         response = await self.get(f"/+changelog/{since + 1}-?timeout={pollTimeout:g}", timeout=pollTimeout + 15)
+        if response.code == 410:
+            raise HistoryGone(await self.errorMessage(response))
         if response.code != 200:
             raise ReplicationError(await self.errorMessage(response))
         serials = response.headers.getRawHeaders(b"x-devpi-serial")
@@ -234,3 +250,28 @@ class PrimaryClient:
         if readError is not None:
             raise readError
         return applied[0]
+
+    async def snapshot(self) -> Snapshot:
+        """The primary's whole current state (C{GET /+snapshot}), read line by line."""
+        response = await self.get("/+snapshot")
+        if response.code != 200:
+            raise ReplicationError(await self.errorMessage(response))
+        uuids = response.headers.getRawHeaders(b"x-devpi-uuid")
+        lines: list[Any] = []
+
+        def onLine(line: bytes) -> None:
+            try:
+                lines.append(json.loads(line))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ReplicationError(f"the snapshot has a line that is not JSON: {e}")
+
+        reader = LineReader(onLine, self.clock, self.idleTimeout)
+        response.deliverBody(reader)
+        await reader.done
+        head, entries = (lines[0], lines[1:]) if lines else (None, [])
+        if (not isinstance(head, dict) or type(head.get("serial")) is not int
+                or not isinstance(head.get("time"), (int, float)) or head.get("keys") != len(entries)
+                or not all(isinstance(e, dict) and isinstance(e.get("key"), str) and "value" in e for e in entries)):
+            raise ReplicationError(f"{self.primaryURL} sent an incomplete or malformed snapshot")
+        return Snapshot(head["serial"], float(head["time"]), {e["key"]: e["value"] for e in entries},
+                        uuids[-1].decode("ascii", "replace") if uuids else None)

@@ -46,6 +46,12 @@ class ReadOnlyStorage:
     def changesSince(self, serial: int, limit: int) -> Deferred[Any]:
         return self._storage.changesSince(serial, limit)
 
+    def oldestKeptSerial(self) -> Deferred[int]:
+        return self._storage.oldestKeptSerial()
+
+    def pruneHistory(self, keepFrom: int, olderThan: float | None = None) -> Deferred[int]:
+        return self._storage.pruneHistory(keepFrom, olderThan)
+
     def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         return self._storage.subscribe(callback)
 
@@ -63,3 +69,6 @@ class ReadOnlyStorage:
 
     def applyChange(self, record: Any) -> Deferred[int]:
         return fail(ReplicaReadOnly("only the replica's follower applies changes"))
+
+    def applySnapshot(self, serial: int, time: float, state: Any) -> Deferred[int]:
+        return fail(ReplicaReadOnly("only the replica's follower applies snapshots"))

@@ -6,7 +6,11 @@ It asks the primary for the changes after its own serial (a long poll that
 answers at once when there are some), fetches and verifies the files each
 change refers to, and applies each change as one transaction at the
 primary's serial.  After any interruption (the primary restarting, a cut
-stream, this process killed) it resumes from its own serial.  The sync
+stream, this process killed) it resumes from its own serial.  When the
+primary no longer keeps the changes after that serial (its history is
+pruned: answered 410), the replica starts over from a snapshot of the
+primary's whole state, fetching and verifying its files as for changes,
+and follows on from the snapshot's serial.  The sync
 machine (L{devpi_twisted.replica.sync}) says how far it is and owns the
 back-off timer.
 """
@@ -21,7 +25,7 @@ from twisted.python.failure import Failure
 
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.storage import ChangeRecord, blobRef
-from devpi_twisted.replica.client import ChangelogAnswer, PrimaryClient, ReplicationError
+from devpi_twisted.replica.client import ChangelogAnswer, HistoryGone, PrimaryClient, ReplicationError
 from devpi_twisted.replica.files import BlobFetcher
 from devpi_twisted.replica.sync import STATE_CODES, ReplicaSync, SyncCore, makeReplicaSync
 
@@ -93,6 +97,7 @@ class ReplicaService(Service):
         self.sync: ReplicaSync = makeReplicaSync(self._syncCore)
         self.feed: Any = None  # this server's own feed, for polling_replicas
         self.applied = 0
+        self.resyncs = 0
 
     @property
     def primaryURL(self) -> str:
@@ -131,10 +136,38 @@ class ReplicaService(Service):
 
     async def pollOnce(self) -> int:
         """One request for changes, applied as they arrive; how many were applied."""
-        return await self._client.followChanges(
-            self._storage.currentSerial(), self._pollTimeout, self._answered,
-            lambda record: Deferred.fromCoroutine(self._apply(record)),
-        )
+        try:
+            return await self._client.followChanges(
+                self._storage.currentSerial(), self._pollTimeout, self._answered,
+                lambda record: Deferred.fromCoroutine(self._apply(record)),
+            )
+        except HistoryGone as e:
+            await self.resynchronise(str(e))
+            return 1
+
+    async def resynchronise(self, why: str) -> None:
+        """
+        Start over from the primary's snapshot: its files are fetched and
+        verified first, then the whole state is replaced in one transaction
+        at the primary's serial (a crash before that leaves the old state,
+        and the next poll starts over again).
+        """
+        local = self._storage.currentSerial()
+        log.warn("replica: {why}; copying the primary's whole state (local serial {local})", why=why, local=local)
+        snapshot = await self._client.snapshot()
+        self._checkPrimary(snapshot.uuid)
+        if snapshot.serial <= local:
+            raise ReplicationError(f"the primary's snapshot is at serial {snapshot.serial}, "
+                                   f"not after this replica's {local}")
+        self._primarySerial = max(self._primarySerial, snapshot.serial)
+        self.sync.progress(self._primarySerial, snapshot.time)
+        for digest in sorted({d for d in map(blobRef, snapshot.state.values()) if d is not None}):
+            await self.fetcher.ensure(digest)
+        await self._storage.applySnapshot(snapshot.serial, snapshot.time, snapshot.state)
+        self.resyncs += 1
+        log.info("replica: started over from the primary's snapshot at serial {serial} ({keys} keys)",
+                 serial=snapshot.serial, keys=len(snapshot.state))
+        self.sync.progress(self._primarySerial, None)
 
     def _answered(self, answer: ChangelogAnswer) -> None:
         self._checkPrimary(answer.uuid)
@@ -205,6 +238,7 @@ class ReplicaService(Service):
                 ["devpi_replica_lag_seconds", "gauge", figures["lag-seconds"]],
                 ["devpi_replica_primary_serial", "gauge", figures["primary-serial"]],
                 ["devpi_replica_changes_applied", "counter", self.applied],
+                ["devpi_replica_resyncs", "counter", self.resyncs],
                 ["devpi_replica_files_fetched", "counter", self.fetcher.fetched],
                 ["devpi_replica_files_missing", "counter", self.fetcher.missing],
             ],

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from devpi_twisted.interfaces import IEventSubscriber, IStorage
 from devpi_twisted.model.events import Event, deriveEvents, keysToCompare
-from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.storage import ChangeRecord, HistoryPruned
 
 log = Logger()
 
@@ -286,6 +286,13 @@ class _Follower:
                     delay = d.firstDelay
                 except (_Stopped, CancelledError):
                     raise
+                except HistoryPruned as e:
+                    # Only when another node pruned what this one had not gone
+                    # through (its own pruner waits for these positions).
+                    log.warn("events for {subscriber} from serial {position} to {oldest} are no longer kept: skipped",
+                             subscriber=self.subscriber.name, position=self.position, oldest=e.oldest)
+                    self.position = e.oldest
+                    d.moved(self, True)
                 except Exception:
                     # Storage unreachable: the changelog is read again later.
                     log.failure("events for {subscriber} not read; again in {delay} s",
@@ -404,6 +411,15 @@ class EventDispatcher(Service):
 
     def positions(self) -> dict[str, int]:
         return {name: f.position for name, f in self.followers.items()}
+
+    def neededSerial(self) -> int | None:
+        """
+        The oldest serial the subscribers still read from (history at and
+        after it must be kept): -1, all of it, until they have started.
+        """
+        if self._subscribers and not self.followers:
+            return -1
+        return min(self.positions().values(), default=None)
 
     def moved(self, follower: _Follower, hadEvents: bool) -> None:
         self.positionStore.moved(self.positions(), follower.subscriber.name, follower.position, hadEvents)

@@ -19,6 +19,19 @@ class SerialMismatch(Exception):
     """A change record is not the next one for the store it is applied to."""
 
 
+class HistoryPruned(Exception):
+    """
+    A read as of a serial, or the changes after one, asked for history the
+    store no longer keeps (L{devpi_twisted.interfaces.IStorage.pruneHistory});
+    C{oldest} is the oldest serial it still answers for.
+    """
+
+    def __init__(self, serial: int, oldest: int) -> None:
+        super().__init__(f"the history before serial {oldest} is pruned (asked for serial {serial})")
+        self.serial = serial
+        self.oldest = oldest
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     """A written blob: its content address, size and any extra digests."""

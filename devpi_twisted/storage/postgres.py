@@ -10,7 +10,11 @@ in tables prefixed C{devpi_}:
   - C{devpi_kv(key, serial, value, blob)}: the current values, and the blob
     each refers to, for fast reads and garbage collection;
   - C{devpi_meta(name, value)}: the schema version and the secret the nodes
-    share (kept out of C{devpi_kv}, so out of the changelog and exports).
+    share (kept out of C{devpi_kv}, so out of the changelog and exports),
+    and C{oldest}, the oldest serial history is kept for (absent: -1).
+
+Pruning history deletes rows in short transactions; autovacuum gives the
+space back to later inserts.
 
 Writes take a transaction-scoped advisory lock before reading the last
 serial, so serials stay gapless and ordered whichever node writes; each
@@ -41,7 +45,7 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import BadRequest, InsufficientStorage, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import IReadView, ISharedSecret, IStorage, IWriteTransaction
-from devpi_twisted.storage import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
+from devpi_twisted.storage import ChangeRecord, HistoryPruned, SerialMismatch, blobRef, prefixUpperBound
 from devpi_twisted.storage.threads import Runner
 
 T = TypeVar("T")
@@ -68,6 +72,7 @@ _SCHEMA = [
 ]
 
 PROBE_INTERVAL = 1.0
+PRUNE_STEP = 2000
 _MAX_MISSED = 1000
 CONNECT_TIMEOUT = 2
 
@@ -147,6 +152,11 @@ def _fetchChanges(conn: psycopg.Connection, serial: int, limit: int) -> list[Cha
         if key is not None:
             records[-1].changes[key] = None if value is None else json.loads(value)
     return records
+
+
+def _oldest(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT value FROM devpi_meta WHERE name = 'oldest'").fetchone()
+    return -1 if row is None else int(row[0])
 
 
 def _lastSerial(conn: psycopg.Connection) -> tuple[int, float | None]:
@@ -270,6 +280,9 @@ class PostgresStorage:
 
     sharedByNodes = True
     """Other nodes write to the same state: the storage service follows them from the start."""
+
+    pruneStep = PRUNE_STEP
+    """Serials pruned in one transaction: writers are never held up long."""
 
     def __init__(self, dsn: str, runner: Runner, poolSize: int = 10) -> None:
         self._dsn = dsn
@@ -405,6 +418,9 @@ class PostgresStorage:
             if serial is None:
                 view: IReadView = _CurrentView(conn, _lastSerial(conn)[0])
             else:
+                oldest = _oldest(conn)
+                if serial < oldest:
+                    raise HistoryPruned(serial, oldest)
                 view = _HistoricalView(conn, serial)
             result = function(view)
             conn.execute("COMMIT")
@@ -491,7 +507,107 @@ class PostgresStorage:
             callback(record)
 
     def _changesSince(self, serial: int, limit: int) -> list[ChangeRecord]:
-        return self._run(lambda conn: _fetchChanges(conn, serial, limit))
+        def work(conn: psycopg.Connection) -> list[ChangeRecord]:
+            # One snapshot: a prune cannot slip in between the check and the rows.
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            oldest = _oldest(conn)
+            if serial < oldest:
+                raise HistoryPruned(serial, oldest)
+            records = _fetchChanges(conn, serial, limit)
+            conn.execute("COMMIT")
+            return records
+
+        return self._run(work)
+
+    # pruning
+
+    def oldestKeptSerial(self) -> Deferred[int]:
+        return self._runner.runRead(self._run, _oldest)
+
+    def _pruneStep(self, keepFrom: int, olderThan: float | None) -> tuple[int, bool]:
+        """Move the horizon up to C{keepFrom}, at most L{pruneStep} serials (see the SQLite backend)."""
+
+        def work(conn: psycopg.Connection) -> tuple[int, bool]:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            old = _oldest(conn)
+            target = min(keepFrom, _lastSerial(conn)[0])
+            if olderThan is not None:
+                row = conn.execute("SELECT MAX(serial) FROM devpi_changelog WHERE at <= %s", (olderThan,)).fetchone()
+                target = min(target, -1 if row[0] is None else row[0])
+            new = min(target, old + self.pruneStep)
+            if new <= old:
+                conn.execute("ROLLBACK")
+                return 0, False
+            removed = conn.execute(
+                "DELETE FROM devpi_history d USING ("
+                " SELECT key, MAX(serial) AS last FROM devpi_history"
+                " WHERE serial <= %(new)s AND key IN"
+                "  (SELECT key FROM devpi_history WHERE serial > %(old)s AND serial <= %(new)s)"
+                " GROUP BY key) k "
+                "WHERE d.key = k.key AND d.serial < k.last",
+                {"old": old, "new": new},
+            ).rowcount
+            removed += conn.execute(
+                "DELETE FROM devpi_history WHERE serial > %s AND serial <= %s AND value IS NULL", (old, new)
+            ).rowcount
+            conn.execute("DELETE FROM devpi_changelog WHERE serial < %s", (new,))
+            conn.execute(
+                "INSERT INTO devpi_meta (name, value) VALUES ('oldest', %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", (str(new),))
+            conn.execute("COMMIT")
+            return removed, new < target
+
+        return self._run(work)
+
+    async def _prune(self, keepFrom: int, olderThan: float | None) -> int:
+        total = 0
+        more = True
+        while more:
+            removed, more = await self._runner.runWrite(self._pruneStep, keepFrom, olderThan)
+            total += removed
+        return total
+
+    def pruneHistory(self, keepFrom: int, olderThan: float | None = None) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._prune(keepFrom, olderThan))
+
+    def _applySnapshot(self, serial: int, at: float, state: dict[str, Any]) -> ChangeRecord:
+        texts = {key: _dumps(value) for key, value in state.items()}
+
+        def work(conn: psycopg.Connection) -> ChangeRecord:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            last = _lastSerial(conn)[0]
+            if serial <= last:
+                raise SerialMismatch(f"a snapshot at {serial} cannot follow serial {last}")
+            old = dict(conn.execute("SELECT key, value FROM devpi_kv").fetchall())
+            changes = {k: json.loads(t) for k, t in texts.items() if old.get(k) != t}
+            changes.update({k: None for k in old if k not in texts})
+            for table in ("devpi_kv", "devpi_history", "devpi_changelog"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("INSERT INTO devpi_changelog (serial, at) VALUES (%s, %s)", (serial, at))
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO devpi_kv (key, serial, value, blob) VALUES (%s, %s, %s, %s)",
+                                [(k, serial, t, blobRef(state[k])) for k, t in texts.items()])
+                cur.executemany("INSERT INTO devpi_history (key, serial, value) VALUES (%s, %s, %s)",
+                                [(k, serial, t) for k, t in texts.items()])
+            conn.execute(
+                "INSERT INTO devpi_meta (name, value) VALUES ('oldest', %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", (str(serial),))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(serial)))
+            conn.execute("COMMIT")
+            return ChangeRecord(serial, at, changes)
+
+        return self._run(work)
+
+    def applySnapshot(self, serial: int, time: float, state: dict[str, Any]) -> Deferred[int]:
+        def applied(record: ChangeRecord) -> int:
+            self._told = max(self._told, record.serial - 1)
+            self._toldAhead = {s for s in self._toldAhead if s > record.serial}
+            self._tell(record)
+            return record.serial
+
+        return self._runner.runWrite(self._applySnapshot, serial, time, state).addCallback(applied)
 
     def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
         return self._runner.runRead(self._changesSince, serial, limit)
@@ -633,7 +749,15 @@ class PostgresStorage:
                 self._tell(record)
             return self._catchUp() if len(records) == 500 else None
 
-        return self.changesSince(self._told, 500).addCallback(got)
+        def pruned(failure: Any) -> None:
+            # Only a node that stopped following for the whole kept history
+            # gets here: it goes on from what is kept.
+            failure.trap(HistoryPruned)
+            log.warn("changes before serial {oldest} were pruned before this node heard of them",
+                     oldest=failure.value.oldest)
+            self._told = max(self._told, failure.value.oldest)
+
+        return self.changesSince(self._told, 500).addCallbacks(got, pruned)
 
     def close(self) -> Deferred[None]:
         listener = self.stopWatching()

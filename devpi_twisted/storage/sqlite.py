@@ -6,7 +6,14 @@ Tables:
   - C{history(key, serial, value)}: every value each key ever had (C{NULL}:
     deleted), which gives reads "as of serial N" and the changelog contents;
   - C{kv(key, serial, value, blob)}: the current value of each key, and the
-    blob digest it refers to, for fast reads and garbage collection.
+    blob digest it refers to, for fast reads and garbage collection;
+  - C{meta(name, value)}: C{oldest}, the oldest serial history is kept for
+    (L{SqliteStorage.pruneHistory}; absent: -1).
+
+History older than what readers need is pruned; the database uses
+incremental auto-vacuum (an older database is vacuumed once, at its first
+prune), so the pages pruning frees go back to the file system and the file
+stops growing under a steady stream of overwrites.
 
 One connection per thread.  Writes run in the runner's single writer thread,
 so there is one writer at a time; reads run in parallel reader threads, each
@@ -33,7 +40,7 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import InsufficientStorage
 from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
-from devpi_twisted.storage import ChangeRecord, SerialMismatch, blobRef, prefixUpperBound
+from devpi_twisted.storage import ChangeRecord, HistoryPruned, SerialMismatch, blobRef, prefixUpperBound
 from devpi_twisted.storage.threads import Runner
 
 T = TypeVar("T")
@@ -48,7 +55,16 @@ CREATE INDEX IF NOT EXISTS history_serial ON history (serial);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY, serial INTEGER NOT NULL, value TEXT NOT NULL, blob TEXT);
 CREATE INDEX IF NOT EXISTS kv_blob ON kv (blob) WHERE blob IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+PRUNE_STEP = 2000
+"""Serials pruned in one transaction: the writer is never held up long."""
+
+
+def _oldest(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'oldest'").fetchone()
+    return -1 if row is None else int(row[0])
 
 
 def _dumps(value: Any) -> str:
@@ -166,6 +182,8 @@ class SqliteStorage:
     @param runner: runs writes in one thread, reads in others.
     """
 
+    pruneStep = PRUNE_STEP
+
     def __init__(self, path: FilePath, runner: Runner) -> None:
         self._path = path
         self._runner = runner
@@ -187,7 +205,12 @@ class SqliteStorage:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path.path, isolation_level=None, timeout=30)
+        # Takes effect in a new database (before its first table); an older
+        # one is vacuumed into it once, at its first prune.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
+        # The WAL is truncated back to this after checkpoints instead of keeping its largest size.
+        conn.execute("PRAGMA journal_size_limit=16777216")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 
@@ -211,6 +234,9 @@ class SqliteStorage:
                 row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
                 view: IReadView = _CurrentView(conn, -1 if row[0] is None else row[0])
             else:
+                oldest = _oldest(conn)
+                if serial < oldest:
+                    raise HistoryPruned(serial, oldest)
                 view = _HistoricalView(conn, serial)
             return function(view)
         finally:
@@ -349,7 +375,15 @@ class SqliteStorage:
                     self._tell(record)
                 return fetch() if len(records) == 500 else None
 
-            return self.changesSince(self._told, 500).addCallback(got)
+            def pruned(failure: Any) -> None:
+                # Only a process that stopped following for the whole kept
+                # history gets here: it goes on from what is kept.
+                failure.trap(HistoryPruned)
+                log.warn("changes before serial {oldest} were pruned before this process heard of them",
+                         oldest=failure.value.oldest)
+                self._told = max(self._told, failure.value.oldest)
+
+            return self.changesSince(self._told, 500).addCallbacks(got, pruned)
 
         return self._catchUpLock.run(fetch)
 
@@ -357,6 +391,9 @@ class SqliteStorage:
         conn = self._conn()
         conn.execute("BEGIN")
         try:
+            oldest = _oldest(conn)
+            if serial < oldest:
+                raise HistoryPruned(serial, oldest)
             records = []
             rows = conn.execute(
                 "SELECT serial, at FROM changelog WHERE serial > ? ORDER BY serial LIMIT ?",
@@ -380,6 +417,116 @@ class SqliteStorage:
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
+
+    # pruning
+
+    def oldestKeptSerial(self) -> Deferred[int]:
+        return self._runner.runRead(lambda: _oldest(self._conn()))
+
+    def _pruneStep(self, keepFrom: int, olderThan: float | None) -> tuple[int, bool]:
+        """
+        Move the horizon up to C{keepFrom}, at most L{pruneStep} serials:
+        the entries removed, and whether there is more to do.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            old = _oldest(conn)
+            last = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()[0]
+            target = min(keepFrom, -1 if last is None else last)
+            if olderThan is not None:
+                row = conn.execute("SELECT MAX(serial) FROM changelog WHERE at <= ?", (olderThan,)).fetchone()
+                target = min(target, -1 if row[0] is None else row[0])
+            new = min(target, old + self.pruneStep)
+            if new <= old:
+                conn.execute("ROLLBACK")
+                return 0, False
+            # Values overwritten by a later one up to the new horizon: a read
+            # as of it, or later, finds the later one.  Keys not changed
+            # since the old horizon have one entry up to it already.
+            removed = conn.execute(
+                "DELETE FROM history WHERE serial <= :new "
+                "AND key IN (SELECT key FROM history WHERE serial > :old AND serial <= :new) "
+                "AND serial < (SELECT MAX(h.serial) FROM history h WHERE h.key = history.key AND h.serial <= :new)",
+                {"old": old, "new": new},
+            ).rowcount
+            # Deletions up to it: no entry reads as absent just the same.
+            removed += conn.execute(
+                "DELETE FROM history WHERE serial > ? AND serial <= ? AND value IS NULL", (old, new)
+            ).rowcount
+            conn.execute("DELETE FROM changelog WHERE serial < ?", (new,))
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('oldest', ?)", (str(new),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return removed, new < target
+
+    def _giveBackSpace(self) -> None:
+        """Return the pages pruning freed to the file system."""
+        conn = self._conn()
+        if conn.execute("PRAGMA auto_vacuum").fetchall()[0][0] == 0:
+            # A database made before incremental vacuum: converted once.
+            log.info("converting {path} to incremental vacuum (once)", path=self._path.path)
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+        else:
+            # executescript runs the pragma to its end (execute frees one page).
+            conn.executescript("PRAGMA incremental_vacuum;")
+        # The file shrinks once the WAL is copied back (without waiting for readers).
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def _prune(self, keepFrom: int, olderThan: float | None) -> int:
+        total = 0
+        more = True
+        while more:
+            removed, more = await self._runner.runWrite(self._pruneStep, keepFrom, olderThan)
+            total += removed
+        if total:
+            await self._runner.runWrite(self._giveBackSpace)
+        return total
+
+    def pruneHistory(self, keepFrom: int, olderThan: float | None = None) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._prune(keepFrom, olderThan))
+
+    def _applySnapshot(self, serial: int, at: float, state: dict[str, Any]) -> ChangeRecord:
+        texts = {key: _dumps(value) for key, value in state.items()}
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
+            last = -1 if row[0] is None else row[0]
+            if serial <= last:
+                raise SerialMismatch(f"a snapshot at {serial} cannot follow serial {last}")
+            old = dict(conn.execute("SELECT key, value FROM kv"))
+            changes = {k: json.loads(t) for k, t in texts.items() if old.get(k) != t}
+            changes.update({k: None for k in old if k not in texts})
+            for table in ("kv", "history", "changelog"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("INSERT INTO changelog (serial, at) VALUES (?, ?)", (serial, at))
+            conn.executemany("INSERT INTO kv (key, serial, value, blob) VALUES (?, ?, ?, ?)",
+                             [(k, serial, t, blobRef(state[k])) for k, t in texts.items()])
+            conn.executemany("INSERT INTO history (key, serial, value) VALUES (?, ?, ?)",
+                             [(k, serial, t) for k, t in texts.items()])
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('oldest', ?)", (str(serial),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return ChangeRecord(serial, at, changes)
+
+    def applySnapshot(self, serial: int, time: float, state: dict[str, Any]) -> Deferred[int]:
+        def applied(record: ChangeRecord) -> int:
+            # Nothing before it is left to tell.
+            self._told = max(self._told, record.serial - 1)
+            self._toldAhead = {s for s in self._toldAhead if s > record.serial}
+            self._tell(record)
+            return record.serial
+
+        d = self._runner.runWrite(self._applySnapshot, serial, time, state).addErrback(_diskFull)
+        return d.addCallback(applied)
 
     def referencedBlobs(self) -> Deferred[set[str]]:
         """The digests of every blob a current value refers to."""

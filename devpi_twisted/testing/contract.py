@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from devpi_twisted.interfaces import IBlobReader, IBlobStore, ILocalBlobReader, IStorage
-from devpi_twisted.storage import BLOB_REF, ChangeRecord, SerialMismatch
+from devpi_twisted.storage import BLOB_REF, ChangeRecord, HistoryPruned, SerialMismatch
 
 
 class AnswersLater:
@@ -210,6 +210,124 @@ class StorageContract:
                                 txn.set("x", {"other": 1})])
         await self.write(lambda txn: txn.delete("f/2"))
         self.assertEqual(await self.storage.referencedBlobs(), {d1})
+
+    # pruned history (IStorage.pruneHistory, oldestKeptSerial, applySnapshot)
+
+    async def history(self) -> None:
+        """Serials 0-4: k set, overwritten and deleted; j set twice; x set."""
+        await self.write(lambda txn: txn.set("k", 1))
+        await self.write(lambda txn: [txn.set("k", 2), txn.set("j", 1)])
+        await self.write(lambda txn: txn.delete("k"))
+        await self.write(lambda txn: txn.set("j", 2))
+        await self.write(lambda txn: txn.set("x", 1))
+
+    async def asOf(self, serial: int) -> Any:
+        return await self.storage.readAsOf(serial, lambda v: (v.get("k"), v.get("j"), v.items(""), v.serial))
+
+    async def test_nothingPrunedAtFirst(self) -> None:
+        """A store that was never pruned answers for every serial."""
+        self.assertEqual(await self.storage.oldestKeptSerial(), -1)
+        await self.history()
+        self.assertEqual(await self.storage.oldestKeptSerial(), -1)
+        self.assertEqual(await self.asOf(-1), (None, None, [], -1))
+        self.assertEqual([r.serial for r in await self.storage.changesSince(-1, 10)], [0, 1, 2, 3, 4])
+
+    async def test_pruneHistory(self) -> None:
+        """
+        After a prune to serial 2, reads as of 2 and later are exact, older
+        ones and the changes after older serials fail with HistoryPruned,
+        and the current state is as before.
+        """
+        await self.history()
+        exact = {s: await self.asOf(s) for s in (2, 3, 4)}
+        current = await self.read(lambda v: (v.items(""), v.serial))
+        # k@0, k@1, j@1, k@2 (deleted) are up to 2; only j@1 is still needed.
+        self.assertEqual(await self.storage.pruneHistory(2), 3)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 2)
+        for serial in (-1, 0, 1):
+            failure = await self.assertFailure(self.storage.readAsOf(serial, lambda v: v.get("j")), HistoryPruned)
+            self.assertEqual((failure.serial, failure.oldest), (serial, 2))
+            await self.assertFailure(self.storage.changesSince(serial, 10), HistoryPruned)
+        self.assertEqual({s: await self.asOf(s) for s in (2, 3, 4)}, exact)
+        self.assertEqual(exact[2], (None, 1, [("j", 1)], 2))
+        self.assertEqual(await self.read(lambda v: (v.items(""), v.serial)), current)
+        self.assertEqual([(r.serial, r.changes) for r in await self.storage.changesSince(2, 10)],
+                         [(3, {"j": 2}), (4, {"x": 1})])
+        self.assertEqual(self.storage.currentSerial(), 4)
+
+    async def test_pruneNeverBackNorAhead(self) -> None:
+        """The horizon only moves forward, and not past the current serial."""
+        await self.history()
+        await self.storage.pruneHistory(3)
+        self.assertEqual(await self.storage.pruneHistory(1), 0)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 3)
+        await self.storage.pruneHistory(100)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 4)
+        self.assertEqual(await self.asOf(4), (None, 2, [("j", 2), ("x", 1)], 4))
+        self.assertEqual(await self.storage.changesSince(4, 10), [])
+        serial, _ = await self.write(lambda txn: txn.set("k", 5))
+        self.assertEqual(serial, 5)
+        self.assertEqual(await self.asOf(4), (None, 2, [("j", 2), ("x", 1)], 4))
+        self.assertEqual([(r.serial, r.changes) for r in await self.storage.changesSince(4, 10)], [(5, {"k": 5})])
+
+    async def test_pruneOlderThan(self) -> None:
+        """With a time, the horizon stops at the last change committed by then."""
+        for serial in range(4):
+            await self.storage.applyChange(ChangeRecord(serial, 1000.0 + serial, {"k": serial}))
+        await self.storage.pruneHistory(3, olderThan=1001.5)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 1)
+        self.assertEqual(await self.storage.readAsOf(1, lambda v: v.get("k")), 1)
+        await self.storage.pruneHistory(3, olderThan=999.0)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 1)
+
+    async def test_pruneInSteps(self) -> None:
+        """
+        A prune over many serials (in several transactions, where a backend
+        has steps) and prunes that follow one another keep reads exact.
+        """
+        if hasattr(self.storage, "pruneStep"):
+            self.storage.pruneStep = 3
+        for i in range(12):
+            await self.write(lambda txn, i=i: [txn.set("hot", i)] + ([txn.set(f"cold/{i}", i)] if i % 4 == 0 else [])
+                             + ([txn.delete(f"cold/{i - 4}")] if i == 8 else []))
+        expected = {s: await self.storage.readAsOf(s, lambda v: v.items("")) for s in range(6, 12)}
+        removed = await self.storage.pruneHistory(6)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 6)
+        removed += await self.storage.pruneHistory(9)
+        self.assertEqual(await self.storage.oldestKeptSerial(), 9)
+        # hot@0-8, cold/4 (deleted at 8) and its deletion.
+        self.assertEqual(removed, 9 + 2)
+        self.assertEqual({s: await self.storage.readAsOf(s, lambda v: v.items("")) for s in range(9, 12)},
+                         {s: expected[s] for s in range(9, 12)})
+        self.assertEqual(expected[9], [("cold/0", 0), ("cold/8", 8), ("hot", 9)])
+
+    async def test_applySnapshot(self) -> None:
+        """
+        A snapshot replaces the state at its serial: subscribers hear what
+        changed, history before it is gone, and changes follow it.
+        """
+        await self.write(lambda txn: [txn.set("a", 1), txn.set("b", 2)])
+        heard: list[Any] = []
+        self.storage.subscribe(heard.append)
+        digest = "e" * 64
+        state = {"b": 3, "c": {BLOB_REF: digest}, "d": 1}
+        self.assertEqual(await self.storage.applySnapshot(10, 5000.0, state), 10)
+        self.assertEqual((self.storage.currentSerial(), self.storage.lastCommitTime()), (10, 5000.0))
+        self.assertEqual(await self.read(lambda v: (v.items(""), v.serial)), (sorted(state.items()), 10))
+        self.assertEqual([(r.serial, r.time, r.changes) for r in heard],
+                         [(10, 5000.0, {"a": None, "b": 3, "c": {BLOB_REF: digest}, "d": 1})])
+        self.assertEqual(await self.storage.oldestKeptSerial(), 10)
+        await self.assertFailure(self.storage.readAsOf(9, lambda v: v.get("b")), HistoryPruned)
+        await self.assertFailure(self.storage.changesSince(9, 10), HistoryPruned)
+        self.assertEqual(await self.storage.readAsOf(10, lambda v: v.items("")), sorted(state.items()))
+        self.assertEqual(await self.storage.changesSince(10, 10), [])
+        self.assertEqual(await self.storage.referencedBlobs(), {digest})
+        self.assertEqual(await self.storage.applyChange(ChangeRecord(11, 5001.0, {"d": None})), 11)
+        self.assertEqual((await self.write(lambda txn: txn.set("e", 1)))[0], 12)
+        self.assertEqual([(r.serial, r.changes) for r in await self.storage.changesSince(10, 10)],
+                         [(11, {"d": None}), (12, {"e": 1})])
+        await self.assertFailure(self.storage.applySnapshot(12, 6000.0, {}), SerialMismatch)
+        self.assertEqual(self.storage.currentSerial(), 12)
 
 
 class BlobStoreContract:

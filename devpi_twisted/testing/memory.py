@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.interfaces import IBlobReader, IBlobStore, IBlobWriter, IPresigningBlobStore, IReadView, IStorage, IWriteTransaction
-from devpi_twisted.storage import BlobInfo, ChangeRecord, CollectResult, SerialMismatch, blobRef, newHashes
+from devpi_twisted.storage import BlobInfo, ChangeRecord, CollectResult, HistoryPruned, SerialMismatch, blobRef, newHashes
 from devpi_twisted.storage.readers import BytesReader, RunFile
 
 T = TypeVar("T")
@@ -96,7 +96,7 @@ class _Transaction(_View):
 @implementer(IStorage)
 class MemoryStorage:
     """
-    L{IStorage} in a dict, with its full history.
+    L{IStorage} in a dict, with its history since the last prune.
 
     @param later: delivers every answer (at once by default), as
         L{MemoryBlobStore}'s.
@@ -106,7 +106,12 @@ class MemoryStorage:
         self._answer = _answerWith(later)
         self._clock = clock
         self._state: dict[str, Any] = {}
+        # The state right after serial _oldest, and every record since.
+        self._oldest = -1
+        self._base: dict[str, Any] = {}
         self._log: list[ChangeRecord] = []
+        self._serial = -1
+        self._lastTime: float | None = None
         self._subscribers: list[Callable[[ChangeRecord], None]] = []
         self.closed = False
         self.unavailable = False  # on: every operation fails with StorageUnavailable
@@ -116,10 +121,10 @@ class MemoryStorage:
         return self._answer(fail(_unreachable("database"))) if self.unavailable else None
 
     def currentSerial(self) -> int:
-        return len(self._log) - 1
+        return self._serial
 
     def lastCommitTime(self) -> float | None:
-        return self._log[-1].time if self._log else None
+        return self._lastTime
 
     def read(self, function: Callable[[IReadView], T]) -> Deferred[T]:
         if (down := self._down()) is not None:
@@ -130,8 +135,12 @@ class MemoryStorage:
             return self._answer(fail(e))
 
     def _stateAsOf(self, serial: int) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        for record in self._log[: serial + 1]:
+        if serial < self._oldest:
+            raise HistoryPruned(serial, self._oldest)
+        state = dict(self._base)
+        for record in self._log:
+            if record.serial > serial:
+                break
             for key, value in record.changes.items():
                 if value is None:
                     state.pop(key, None)
@@ -157,12 +166,13 @@ class MemoryStorage:
             return self._answer(fail(e))
         if not txn.changes:
             return self._answer(succeed((self.currentSerial(), result)))
-        record = ChangeRecord(len(self._log), self._clock(), copy.deepcopy(txn.changes))
+        record = ChangeRecord(self._serial + 1, self._clock(), copy.deepcopy(txn.changes))
         self._commit(record)
         return self._answer(succeed((record.serial, result)))
 
     def _commit(self, record: ChangeRecord) -> None:
         self._log.append(record)
+        self._serial, self._lastTime = record.serial, record.time
         for key, value in record.changes.items():
             if value is None:
                 self._state.pop(key, None)
@@ -183,7 +193,48 @@ class MemoryStorage:
     def changesSince(self, serial: int, limit: int) -> Deferred[list[ChangeRecord]]:
         if (down := self._down()) is not None:
             return down
-        return self._answer(succeed([copy.deepcopy(r) for r in self._log[serial + 1:][:limit]]))
+        if serial < self._oldest:
+            return self._answer(fail(HistoryPruned(serial, self._oldest)))
+        return self._answer(succeed([copy.deepcopy(r) for r in self._log if r.serial > serial][:limit]))
+
+    def oldestKeptSerial(self) -> Deferred[int]:
+        if (down := self._down()) is not None:
+            return down
+        return self._answer(succeed(self._oldest))
+
+    def pruneHistory(self, keepFrom: int, olderThan: float | None = None) -> Deferred[int]:
+        if (down := self._down()) is not None:
+            return down
+        keepFrom = min(keepFrom, self._serial)
+        if olderThan is not None:
+            before = [r.serial for r in self._log if r.time <= olderThan]
+            keepFrom = min(keepFrom, before[-1] if before else self._oldest)
+        if keepFrom <= self._oldest:
+            return self._answer(succeed(0))
+        base = self._stateAsOf(keepFrom)
+        # Counted as the other backends count: of the entries up to keepFrom
+        # (one per key alive at the old horizon, one per change since), one
+        # per key alive at keepFrom is kept.
+        dropped = sum(len(r.changes) for r in self._log if r.serial <= keepFrom)
+        removed = len(self._base) + dropped - len(base)
+        self._base, self._oldest = base, keepFrom
+        self._log = [r for r in self._log if r.serial > keepFrom]
+        return self._answer(succeed(removed))
+
+    def applySnapshot(self, serial: int, time: float, state: dict[str, Any]) -> Deferred[int]:
+        if (down := self._down()) is not None:
+            return down
+        if serial <= self._serial:
+            return self._answer(fail(SerialMismatch(f"a snapshot at {serial} cannot follow serial {self._serial}")))
+        new = {k: _copy(v) for k, v in state.items()}
+        changes = {k: v for k, v in new.items() if self._state.get(k) != v}
+        changes.update({k: None for k in self._state if k not in new})
+        self._state, self._base, self._log = copy.deepcopy(new), new, []
+        self._oldest, self._serial, self._lastTime = serial, serial, time
+        record = ChangeRecord(serial, time, changes)
+        for callback in list(self._subscribers):
+            callback(record)
+        return self._answer(succeed(serial))
 
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
         self._subscribers.append(callback)

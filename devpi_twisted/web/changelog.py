@@ -7,6 +7,11 @@ The replication feed: what a replica reads from its primary.
     bytes an answer).  When C{serial} is not committed yet the answer waits
     for it up to C{?timeout} seconds (long poll, at most 30) and is then
     empty.  C{X-Devpi-Serial} is the serial when the stream started.
+    When the changes after C{serial - 1} are no longer kept (history is
+    pruned, L{devpi_twisted.storage.collector.HistoryPruner}) the answer
+    is 410 with a JSON message, and the replica starts over from:
+  - C{GET /+snapshot}: the whole current state as JSON lines: first
+    C{{"serial", "time", "keys"}}, then C{{"key", "value"}} for each key.
   - C{GET /+blob/<sha256>}: a stored file by its content address.
 
 Both need a replication credential (C{Authorization: Bearer}, see
@@ -25,9 +30,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from devpi_twisted.services.auth import checkReplicationToken, replicationKey
-from devpi_twisted.errors import Conflict, Forbidden, NotFound
+from devpi_twisted.errors import Conflict, Forbidden, Gone, NotFound
 from devpi_twisted.interfaces import IBlobStore, IStorage
-from devpi_twisted.storage import ChangeRecord
+from devpi_twisted.storage import ChangeRecord, HistoryPruned
 from devpi_twisted.services.users import replicaChanges
 from devpi_twisted.web.context import clientAddress
 from devpi_twisted.web.files import FileResponse
@@ -35,6 +40,11 @@ from devpi_twisted.web.headers import setSerial
 
 JSONL = b"application/x-ndjson"
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _pruned(start: int, oldest: int) -> Gone:
+    return Gone(f"the changes from serial {start} on are no longer kept here (the oldest kept serial "
+                f"is {oldest}): a replica this far behind starts over from /+snapshot")
 
 
 def recordLine(record: ChangeRecord, secret: bytes) -> bytes:
@@ -151,6 +161,9 @@ class ChangelogFeed:
                 f"serial {start} is ahead of this server (at serial {current}): "
                 "the replica does not belong to this primary"
             )
+        oldest = await self._storage.oldestKeptSerial()
+        if start - 1 < oldest:
+            raise _pruned(start, oldest)
         poller = self._poller(request, start)
         try:
             timeout = self._timeout(request)
@@ -161,7 +174,13 @@ class ChangelogFeed:
             request.setHeader(b"Cache-Control", b"no-store")
             last, sent, size = start - 1, 0, 0
             while sent < self.maxRecords and size < self.maxBytes:
-                records = await self._storage.changesSince(last, min(self.batch, self.maxRecords - sent))
+                try:
+                    records = await self._storage.changesSince(last, min(self.batch, self.maxRecords - sent))
+                except HistoryPruned as e:
+                    # Pruned meanwhile: said at once, or the replica hears it on its next request.
+                    if sent:
+                        break
+                    raise _pruned(start, e.oldest)
                 if not records:
                     break
                 for record in records:
@@ -174,6 +193,21 @@ class ChangelogFeed:
         finally:
             if poller is not None:
                 poller["in-request"] = False
+
+    async def snapshot(self, request: IRequest) -> bytes:
+        """The whole current state, for a replica that starts over (see the module docstring)."""
+        self._authorize(request)
+        serial, items = await self._storage.read(lambda view: (view.serial, view.items("")))
+        when = self._storage.lastCommitTime() if self._storage.currentSerial() == serial else None
+        state = replicaChanges(self._secret, dict(items))
+        setSerial(request, serial)
+        request.setHeader(b"Content-Type", JSONL)
+        request.setHeader(b"Cache-Control", b"no-store")
+        head = {"serial": serial, "time": when if when is not None else self._clock.seconds(), "keys": len(state)}
+        request.write(json.dumps(head, separators=(",", ":")).encode("utf-8") + b"\n")
+        for key, value in state.items():
+            request.write(json.dumps({"key": key, "value": value}, separators=(",", ":")).encode("utf-8") + b"\n")
+        return b""
 
     async def blob(self, request: IRequest, sha256: str) -> Any:
         """A stored file by its sha256, for replicas."""

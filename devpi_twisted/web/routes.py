@@ -150,6 +150,12 @@ class Routes:
             raise NotFound()
         return self._changelog.changes(request, serial)
 
+    @app.route("/+snapshot", methods=["GET"])
+    def snapshot(self, request: IRequest) -> Any:
+        if self._changelog is None:
+            raise NotFound()
+        return self._changelog.snapshot(request)
+
     @app.route("/+blob/<sha256>", methods=["GET"])
     def blob(self, request: IRequest, sha256: str) -> Any:
         if self._changelog is None:
