@@ -214,7 +214,7 @@ class MirrorCache(Service):
         return self._passing if self._passing is not None else succeed(None)
 
     def _passSoon(self, delay: float) -> None:
-        if not self._evict or self._soon is not None or self._passing is not None:
+        if not self._evict or not self.running or self._soon is not None or self._passing is not None:
             return
         self._soon = self._clock.callLater(delay, self._startPass)
 
@@ -257,7 +257,7 @@ class MirrorCache(Service):
             if not chosen:
                 continue
             user, index = name.split("/", 1)
-            evicted = await self._storage.write(lambda txn: _evict(txn, user, index, chosen, self._downloads))
+            _, evicted = await self._storage.write(lambda txn: _evict(txn, user, index, chosen, self._downloads))
             figures.evictions += len(evicted)
             if evicted:
                 log.info("mirror cache {mirror}: evicted {count} files ({size} bytes) to stay under {limit} bytes",
