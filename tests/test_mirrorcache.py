@@ -3,20 +3,32 @@ Mirror caches with a size limit: C{mirror_cache_max_size} set through the
 index API, the bytes per mirror kept as files are stored and removed, the
 least recently downloaded files evicted (never one being sent), evicted
 files still listed and fetched again from upstream, and the figures in
-C{/+metrics}.  The real server with pip: L{tests.test_mirrorcache_clients}.
+C{/+metrics}.  L{RealServerTests}: the real server, a fake upstream on
+loopback and pip.
 """
 
+import hashlib
+import io
 import json
+import os
+import random
+import sys
+import time
+import zipfile
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from devpi_twisted.model import keys
 from devpi_twisted.services.mirrorcache import AGAIN, INTERVAL, MirrorCache, _readFigures
 
 from .mirrorharness import MirrorHarness, sha256
-from .releaseharness import combine
+from .releaseharness import basic, combine
+from .serverprocess import FakeUpstream
+from .test_clients import BIN, ClientRunning, ServerProcess
 from .test_ops import parseMetrics
 
 SIZE = 1000
@@ -255,3 +267,117 @@ class SettingTests(SynchronousTestCase):
         self.h.createIndex("root", "dev", auth=self.h.root)
         self.patch_({"mirror_cache_max_size": 1000}, "root/dev")
         self.assertNotIn("mirror_cache_max_size", self.h.get("/root/dev", JSON).json["result"])
+
+
+def bigWheel(name: str, payloadSize: int) -> tuple[str, bytes]:
+    """
+    An installable wheel of C{name} 1.0 (module C{VERSION}) that carries
+    C{payloadSize} incompressible bytes, stored, so the wheel is that large.
+    """
+    distribution = name.replace("-", "_")
+    distInfo = f"{distribution}-1.0.dist-info"
+    files = [
+        (f"{distribution}/__init__.py", b'VERSION = "1.0"\n'),
+        (f"{distribution}/payload.bin", random.Random(name).randbytes(payloadSize)),
+        (f"{distInfo}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n\n".encode()),
+        (f"{distInfo}/WHEEL", b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n\n"),
+    ]
+
+    def recordHash(data: bytes) -> str:
+        import base64
+
+        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{path},{recordHash(data)},{len(data)}\n" for path, data in files) + f"{distInfo}/RECORD,,\n"
+    files.append((f"{distInfo}/RECORD", record.encode()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for path, data in files:
+            archive.writestr(zipfile.ZipInfo(path, date_time=(2025, 1, 1, 0, 0, 0)), data)
+    return f"{distribution}-1.0-py3-none-any.whl", out.getvalue()
+
+
+class RealServerTests(ClientRunning, TestCase):
+    """
+    The issue's case: C{twistd devpi} mirroring a fake upstream with a 3 MiB
+    limit, five wheels of 1 MB installed with pip, twice.
+    """
+
+    timeout = 600
+    LIMIT = 3 * 1024 * 1024
+    NAMES = [f"evict-pkg-{n}" for n in range(5)]
+
+    def setUp(self) -> Deferred:
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.prepareClients()
+        self.upstream = FakeUpstream(self)
+        self.wheels = {}
+        for name in self.NAMES:
+            filename, data = bigWheel(name, 1_000_000)
+            self.upstream.fake.addFile(name, filename, data)
+            self.wheels[name] = filename
+        await self.upstream.start()
+        self.server = ServerProcess(self, self.workdir, "--request-timeout", "5", "--blob-collect-interval", "1",
+                                    rootPypi=True)
+        await self.waitForServer()
+        await self.root("PATCH", "/root/pypi", {"mirror_url": self.upstream.simpleURL,
+                                                "mirror_cache_max_size": self.LIMIT})
+
+    async def root(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {b"Accept": [b"application/json"], b"Content-Type": [b"application/json"],
+                   **basic("root", "secret")}
+        data = None if body is None else json.dumps(body).encode()
+        response = await self.http.request(method, self.server.url + path, headers=headers, data=data, timeout=60)
+        content = await response.content()
+        self.assertEqual(response.code, 200, content)
+        return json.loads(content)
+
+    async def metrics(self) -> dict[str, float]:
+        response = await self.http.get(self.server.url + "/+metrics", timeout=60)
+        return parseMetrics((await response.content()).decode())
+
+    async def pipInstall(self, target: str) -> None:
+        pip = os.path.join(BIN, "pip")
+        command = [pip] if os.path.isfile(pip) else [sys.executable, "-m", "pip"]
+        result = await self.runClient(*command, "install", "--index-url", f"{self.server.url}/root/pypi/+simple/",
+                                      "--no-cache-dir", "--target", os.path.join(self.workdir, target), *self.NAMES)
+        self.assertSucceeded(result)
+        for name in self.NAMES:
+            module = os.path.join(self.workdir, target, name.replace("-", "_"))
+            with open(os.path.join(module, "payload.bin"), "rb") as f:
+                self.assertEqual(len(f.read()), 1_000_000)
+
+    async def underTheLimit(self) -> dict[str, float]:
+        """The figures once eviction has caught up (it runs right after each file is stored)."""
+        deadline = time.monotonic() + 30
+        while True:
+            values = await self.metrics()
+            if values['devpi_mirror_cache_bytes{mirror="root/pypi"}'] <= self.LIMIT or time.monotonic() > deadline:
+                return values
+            await deferLater(reactor, 0.2, lambda: None)
+
+    def blobBytes(self) -> int:
+        total = 0
+        for directory, _, names in os.walk(os.path.join(self.server.serverdir, "+files")):
+            total += sum(os.path.getsize(os.path.join(directory, name)) for name in names)
+        return total
+
+    async def test_fiveFilesThroughThreeMegabytes(self) -> None:
+        await self.pipInstall("first")
+        values = await self.underTheLimit()
+        self.assertLessEqual(values['devpi_mirror_cache_bytes{mirror="root/pypi"}'], self.LIMIT)
+        self.assertEqual(values['devpi_mirror_cache_files{mirror="root/pypi"}'], 3)
+        self.assertEqual(values['devpi_mirror_cache_evictions_total{mirror="root/pypi"}'], 2)
+        self.assertEqual(len(self.upstream.fileRequests()), 5)
+        # every file installs again: the evicted ones come from upstream again, verified
+        await self.pipInstall("second")
+        values = await self.underTheLimit()
+        self.assertLessEqual(values['devpi_mirror_cache_bytes{mirror="root/pypi"}'], self.LIMIT)
+        self.assertGreater(len(self.upstream.fileRequests()), 5)
+        # and the blob collector gives the disk back
+        deadline = time.monotonic() + 30
+        while self.blobBytes() > self.LIMIT + 512 * 1024 and time.monotonic() < deadline:
+            await deferLater(reactor, 0.5, lambda: None)
+        self.assertLessEqual(self.blobBytes(), self.LIMIT + 512 * 1024)
