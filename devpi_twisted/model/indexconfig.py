@@ -163,6 +163,9 @@ def coerce(config: dict[str, Any], *, dropForeign: bool) -> dict[str, Any]:
             result[key] = _coerceValue(key, value)
         except BadRequest as e:
             problems.append(e.message)
+            continue
+        if key == "mirror_cache_max_size" and result[key] is None:
+            del result[key]  # unset: no limit
     if problems:
         raise BadRequest(", ".join(problems))
     return result

@@ -25,6 +25,7 @@ L{INTERVAL} seconds.  Only the primary's main process evicts (C{evict});
 elsewhere the figures are kept for the metrics.
 """
 
+import calendar
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ def _readFigures(view: IReadView) -> tuple[int, dict[str, MirrorFigures]]:
             if ref is None:
                 continue
             project, _, filename = fileKey[len(prefix):].partition("/")
-            figures.put(project, filename, CachedFile(int(entry.get("size") or 0), ref, 0.0))
+            figures.put(project, filename, CachedFile(int(entry.get("size") or 0), ref, _storedAt(entry)))
         downloads = keys.downloadsPrefix(user, index)
         for downloadKey, record in view.items(downloads):
             project, _, filename = downloadKey[len(downloads):].partition("/")
@@ -288,6 +289,14 @@ def _readFigures(view: IReadView) -> tuple[int, dict[str, MirrorFigures]]:
             if cached is not None and isinstance(record, dict):
                 cached.last = float(record.get("last", 0))
     return view.serial, mirrors
+
+
+def _storedAt(entry: dict[str, Any]) -> float:
+    """When the mirror stored a file (its entry's last log record), for files never downloaded since."""
+    try:
+        return float(calendar.timegm(tuple(entry["log"][-1]["when"][:6]) + (0, 0, 0)))
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 0.0
 
 
 def _evict(txn: IWriteTransaction, user: str, index: str, chosen: list[tuple[str, str, CachedFile]],
