@@ -41,6 +41,7 @@ from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
 from devpi_twisted.model import keys
 from devpi_twisted.model.indexconfig import MIRROR
 from devpi_twisted.services.downloads import DownloadCounter
+from devpi_twisted.services.fileentries import forgetFileEntry
 from devpi_twisted.storage import BLOB_REF, ChangeRecord, blobRef
 
 log = Logger()
@@ -55,8 +56,10 @@ AGAIN = 1.0
 """Seconds before the next pass when one pass was not enough."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedFile:
+    """One cached file (slots: a large mirror has many)."""
+
     size: int
     sha256: str
     last: float  # when it was last downloaded (or stored)
@@ -311,10 +314,6 @@ def _evict(txn: IWriteTransaction, user: str, index: str, chosen: list[tuple[str
         entry = txn.get(fileKey)
         if entry is None or entry.get(BLOB_REF) != cached.sha256 or downloads.isTransferring(cached.sha256):
             continue
-        txn.delete(fileKey)
-        relpath = entry.get("relpath", "")
-        if "/+f/" in relpath:
-            h3, h13, name = relpath.split("/+f/", 1)[1].split("/", 2)
-            txn.delete(keys.pathKey(user, index, h3, h13, name))
+        forgetFileEntry(txn, user, index, entry)
         evicted.append(cached)
     return evicted
