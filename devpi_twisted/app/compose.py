@@ -38,6 +38,8 @@ from devpi_twisted.web.replicaproxy import ReplicaProxyResource
 from devpi_twisted.replica.readonly import ReadOnlyStorage
 from devpi_twisted.replica.service import ReplicaService
 from devpi_twisted.services.auth import Authenticator, PasswordHashing
+from devpi_twisted.services.downloads import DownloadCounter
+from devpi_twisted.services.mirrorcache import MirrorCache
 from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.services.push import pushClient
 from devpi_twisted.services.releases import Releases
@@ -55,7 +57,8 @@ from devpi_twisted.web.headers import identityHeaders, setSerial
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.metrics import (
-    BlobCollectorMetrics, CountingMirrorFiles, CountingMirrors, Metrics, MetricsView, RouteLabeler, UpstreamStats, makeRegistry,
+    BlobCollectorMetrics, CountingMirrorFiles, CountingMirrors, Metrics, MetricsView, MirrorCacheMetrics, RouteLabeler,
+    UpstreamStats, makeRegistry,
 )
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
@@ -90,6 +93,8 @@ class Server:
     resource: Resource
     site: DevpiSite
     webhooks: Any = None  # the registry behind the +webhooks routes
+    downloads: Any = None  # the DownloadCounter (a child service of mirrors)
+    mirrorCache: Any = None  # the MirrorCache (a child service of mirrors)
 
 
 class _PoolService(Service):
@@ -260,9 +265,17 @@ def buildServer(
     metrics = Metrics(RouteLabeler(Routes.app.url_map), storage=storage, mirrors=realMirrors,
                       throttle=throttle, upstream=upstreamStats, version=version)
     mirrors = CountingMirrors(realMirrors, metrics)
+    # Downloads are written on the primary only (a replica's storage is the
+    # follower's); the primary's main process alone evicts mirror files.
+    downloads = DownloadCounter(storage, reactor, persist=config.primaryURL is None)
+    mirrorCache = MirrorCache(storage, reactor, downloads, ready=storageReady,
+                              evict=config.primaryURL is None and not config.requestsOnly)
+    downloads.setServiceParent(realMirrors)
+    mirrorCache.setServiceParent(realMirrors)
     mirrorFiles = CountingMirrorFiles(
-        MirrorFileAnswers(realMirrors, fileRedirects(config.backend.s3Redirect, blobs)), metrics)
+        MirrorFileAnswers(realMirrors, fileRedirects(config.backend.s3Redirect, blobs), downloads), metrics)
     registry = makeRegistry(metrics)
+    registry.register(MirrorCacheMetrics(mirrorCache))  # type: ignore[arg-type]
     pages = SimplePages(storage, mirrors, runner, config.pageCacheSize)
     if replica is not None:
         # Pages of mirror-backed indexes list the files not here yet only
@@ -299,6 +312,7 @@ def buildServer(
         runFile=runner.runFile,
         readRules=readRules,
         webhooks=webhooks,
+        downloads=downloads,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -327,7 +341,7 @@ def buildServer(
         config=config, nodeinfo=nodeinfo, storage=storage, blobs=blobs, auth=auth, throttle=throttle,
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
-        webhooks=webhooks,
+        webhooks=webhooks, downloads=downloads, mirrorCache=mirrorCache,
     )
 
 

@@ -62,6 +62,7 @@ class StoredFile:
     size: int
     lastModified: str | None
     file: IBlobReader
+    project: str | None = None  # for the download records
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,7 @@ class LiveFile:
     length: int | None
     sha256: str | None
     fetch: FileFetch
+    project: str | None = None  # for the download records
 
     def attach(self, sink: ILiveSink) -> Deferred[None]:
         """Stream the transfer to C{sink}; fires when the sink is done with it."""

@@ -173,7 +173,8 @@ class Mirrors(MultiService):
             stored = await self._storage.read(lambda view: view.get(fileKey))
             if stored is not None:
                 return await self._serveStored(
-                    FetchedFile(BlobInfo(stored["sha256"], stored["size"]), stored.get("last_modified")), link)
+                    FetchedFile(BlobInfo(stored["sha256"], stored["size"]), stored.get("last_modified")), link,
+                    project)
             running = self._running.get(key)
         if running is None:
             if self.offlineMode or not self.pages.state(stage).status.mayAskUpstream():
@@ -181,9 +182,9 @@ class Mirrors(MultiService):
             running = await self._start(stage, project, link)
         if not running.started and not running.result.called:
             length = running.contentLength if running.contentLength is not None else link.size
-            return LiveFile(link.filename, length, link.sha256 or None, running)
+            return LiveFile(link.filename, length, link.sha256 or None, running, project)
         fetched = await running.waitForResult()
-        return await self._serveStored(fetched, link)
+        return await self._serveStored(fetched, link, project)
 
     async def _start(self, stage: Stage, project: str, link: UpstreamLink) -> FileFetch:
         key = (stage.name, link.filename)
@@ -252,11 +253,11 @@ class Mirrors(MultiService):
         else:
             log.failure("recording mirror file {filename}", failure=failure, filename=link.filename)
 
-    async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink) -> StoredFile:
+    async def _serveStored(self, fetched: FetchedFile, link: UpstreamLink, project: str) -> StoredFile:
         file = await self._blobs.open(fetched.blob.sha256)
         if file is None:
             raise NotFound(f"{link.filename} is missing on this server")
-        return StoredFile(link.filename, fetched.blob.sha256, fetched.blob.size, fetched.lastModified, file)
+        return StoredFile(link.filename, fetched.blob.sha256, fetched.blob.size, fetched.lastModified, file, project)
 
     async def _coreMetadata(self, stage: Stage, project: str, link: UpstreamLink) -> CoreMetadata:
         if not link.coreMetadata:

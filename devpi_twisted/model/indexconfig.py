@@ -36,6 +36,7 @@ _MIRROR_KEYS = _COMMON_KEYS | {
     "mirror_ignore_serial_header",
     "mirror_web_url_fmt",
     "mirror_provides_core_metadata",
+    "mirror_cache_max_size",
 }
 _BOOL_KEYS = {
     "volatile",
@@ -162,6 +163,9 @@ def coerce(config: dict[str, Any], *, dropForeign: bool) -> dict[str, Any]:
             result[key] = _coerceValue(key, value)
         except BadRequest as e:
             problems.append(e.message)
+            continue
+        if key == "mirror_cache_max_size" and result[key] is None:
+            del result[key]  # unset: no limit
     if problems:
         raise BadRequest(", ".join(problems))
     return result
@@ -196,7 +200,24 @@ def _coerceValue(key: str, value: Any) -> Any:
         if seconds < 0:
             raise BadRequest("'mirror_cache_expiry' must not be negative")
         return seconds
+    if key == "mirror_cache_max_size":
+        return _cacheSize(value)
     raise AssertionError(key)  # pragma: no cover
+
+
+def _cacheSize(value: Any) -> int | None:
+    """Bytes a mirror may cache; C{None} (also C{""} from devpi-client's C{key=}): no limit."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        value = "not a number"
+    try:
+        size = int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"'mirror_cache_max_size' must be a number of bytes, got {value!r}")
+    if size <= 0:
+        raise BadRequest("'mirror_cache_max_size' must be a positive number of bytes (leave it unset for no limit)")
+    return size
 
 
 def _dedupe(items: list[str]) -> list[str]:

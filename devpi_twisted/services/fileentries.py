@@ -100,6 +100,16 @@ def removeFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[s
     txn.set(keys.tombstoneKey(user, index, h3, h13, name), {"project": project})
 
 
+def forgetFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
+    """
+    Delete a file entry and its pointer, leaving no tombstone: a mirror file
+    evicted from its cache is "not fetched yet" again, not gone (its
+    METADATA stays, it is small and the same next time).
+    """
+    txn.delete(keys.fileKey(user, index, entry["project"], entry["filename"]))
+    txn.delete(keys.pathKey(user, index, *_pathParts(entry["relpath"])))
+
+
 def fileEntry(view: IReadView, user: str, index: str, project: str, filename: str) -> dict[str, Any] | None:
     """The entry stored under this project and file name, if any."""
     return view.get(keys.fileKey(user, index, project, filename))

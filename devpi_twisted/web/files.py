@@ -382,6 +382,20 @@ def fileRedirects(redirect: bool, blobs: Any) -> FileRedirects | None:
     return None
 
 
+def countDownload(downloads: Any, request: IRequest, user: str, index: str, project: str, filename: str,
+                  sha256: str | None = None) -> None:
+    """
+    A GET of a file's body (whole or a range; a HEAD is not one) counts as a
+    download (L{devpi_twisted.services.downloads}); its blob C{sha256}, when
+    given, is in use until the answer is done, so the mirror cache leaves it.
+    """
+    if downloads is None or request.method == b"HEAD":
+        return
+    downloads.count(user, index, project, filename)
+    if sha256:
+        downloads.transferring(sha256, request.notifyFinish())
+
+
 def metadataResponse(distFilename: str, data: bytes, lastModified: str | None = None) -> "FileResponse":
     """A wheel's core metadata (PEP 658) as the file C{NAME.whl.metadata}."""
     return FileResponse(

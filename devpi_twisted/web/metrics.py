@@ -444,3 +444,27 @@ class BlobCollectorMetrics:
         if self._collector.lastPass is not None:
             yield GaugeMetricFamily("devpi_blob_collector_last_pass_timestamp_seconds",
                                     "When the blob collector last finished a pass", value=self._collector.lastPass)
+
+
+class MirrorCacheMetrics:
+    """What each mirror has cached and evicted (L{devpi_twisted.services.mirrorcache}), for C{/+metrics}."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily("devpi_mirror_cache_bytes", "Bytes of files each mirror has cached",
+                                 labels=["mirror"])
+        files = GaugeMetricFamily("devpi_mirror_cache_files", "Files each mirror has cached", labels=["mirror"])
+        limit = GaugeMetricFamily("devpi_mirror_cache_max_bytes", "Each mirror's mirror_cache_max_size (if set)",
+                                  labels=["mirror"])
+        evictions = CounterMetricFamily("devpi_mirror_cache_evictions",
+                                        "Files evicted from each mirror's cache to stay under its size limit",
+                                        labels=["mirror"])
+        for name, figures in sorted(self._cache.mirrors.items()):
+            size.add_metric([name], figures.bytes)
+            files.add_metric([name], len(figures.files))
+            if figures.limit is not None:
+                limit.add_metric([name], figures.limit)
+            evictions.add_metric([name], figures.evictions)
+        yield from (size, files, limit, evictions)

@@ -22,7 +22,9 @@ from devpi_twisted.mirror.files import (
 from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.model.inheritance import Stage
 from devpi_twisted.web.errors import renderDevpiError
-from devpi_twisted.web.files import IMMUTABLE, FileRedirects, FileResponse, contentTypeFor, metadataResponse
+from devpi_twisted.web.files import (
+    IMMUTABLE, FileRedirects, FileResponse, contentTypeFor, countDownload, metadataResponse,
+)
 
 
 class MirrorFileSource(Protocol):
@@ -35,13 +37,18 @@ class MirrorFileSource(Protocol):
 class MirrorFileAnswers:
     """Answers file requests of mirror indexes for files not stored here yet."""
 
-    def __init__(self, mirrors: MirrorFileSource, redirects: FileRedirects | None = None) -> None:
+    def __init__(self, mirrors: MirrorFileSource, redirects: FileRedirects | None = None,
+                 downloads: Any = None) -> None:
         self._mirrors = mirrors
         self._redirects = redirects
+        self._downloads = downloads
 
     async def answer(self, request: IRequest, stage: Stage, relpath: str) -> Any:
-        return respond(request, await self._mirrors.fileAnswer(stage, relpath, request.method != b"HEAD"),
-                       self._redirects)
+        answer = await self._mirrors.fileAnswer(stage, relpath, request.method != b"HEAD")
+        if isinstance(answer, (StoredFile, LiveFile)) and answer.project is not None:
+            countDownload(self._downloads, request, stage.user, stage.index, answer.project, answer.filename,
+                          answer.sha256 if isinstance(answer, StoredFile) else None)
+        return respond(request, answer, self._redirects)
 
 
 def respond(request: IRequest, answer: FileAnswer, redirects: FileRedirects | None = None) -> Any:

@@ -24,7 +24,7 @@ from devpi_twisted.services.queries import Queries, fileMeta, mirrorVersions
 from devpi_twisted.services.releases import Releases
 from devpi_twisted.model.identity import DEL_ENTRY, DEL_PROJECT, DEL_VERDATA, UPLOAD
 from devpi_twisted.web.context import hasQueryFlag, identityOf, outsideURL, requesterFor
-from devpi_twisted.web.files import FileRedirects, FileResponse, metadataResponse
+from devpi_twisted.web.files import FileRedirects, FileResponse, countDownload, metadataResponse
 from devpi_twisted.web.storedfiles import KnownFiles
 from devpi_twisted.web.headers import setSerial
 from devpi_twisted.web.pages import redirect
@@ -45,7 +45,9 @@ class ProjectViews:
     def __init__(self, config: ServerConfig, storage: IStorage, blobs: IBlobStore,
                  auth: Authenticator, releases: Releases, queries: Queries, mirrors: Any = None,
                  knownFiles: KnownFiles | None = None, mirrorFiles: Any = None,
-                 runFile: Callable[..., Any] = maybeDeferred, redirects: FileRedirects | None = None) -> None:
+                 runFile: Callable[..., Any] = maybeDeferred, redirects: FileRedirects | None = None,
+                 downloads: Any = None) -> None:
+        self._downloads = downloads  # counts what getFile sends
         self._runFile = runFile  # large JSON bodies are decoded off the reactor
         self._redirects = redirects
         self._queries = queries
@@ -172,6 +174,7 @@ class ProjectViews:
         # Only a public index's files are answered before routing (no read check there).
         known = self._knownFiles if public else None
         if self._redirects is not None:
+            countDownload(self._downloads, request, user, index, entry["project"], entry["filename"])
             if known is not None:
                 known.remember(request.path, entry, serial)
             return self._redirects.answer(request, entry["sha256"], entry["filename"])
@@ -180,6 +183,7 @@ class ProjectViews:
             raise NotFound(f"content of {entry['filename']} is missing on this server")
         if known is not None:
             known.remember(request.path, entry, serial)
+        countDownload(self._downloads, request, user, index, entry["project"], entry["filename"], entry["sha256"])
         return FileResponse(
             file=file, size=entry["size"], filename=entry["filename"],
             etag=b'"' + entry["sha256"].encode("ascii") + b'"',

@@ -320,6 +320,7 @@ def makeWebResource(
     runFile: Callable[..., Any] = maybeDeferred,
     readRules: ReadRules | None = None,
     webhooks: Any = None,
+    downloads: Any = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -331,6 +332,8 @@ def makeWebResource(
         C{statusFields()}); by default the feed's.
     @param webhooks: the L{devpi_twisted.services.webhooks.WebhookRegistry}
         behind C{+webhooks} (no such routes without it).
+    @param downloads: counts file downloads
+        (L{devpi_twisted.services.downloads.DownloadCounter}); none without it.
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
@@ -345,7 +348,7 @@ def makeWebResource(
     knownFiles = KnownFiles(storage)
     redirects = fileRedirects(config.backend.s3Redirect, blobs)
     if mirrorFiles is None and mirrors is not None:
-        mirrorFiles = MirrorFileAnswers(mirrors, redirects)
+        mirrorFiles = MirrorFileAnswers(mirrors, redirects, downloads)
     routes = Routes(
         APIViews(config, nodeinfo, storage, auth, users, indexes, version, mirrors=mirrors,
                  pusher=Pusher(storage, blobs, mirrors, pushAgent, releases.clock),
@@ -353,7 +356,7 @@ def makeWebResource(
                  runFile=runFile, readRules=readRules),
         pageViews,
         ProjectViews(config, storage, blobs, auth, releases, Queries(storage), mirrors, knownFiles, mirrorFiles,
-                     runFile, redirects),
+                     runFile, redirects, downloads),
         UploadViews(auth, releases, blobs, documentation,
                     DocLimits(maxEntries=config.docMaxEntries, maxTotalSize=config.docMaxSize)),
         DocViews(storage, blobs, auth, documentation, runFile),
@@ -363,7 +366,8 @@ def makeWebResource(
         WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
     )
     return DevpiHeadersResource(
-        ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
+        ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews,
+                                    KnownFileAnswers(knownFiles, blobs, redirects, downloads)),
                  readRules, auth),
         storage, nodeinfo["uuid"], nodeinfo.get("primary-uuid") or nodeinfo["uuid"], version,
     )

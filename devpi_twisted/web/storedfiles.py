@@ -14,6 +14,9 @@ Only files of public indexes are remembered: a file of an index with
 C{acl_read} is answered through the routes every time, where the read check
 is, so nothing answers it here to whoever asks.  A change of C{acl_read} is
 an index change and forgets every path.
+
+A download answered here is counted as the routes count it, from what is
+remembered (no storage read).
 """
 
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.fileentries import altersFilePaths
 from devpi_twisted.storage import ChangeRecord
-from devpi_twisted.web.files import FileRedirects, serveBytesOrFile
+from devpi_twisted.web.files import FileRedirects, countDownload, serveBytesOrFile
 
 log = Logger()
 
@@ -46,6 +49,9 @@ class KnownFile:
     size: int
     filename: str
     lastModified: str | None
+    user: str = ""
+    index: str = ""
+    project: str = ""
 
 
 class KnownFiles:
@@ -70,7 +76,9 @@ class KnownFiles:
             return
         if len(self._known) >= _MAX_KNOWN:
             self._known.clear()
-        self._known[path] = KnownFile(entry["sha256"], entry["size"], entry["filename"], entry.get("last_modified"))
+        user, index = (entry.get("relpath", "").split("/", 2) + ["", ""])[:2]
+        self._known[path] = KnownFile(entry["sha256"], entry["size"], entry["filename"], entry.get("last_modified"),
+                                      user, index, entry.get("project", ""))
 
     def get(self, path: bytes) -> KnownFile | None:
         return self._known.get(path)
@@ -79,7 +87,9 @@ class KnownFiles:
 class KnownFileAnswers:
     """Answers GET and HEAD for known file paths; C{None} sends a request the routed way."""
 
-    def __init__(self, files: KnownFiles, blobs: IBlobStore, redirects: FileRedirects | None = None) -> None:
+    def __init__(self, files: KnownFiles, blobs: IBlobStore, redirects: FileRedirects | None = None,
+                 downloads: Any = None) -> None:
+        self._downloads = downloads
         self._files = files
         self._blobs = blobs
         self._redirects = redirects
@@ -91,7 +101,9 @@ class KnownFileAnswers:
         if known is None:
             return None
         if self._redirects is not None:
+            countDownload(self._downloads, request, known.user, known.index, known.project, known.filename)
             return self._redirects.answer(request, known.sha256, known.filename)
+        countDownload(self._downloads, request, known.user, known.index, known.project, known.filename, known.sha256)
         opening: Deferred[Any] = self._blobs.open(known.sha256)
         opening.addCallbacks(lambda file: self._send(request, routed, known, file),
                              lambda failure: self._routedLater(request, routed, failure))
