@@ -60,6 +60,7 @@ class ServerConfig:
     webhookAllowPrivate: bool = False  # webhooks may reach loopback/private addresses (README "Events and webhooks")
     workers: int = 1  # serving processes on this machine (--workers; README "Scaling out")
     blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
+    retentionInterval: float = 86400.0  # seconds between scheduled retention runs; 0: none (README "Retention")
     # operations: limits, shutdown, logs (README "Deployment")
     shutdownGrace: float = 30.0
     idleTimeout: float = 60.0

@@ -100,6 +100,9 @@ class Options(TypedOptions):
         ["blob-collect-interval", None, 3600.0,
          "Seconds between passes that free the disk space of files nothing refers to any more "
          "(deleted, overwritten); such a file goes after two to three intervals (0: only at startup).", float],
+        ["retention-interval", None, 86400.0,
+         "Seconds between runs that apply every private index's retention policy "
+         "(README \"Retention\"; 0: only when asked through POST /USER/INDEX/+retention).", float],
         # replication (README "Replication")
         ["primary-url", None, None,
          "Run as a replica of the devpi-twisted primary at this URL (an empty --serverdir is "
@@ -180,6 +183,8 @@ class Options(TypedOptions):
                 raise usage.UsageError(f"--{name} must be positive")
         if self["blob-collect-interval"] < 0:
             raise usage.UsageError("--blob-collect-interval must not be negative")
+        if self["retention-interval"] < 0:
+            raise usage.UsageError("--retention-interval must not be negative")
         for name in ("login-max-failures", "login-user-failures", "login-addr-failures"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
@@ -267,6 +272,7 @@ class Options(TypedOptions):
             requestsOnly=bool(self["requests-only"]),
             webhookAllowPrivate=bool(self["webhook-allow-private"]),
             blobCollectInterval=self["blob-collect-interval"],
+            retentionInterval=self["retention-interval"],
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],
             headerTimeout=self["header-timeout"],

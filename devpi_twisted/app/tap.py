@@ -14,7 +14,9 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 
-from devpi_twisted.app.compose import buildServer, deliversEvents, eventServices, primaryPool, upstreamPool
+from devpi_twisted.app.compose import (
+    buildServer, deliversEvents, eventServices, primaryPool, retentionSchedule, runsRetention, upstreamPool,
+)
 from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
 from devpi_twisted.app.logs import JSONLogService
 from devpi_twisted.app.opendir import openServerDir
@@ -140,6 +142,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
     if deliversEvents(config):
         # Only a primary's main process delivers events (stopped before storage).
         eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady).setServiceParent(top)
+    if runsRetention(config):
+        # Only a primary's main process, like the blob collector (stopped before storage).
+        retentionSchedule(server, reactor, ready=storageService.whenReady).setServiceParent(top)
     drain = DrainService(server.site, config.shutdownGrace)
     if config.workers > 1:
         # The children get SIGTERM while this process drains its own requests.

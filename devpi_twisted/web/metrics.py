@@ -444,3 +444,19 @@ class BlobCollectorMetrics:
         if self._collector.lastPass is not None:
             yield GaugeMetricFamily("devpi_blob_collector_last_pass_timestamp_seconds",
                                     "When the blob collector last finished a pass", value=self._collector.lastPass)
+
+
+class RetentionMetrics:
+    """What retention policies removed (L{devpi_twisted.services.retention}), for C{/+metrics}."""
+
+    def __init__(self, retention: Any) -> None:
+        self._retention = retention
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._retention.totals
+        yield CounterMetricFamily("devpi_retention_removed_versions", "Versions removed by retention policies",
+                                  value=totals.versions)
+        yield CounterMetricFamily("devpi_retention_removed_files", "Files removed by retention policies",
+                                  value=totals.files)
+        yield CounterMetricFamily("devpi_retention_removed_bytes", "Bytes of files removed by retention policies",
+                                  value=totals.bytes)
