@@ -5,14 +5,17 @@ scheduled run, a run stopped in the middle, exports and metrics.
 """
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, strategies as st
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from devpi_twisted.admin.exporter import EXTRA, planExport
+from devpi_twisted.app.compose import runsRetention
 from devpi_twisted.model import keys
 from devpi_twisted.model.retention import (
     DAY, KEEP_LATEST, MAX_AGE, NOT_DOWNLOADED, PRERELEASE_MAX_AGE, Policy, VersionFacts, parseUploadTime,
@@ -22,6 +25,7 @@ from devpi_twisted.services import retention as retentionModule
 from devpi_twisted.services.retention import RetentionSchedule
 
 from .distbuilder import buildSdist, buildWheel
+from .helpers import parseServerOptions
 from .releaseharness import ServerHarness, combine
 from .test_tokens import bearer
 
@@ -463,3 +467,25 @@ class ScheduleTests(RetentionCase):
         self.assertEqual(len(self.pageFiles()), 4)
         self.successResultOf(Deferred.fromCoroutine(retention.applyAll(limit=3)))
         self.assertEqual(len(self.pageFiles()), 2)
+
+
+class OptionTests(SynchronousTestCase):
+    """--retention-interval, and which process runs the schedule."""
+
+    def test_default(self) -> None:
+        config = parseServerOptions(self, "--serverdir", "/tmp/x").toConfig()
+        self.assertEqual(config.retentionInterval, 86400.0)
+        self.assertTrue(runsRetention(config))
+
+    def test_setAndOff(self) -> None:
+        self.assertEqual(parseServerOptions(self, "--retention-interval", "60").toConfig().retentionInterval, 60)
+        environ = {"DEVPI_TWISTED_RETENTION_INTERVAL": "0"}
+        self.assertFalse(runsRetention(parseServerOptions(self, environ=environ).toConfig()))
+
+    def test_negativeRefused(self) -> None:
+        self.assertRaises(UsageError, parseServerOptions, self, "--retention-interval", "-1")
+
+    def test_onlyThePrimarysMainProcess(self) -> None:
+        config = parseServerOptions(self).toConfig()
+        self.assertFalse(runsRetention(replace(config, requestsOnly=True)))
+        self.assertFalse(runsRetention(replace(config, primaryURL="http://primary.test")))
