@@ -21,10 +21,13 @@ from devpi_twisted.model.retention import (
     DAY, KEEP_LATEST, MAX_AGE, NOT_DOWNLOADED, PRERELEASE_MAX_AGE, Policy, VersionFacts, parseUploadTime,
     policyOf, select,
 )
+from devpi_twisted.errors import Gone
 from devpi_twisted.services import retention as retentionModule
+from devpi_twisted.services.fileentries import lookupFile, removalReason, removeFileEntry
 from devpi_twisted.services.retention import RetentionSchedule
 
 from .distbuilder import buildSdist, buildWheel
+from . import test_export
 from .helpers import parseServerOptions
 from .releaseharness import ServerHarness, combine
 from .test_tokens import bearer
@@ -489,3 +492,28 @@ class OptionTests(SynchronousTestCase):
         config = parseServerOptions(self).toConfig()
         self.assertFalse(runsRetention(replace(config, requestsOnly=True)))
         self.assertFalse(runsRetention(replace(config, primaryURL="http://primary.test")))
+
+
+class ExportImportTests(test_export._Dirs, SynchronousTestCase):
+    """Why a file went (a retention policy) survives export and import: the 410 says it after."""
+
+    def test_reasonSurvives(self) -> None:
+        self.importInto("server1")
+        storage, _ = test_export.openStorage(self.workdir.child("server1"))
+        wheelKey = keys.fileKey("alice", "dev", "hello-devpi", "hello_devpi-1.1-py3-none-any.whl")
+        when = 1_700_000_000.0
+        try:
+            entry = test_export.fired(storage.read(lambda view: view.get(wheelKey)))
+            test_export.fired(storage.write(lambda txn: removeFileEntry(
+                txn, "alice", "dev", entry, removalReason("retention", "alice/dev", when))))
+        finally:
+            test_export.fired(storage.close())
+        relpath = entry["relpath"].split("/+f/", 1)[1]
+        self.importInto("server2", self.exportTo("server1", "export1"))
+        storage, _ = test_export.openStorage(self.workdir.child("server2"))
+        try:
+            with self.assertRaises(Gone) as caught:
+                test_export.fired(storage.read(lambda view: lookupFile(view, "alice", "dev", relpath)))
+        finally:
+            test_export.fired(storage.close())
+        self.assertEqual(caught.exception.message, "removed by retention policy of alice/dev on 2023-11-14")
