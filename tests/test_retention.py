@@ -398,6 +398,54 @@ class FailingWrites:
         return self._storage.write(function)
 
 
+class ChangesFirst:
+    """The storage, where C{change} is written just before the first write: a race with a run."""
+
+    def __init__(self, storage: Any, change: Any) -> None:
+        self._storage = storage
+        self._change = change
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def write(self, function: Any) -> Any:
+        change, self._change = self._change, None
+        if change is not None:
+            self._storage.write(change)
+        return self._storage.write(function)
+
+
+class RaceTests(RetentionCase):
+    """Each batch evaluates the policy again on what its transaction sees."""
+
+    def retention(self, change: Any) -> Any:
+        return retentionModule.Retention(ChangesFirst(self.h.storage, change), self.h.clock.seconds)
+
+    def test_policyUnsetMeanwhile(self) -> None:
+        self.configure(retention_keep_latest=1)
+        key = keys.indexKey("alice", "dev")
+
+        def unset(txn: Any) -> None:
+            config = txn.get(key)
+            del config[KEEP_LATEST]
+            txn.set(key, config)
+
+        result = self.successResultOf(Deferred.fromCoroutine(self.retention(unset).apply("alice", "dev")))
+        self.assertEqual(result.removals, [])
+        self.assertEqual(len(self.pageFiles()), 6)
+
+    def test_versionDownloadedMeanwhile(self) -> None:
+        """A version downloaded after the plan was made is kept; the others go."""
+        self.h.clock.advance(40 * DAY)
+        self.configure(retention_not_downloaded_days=30)
+        key = keys.downloadKey("alice", "dev", "demo-pkg", "demo_pkg-1.1.tar.gz")
+        now = self.h.clock.seconds()
+        result = self.successResultOf(Deferred.fromCoroutine(self.retention(
+            lambda txn: txn.set(key, {"last": now, "count": 1})).apply("alice", "dev")))
+        self.assertEqual([r.version for r in result.removals], ["1.0"])
+        self.assertIn("demo_pkg-1.1.tar.gz", self.pageFiles())
+
+
 class ScheduleTests(RetentionCase):
     """The scheduled run (--retention-interval) on a Clock."""
 
