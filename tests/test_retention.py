@@ -510,6 +510,34 @@ class ScheduleTests(RetentionCase):
         self.successResultOf(Deferred.fromCoroutine(self.h.server.retention.applyAll()))
         self.assertEqual(self.pageFiles(), ["demo_pkg-2.0-py3-none-any.whl", "demo_pkg-2.0.tar.gz"])
 
+    def test_stopBetweenBatches(self) -> None:
+        """A stop during a run waits for the batch under way and starts no other."""
+        held: list[Any] = []
+
+        class HeldWrites:
+            def __init__(self, storage: Any) -> None:
+                self._storage = storage
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._storage, name)
+
+            def write(self, function: Any) -> Any:
+                d: Deferred[Any] = Deferred()
+                held.append(lambda: self._storage.write(function).chainDeferred(d))
+                return d
+
+        retention = retentionModule.Retention(HeldWrites(self.h.storage), self.h.clock.seconds, batch=1)
+        schedule = RetentionSchedule(retention, self.h.clock, 3600)
+        schedule.startService()
+        self.h.clock.advance(3600)
+        self.assertEqual(len(held), 1)
+        stopped = schedule.stopService()
+        self.assertNoResult(stopped)
+        held.pop()()
+        self.successResultOf(stopped)
+        self.assertEqual(held, [])
+        self.assertEqual(len(self.pageFiles()), 8)  # one version of four went
+
     def test_runLimit(self) -> None:
         """A run removes at most its limit of versions; the next run goes on."""
         retention = self.h.server.retention
