@@ -14,7 +14,7 @@ changes removes only what the policy still selects.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -81,7 +81,6 @@ class RetentionTotals:
     versions: int = 0
     files: int = 0
     bytes: int = 0
-    runs: dict[str, int] = field(default_factory=dict)
 
 
 def versionFacts(view: IReadView, user: str, index: str, project: str
@@ -197,7 +196,7 @@ class Retention:
             batch = planned[start:start + self._batch]
             serial, done = await self._storage.write(lambda txn: self._removeBatch(txn, user, index, batch, now))
             removed.extend(done)
-            self._count(trigger, done)
+            self._count(done)
         result = RunResult(f"{user}/{index}", False, serial, removed)
         if removed:
             log.info(
@@ -227,7 +226,7 @@ class Retention:
                 done.append(still)
         return done
 
-    def _count(self, trigger: str, removed: list[Removal]) -> None:
+    def _count(self, removed: list[Removal]) -> None:
         self.totals.versions += len(removed)
         self.totals.files += sum(len(r.files) for r in removed)
         self.totals.bytes += sum(r.bytes for r in removed)
@@ -246,7 +245,6 @@ class Retention:
                 continue
             limit -= len(result.removals)
             results.append(result)
-        self.totals.runs["schedule"] = self.totals.runs.get("schedule", 0) + 1
         return results
 
 
