@@ -62,6 +62,7 @@ class ServerConfig:
     blobCollectInterval: float = 3600.0  # 0: unreferenced files are removed only at startup
     historyKeep: float = 7 * 24 * 3600.0  # seconds of history kept (README "Retention")
     historyPruneInterval: float = 3600.0  # 0: history is never pruned
+    retentionInterval: float = 86400.0  # seconds between scheduled retention runs; 0: none (README "Retention")
     # operations: limits, shutdown, logs (README "Deployment")
     shutdownGrace: float = 30.0
     idleTimeout: float = 60.0

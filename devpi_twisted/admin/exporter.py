@@ -239,6 +239,9 @@ def _dumpIndex(view: IReadView, user: str, index: str, isMirror: bool, dumped: d
         dumped[EXTRA] = extras
 
 
+REMOVAL_FIELDS = ("removed_by", "policy", "when")
+
+
 def _deletedPaths(view: IReadView, user: str, index: str, live: set[str],
                   skipped: list[str]) -> list[dict[str, Any]]:
     """
@@ -254,7 +257,9 @@ def _deletedPaths(view: IReadView, user: str, index: str, live: set[str],
             skipped.append(f"{user}/{index}: deleted file path {path!r} not exported: not three plain segments")
             continue
         if f"{user}/{index}/+f/{path}" not in live:
-            deleted.append({"path": path, "project": value.get("project")})
+            # Why it went (a retention policy, L{removalReason}) travels with it.
+            deleted.append({"path": path, "project": value.get("project"),
+                            **{k: value[k] for k in REMOVAL_FIELDS if k in value}})
     return sorted(deleted, key=lambda d: d["path"])
 
 

@@ -546,8 +546,10 @@ class Importer:
             if len(parts) != 3 or not all(safeSegment(part) for part in parts):
                 raise ImportFailed(f"{name}: deleted file path {path!r} cannot be stored")
             project = item.get("project")
+            reason = {k: item[k] for k in ("removed_by", "policy", "when")
+                      if isinstance(item.get(k), (str, int, float)) and not isinstance(item.get(k), bool)}
             tombstones.append((keys.tombstoneKey(user, index, *parts),
-                               {"project": normalizeProject(project) if isinstance(project, str) else None}))
+                               {"project": normalizeProject(project) if isinstance(project, str) else None, **reason}))
         if tombstones:
             await self._write(lambda txn: [txn.set(key, value) for key, value in tombstones])
 

@@ -43,6 +43,7 @@ from devpi_twisted.services.mirrorcache import MirrorCache
 from devpi_twisted.services.indexes import Indexes
 from devpi_twisted.services.push import pushClient
 from devpi_twisted.services.releases import Releases
+from devpi_twisted.services.retention import Retention, RetentionSchedule
 from devpi_twisted.services.simple import SimplePages
 from devpi_twisted.services.throttle import LoginThrottle
 from devpi_twisted.services.tokens import Tokens
@@ -57,8 +58,8 @@ from devpi_twisted.web.headers import identityHeaders, setSerial
 from devpi_twisted.web.limits import limitedRequestFactory
 from devpi_twisted.web.mirrorfiles import MirrorFileAnswers
 from devpi_twisted.web.metrics import (
-    BlobCollectorMetrics, CountingMirrorFiles, CountingMirrors, Metrics, MetricsView, MirrorCacheMetrics, RouteLabeler,
-    UpstreamStats, makeRegistry,
+    BlobCollectorMetrics, CountingMirrorFiles, CountingMirrors, Metrics, MetricsView, MirrorCacheMetrics,
+    RetentionMetrics, RouteLabeler, UpstreamStats, makeRegistry,
 )
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
@@ -95,6 +96,7 @@ class Server:
     webhooks: Any = None  # the registry behind the +webhooks routes
     downloads: Any = None  # the DownloadCounter (a child service of mirrors)
     mirrorCache: Any = None  # the MirrorCache (a child service of mirrors)
+    retention: Any = None  # the retention runs behind +retention and the schedule
 
 
 class _PoolService(Service):
@@ -290,6 +292,8 @@ def buildServer(
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
     readRules = ReadRules(storage)
     webhooks = WebhookRegistry(storage, reactor.seconds)
+    retention = Retention(storage, reactor.seconds)
+    registry.register(RetentionMetrics(retention))  # type: ignore[arg-type]
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -313,6 +317,7 @@ def buildServer(
         readRules=readRules,
         webhooks=webhooks,
         downloads=downloads,
+        retention=retention,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -341,8 +346,18 @@ def buildServer(
         config=config, nodeinfo=nodeinfo, storage=storage, blobs=blobs, auth=auth, throttle=throttle,
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
-        webhooks=webhooks, downloads=downloads, mirrorCache=mirrorCache,
+        webhooks=webhooks, downloads=downloads, mirrorCache=mirrorCache, retention=retention,
     )
+
+
+def runsRetention(config: ServerConfig) -> bool:
+    """Whether this process runs the retention schedule: a primary's main process, when it is on."""
+    return config.primaryURL is None and not config.requestsOnly and config.retentionInterval > 0
+
+
+def retentionSchedule(server: Server, reactor: Any, ready: Callable[[], Any] | None = None) -> RetentionSchedule:
+    """The scheduled retention runs (README "Retention"), for the process L{runsRetention} names."""
+    return RetentionSchedule(server.retention, reactor, server.config.retentionInterval, ready=ready)
 
 
 def deliversEvents(config: ServerConfig) -> bool:

@@ -105,6 +105,9 @@ class Options(TypedOptions):
          "event subscribers; a replica further behind starts over from a snapshot.", float],
         ["history-prune-interval", None, 3600.0,
          "Seconds between passes that prune history older than --history-keep (0: never prune).", float],
+        ["retention-interval", None, 86400.0,
+         "Seconds between runs that apply every private index's retention policy "
+         "(README \"Retention\"; 0: only when asked through POST /USER/INDEX/+retention).", float],
         # replication (README "Replication")
         ["primary-url", None, None,
          "Run as a replica of the devpi-twisted primary at this URL (an empty --serverdir is "
@@ -183,7 +186,7 @@ class Options(TypedOptions):
         for name in ("max-header-size", "max-connections", "max-upstream-fetches", "min-body-rate"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-        for name in ("blob-collect-interval", "history-keep", "history-prune-interval"):
+        for name in ("blob-collect-interval", "history-keep", "history-prune-interval", "retention-interval"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
         for name in ("login-max-failures", "login-user-failures", "login-addr-failures"):
@@ -275,6 +278,7 @@ class Options(TypedOptions):
             blobCollectInterval=self["blob-collect-interval"],
             historyKeep=self["history-keep"],
             historyPruneInterval=self["history-prune-interval"],
+            retentionInterval=self["retention-interval"],
             shutdownGrace=self["shutdown-grace"],
             idleTimeout=self["idle-timeout"],
             headerTimeout=self["header-timeout"],

@@ -14,7 +14,9 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 
-from devpi_twisted.app.compose import buildServer, deliversEvents, eventServices, primaryPool, upstreamPool
+from devpi_twisted.app.compose import (
+    buildServer, deliversEvents, eventServices, primaryPool, retentionSchedule, runsRetention, upstreamPool,
+)
 from devpi_twisted.app.endpoints import bindProblem, endpointDescription, listenSyntaxError
 from devpi_twisted.app.logs import JSONLogService
 from devpi_twisted.app.opendir import openServerDir
@@ -153,6 +155,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         for service in events:
             if pruner is not None and isinstance(service, EventDispatcher):
                 pruner.addNeeded(service.neededSerial)
+    if runsRetention(config):
+        # Only a primary's main process, like the blob collector (stopped before storage).
+        retentionSchedule(server, reactor, ready=storageService.whenReady).setServiceParent(top)
     drain = DrainService(server.site, config.shutdownGrace)
     if config.workers > 1:
         # The children get SIGTERM while this process drains its own requests.

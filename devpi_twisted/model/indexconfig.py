@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from devpi_twisted.errors import BadRequest
 from devpi_twisted.model.names import normalizeProject, splitIndexName
+from devpi_twisted.model.retention import SETTINGS as RETENTION_KEYS, coerceSetting
 
 STAGE = "stage"
 MIRROR = "mirror"
@@ -27,6 +28,7 @@ _STAGE_KEYS = _COMMON_KEYS | {
     "mirror_whitelist",
     "mirror_whitelist_inheritance",
     "pypi_strict",
+    *RETENTION_KEYS,
 }
 _MIRROR_KEYS = _COMMON_KEYS | {
     "mirror_url",
@@ -190,6 +192,8 @@ def _coerceValue(key: str, value: Any) -> Any:
         if not isinstance(value, str) or value.lower() not in ("intersection", "union"):
             raise BadRequest("'mirror_whitelist_inheritance' must be 'intersection' or 'union'")
         return value.lower()
+    if key in RETENTION_KEYS:
+        return coerceSetting(key, value)
     if key == "mirror_url":
         return _checkMirrorURL(value)
     if key == "mirror_cache_expiry":

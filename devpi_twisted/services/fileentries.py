@@ -89,15 +89,33 @@ def writeFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[st
                 {"data": base64.b64encode(coreMetadata).decode("ascii")})
 
 
-def removeFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
-    """Delete a file entry with its pointer and METADATA, leaving a tombstone at its path."""
+def removeFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any],
+                    reason: dict[str, Any] | None = None) -> None:
+    """
+    Delete a file entry with its pointer and METADATA, leaving a tombstone at
+    its path; C{reason} (L{removalReason}) goes into the tombstone, so the
+    410 can say why.
+    """
     filename, project = entry["filename"], entry["project"]
     # The stable path names the directory (a tox result sits in its release's).
     h3, h13, name = _pathParts(entry["relpath"])
     txn.delete(keys.fileKey(user, index, project, filename))
     txn.delete(keys.coreMetadataKey(user, index, project, filename))
     txn.delete(keys.pathKey(user, index, h3, h13, name))
-    txn.set(keys.tombstoneKey(user, index, h3, h13, name), {"project": project})
+    txn.set(keys.tombstoneKey(user, index, h3, h13, name), {"project": project, **(reason or {})})
+
+
+def removalReason(by: str, policy: str, when: float) -> dict[str, Any]:
+    """What a tombstone records of a removal that was not a plain deletion (by a retention policy)."""
+    return {"removed_by": by, "policy": policy, "when": when}
+
+
+def goneMessage(tombstone: dict[str, Any]) -> str:
+    """The message of a deleted file's 410."""
+    if tombstone.get("removed_by") == "retention" and isinstance(tombstone.get("when"), (int, float)):
+        day = time.strftime("%Y-%m-%d", time.gmtime(tombstone["when"]))
+        return f"removed by retention policy of {tombstone.get('policy')} on {day}"
+    return "file existed, deleted in later serial"
 
 
 def forgetFileEntry(txn: IWriteTransaction, user: str, index: str, entry: dict[str, Any]) -> None:
@@ -156,8 +174,9 @@ def lookupFile(view: IReadView, user: str, index: str, relpath: str) -> dict[str
             entry = view.get(pointer["file"])
             if entry is not None:
                 return entry
-        if view.get(keys.tombstoneKey(user, index, *parts)) is not None:
-            raise Gone("file existed, deleted in later serial")
+        tombstone = view.get(keys.tombstoneKey(user, index, *parts))
+        if tombstone is not None:
+            raise Gone(goneMessage(tombstone))
     raise NotFound("no such file")
 
 

@@ -229,11 +229,7 @@ class Releases:
                 raise NotFound(f"The version {version} of project {project} does not exist.")
             if not config.get("volatile", True) and not force:
                 raise Forbidden("cannot delete version on non-volatile index")
-            for entry in projectEntries(txn, user, index, project):
-                if entry["version"] == version:
-                    removeFileEntry(txn, user, index, entry)
-            txn.delete(keys.versionKey(user, index, project, version))
-            _dropEmptyProject(txn, user, index, project)
+            removeVersion(txn, user, index, project, version)
 
         await self._storage.write(_delete)
 
@@ -270,6 +266,21 @@ def checkTakesUploads(projectConfig: dict[str, Any], project: str) -> None:
     status = (projectConfig.get("status") or {}).get("status", "active")
     if status in ("archived", "quarantined"):
         raise BadRequest(f"project {project!r} is {status} and takes no uploads")
+
+
+def removeVersion(txn: IWriteTransaction, user: str, index: str, project: str, version: str,
+                  reason: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """
+    Remove a version with all its files (tombstones with C{reason}), and the
+    project when it was its last, in the caller's transaction.
+    @return: the removed file entries.
+    """
+    removed = [entry for entry in projectEntries(txn, user, index, project) if entry["version"] == version]
+    for entry in removed:
+        removeFileEntry(txn, user, index, entry, reason)
+    txn.delete(keys.versionKey(user, index, project, version))
+    _dropEmptyProject(txn, user, index, project)
+    return removed
 
 
 def _dropEmptyProject(txn: IWriteTransaction, user: str, index: str, project: str) -> None:

@@ -468,3 +468,19 @@ class MirrorCacheMetrics:
                 limit.add_metric([name], figures.limit)
             evictions.add_metric([name], figures.evictions)
         yield from (size, files, limit, evictions)
+
+
+class RetentionMetrics:
+    """What retention policies removed (L{devpi_twisted.services.retention}), for C{/+metrics}."""
+
+    def __init__(self, retention: Any) -> None:
+        self._retention = retention
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._retention.totals
+        yield CounterMetricFamily("devpi_retention_removed_versions", "Versions removed by retention policies",
+                                  value=totals.versions)
+        yield CounterMetricFamily("devpi_retention_removed_files", "Files removed by retention policies",
+                                  value=totals.files)
+        yield CounterMetricFamily("devpi_retention_removed_bytes", "Bytes of files removed by retention policies",
+                                  value=totals.bytes)

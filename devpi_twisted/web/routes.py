@@ -37,6 +37,7 @@ from devpi_twisted.web.pages import CachedAnswersFirst, PageViews, isInstaller
 from devpi_twisted.web.projects import ProjectViews
 from devpi_twisted.services.readrules import ReadRules
 from devpi_twisted.web.readgate import ReadGate
+from devpi_twisted.web.retention import RetentionViews
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
 from devpi_twisted.web.tokens import TokenViews
@@ -50,7 +51,7 @@ PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
 _SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens",
-            "+webhooks"}
+            "+webhooks", "+retention"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -79,7 +80,9 @@ class Routes:
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
                  docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
-                 tokens: TokenViews | None = None, webhooks: WebhookViews | None = None) -> None:
+                 tokens: TokenViews | None = None, webhooks: WebhookViews | None = None,
+                 retention: RetentionViews | None = None) -> None:
+        self._retention = retention
         self._tokens = tokens
         self._webhooks = webhooks
         self._changelog = changelog
@@ -141,6 +144,14 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}/+webhooks/<hookId>", methods=["DELETE"])
     def indexWebhook(self, request: IRequest, user: str, index: str, hookId: str) -> Any:
         return self._hooks().remove(request, hookId, user, index)
+
+    # retention policies (see .retention)
+
+    @app.route(f"/{USER}/{INDEX}/+retention", methods=["POST"])
+    def retention(self, request: IRequest, user: str, index: str) -> Any:
+        if self._retention is None:
+            raise NotFound()
+        return self._retention.run(request, user, index)
 
     # replication (see .changelog)
 
@@ -321,6 +332,7 @@ def makeWebResource(
     readRules: ReadRules | None = None,
     webhooks: Any = None,
     downloads: Any = None,
+    retention: Any = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -334,6 +346,8 @@ def makeWebResource(
         behind C{+webhooks} (no such routes without it).
     @param downloads: counts file downloads
         (L{devpi_twisted.services.downloads.DownloadCounter}); none without it.
+    @param retention: the L{devpi_twisted.services.retention.Retention}
+        behind C{+retention} (no such route without it).
     @param runFile: runs blocking file work (documentation zips, large JSON
         bodies) off the reactor: the storage runner's C{runFile}; inline by
         default, for tests over memory storage.
@@ -364,6 +378,7 @@ def makeWebResource(
         metrics,
         TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
         WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
+        RetentionViews(auth, retention, runFile) if retention is not None else None,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews,
