@@ -10,6 +10,7 @@ limits included.  The real HTTP agents, each over its own connection pool,
 are made here too (L{upstreamPool}, L{primaryPool}).
 """
 
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -60,6 +61,8 @@ from devpi_twisted.web.metrics import (
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.services.search import Search, SearchIndexer
+from devpi_twisted.web.search import SearchViews
 from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.upload import UploadGate
 
@@ -90,6 +93,9 @@ class Server:
     resource: Resource
     site: DevpiSite
     webhooks: Any = None  # the registry behind the +webhooks routes
+    search: Any = None  # services.search.Search
+    searchViews: Any = None  # web.search.SearchViews (the web interface gives it its htmlPage)
+    searchIndexer: Any = None  # the service that keeps the index current (not in --requests-only workers)
 
 
 class _PoolService(Service):
@@ -206,6 +212,7 @@ def buildServer(
     spoolDirectory: str | None = None,
     hashing: PasswordHashing | None = None,
     version: str = __version__,
+    searchIndex: Any = None,
 ) -> Server:
     """
     The whole server over the given collaborators.
@@ -227,6 +234,8 @@ def buildServer(
     @param filesElsewhere: whether mirror files not stored here can still be
         had (default: on a replica, while its primary is reachable).
     @param hashing: the password hashing (default: argon2's defaults).
+    @param searchIndex: the L{devpi_twisted.interfaces.ISearchIndex} (default:
+        L{openSearchIndex}).
     """
     followerStorage = storage
     if config.primaryURL is not None:
@@ -277,6 +286,15 @@ def buildServer(
     indexes = Indexes(storage, config.policy, config.mirrorCacheExpiry)
     readRules = ReadRules(storage)
     webhooks = WebhookRegistry(storage, reactor.seconds)
+    if searchIndex is None:
+        searchIndex = openSearchIndex(config)
+    search = Search(searchIndex, readRules, runner.runRead)
+    searchIndexer = None
+    if not config.requestsOnly:
+        # A random id: the lease of a node that died lapses; a restarted one takes it then.
+        searchIndexer = SearchIndexer(storage, blobs, searchIndex, runner.runFile, runner.runFile, reactor,
+                                      uuid.uuid4().hex, ready=storageReady)
+    searchViews = SearchViews(search, auth, runner.runFile, wake=searchIndexer.wake if searchIndexer else None)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -299,6 +317,7 @@ def buildServer(
         runFile=runner.runFile,
         readRules=readRules,
         webhooks=webhooks,
+        search=searchViews,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -327,8 +346,23 @@ def buildServer(
         config=config, nodeinfo=nodeinfo, storage=storage, blobs=blobs, auth=auth, throttle=throttle,
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
-        webhooks=webhooks,
+        webhooks=webhooks, search=search, searchViews=searchViews, searchIndexer=searchIndexer,
     )
+
+
+def openSearchIndex(config: ServerConfig) -> Any:
+    """
+    The search index: in the state's PostgreSQL database (shared by its
+    nodes), else SQLite's C{search.sqlite} in the server directory (in
+    memory when there is none: the tests' servers).
+    """
+    if config.backend.storage == "postgresql" and config.backend.pgDSN:
+        from devpi_twisted.storage.searchindex_postgres import PostgresSearchIndex
+
+        return PostgresSearchIndex(config.backend.pgDSN)
+    from devpi_twisted.storage.searchindex_sqlite import openSQLiteIndex
+
+    return openSQLiteIndex(config.serverdir.path)
 
 
 def deliversEvents(config: ServerConfig) -> bool:

@@ -137,6 +137,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         primaryPoolService.setServiceParent(replicaServices)
         server.replica.setServiceParent(replicaServices)
         replicaServices.setServiceParent(top)
+    if server.searchIndexer is not None:
+        # Follows the changelog into the search index (stopped before storage).
+        server.searchIndexer.setServiceParent(top)
     if deliversEvents(config):
         # Only a primary's main process delivers events (stopped before storage).
         eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady).setServiceParent(top)
