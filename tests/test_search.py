@@ -161,7 +161,7 @@ class SearchIndexContract:
         self.index.stageNames([("six", "six"), ("attrs", "attrs")])
         self.index.apply([("names", "root/pypi", "m" * 64)], 6, 7)
         self.assertEqual([h.index for h in self.search("attrs")], ["root/pypi"])
-        self.assertEqual([h.index for h in self.search("requests-oauthlib")], [])
+        self.assertNotIn("root/pypi", [h.index for h in self.search("requests-oauthlib")])
         self.index.apply([("dropIndex", "alice/dev"), ("dropNames", "root/pypi")], 7, 8)
         self.assertEqual(self.search("requests"), [])
 
@@ -352,6 +352,7 @@ class IndexingTests(SynchronousTestCase):
         t = self.makeHarness()
         t.register("alice", "dev", "before")
         t.indexer.stopService()
+        node = t.indexer._node  # a restarted node takes its own lease (another waits for it to lapse)
         t.h.settle(Deferred.fromCoroutine(t.server.releases.register("alice", "alice", "dev", "after", "after", "1.0", {})))
         self.assertEqual(t.search("after").total, 0)
         # a new indexer over the same index continues from its position
@@ -366,7 +367,7 @@ class IndexingTests(SynchronousTestCase):
 
         self.patch(SearchIndexer, "rebuildFromState", recording)
         t.indexer = SearchIndexer(t.h.storage, t.h.blobs, t.server.search.index, _inline, _inline,
-                                  t.h.clock, "node")
+                                  t.h.clock, node)
         t.indexer.duty = 1.0
         t.indexer.startService()
         self.addCleanup(t.indexer.stopService)
