@@ -14,7 +14,6 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from devpi_twisted.model import keys
 from devpi_twisted.model.identity import Identity
 from devpi_twisted.services.releases import Documentation
 from devpi_twisted.services.search import changedThings, docPages, highlight, pageText

@@ -21,7 +21,7 @@ import html.parser
 import re
 import time
 import zipfile
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -531,32 +531,38 @@ class SearchIndexer(Service):
         reader = await self._blobs.open(sha256)
         if reader is None:
             return []
-        file = await blockingFile(reader, self._runFile)
+        lines = _NameLines(await blockingFile(reader, self._runFile))
         await self._runIndex(self._index.clearStage)
         try:
-            while True:
+            while not lines.ended:
                 started = time.monotonic()
-                chunk = await self._runIndex(_readNames, file, self.namesChunk)
-                if not chunk:
-                    break
-                await self._runIndex(self._index.stageNames, chunk)
+                await self._runIndex(self._index.stageNames, lines.next(self.namesChunk))
                 await self._rest(time.monotonic() - started)
         finally:
-            await self._runFile(file.close)
+            await self._runFile(lines.file.close)
         return [("names", index, sha256)]
 
 
-def _readNames(file: BinaryIO, count: int) -> list[tuple[str, str]]:
-    """The next C{count} names of a list file (one per line), with their normalised forms."""
-    found = []
-    for _ in range(count):
-        line = file.readline()
-        if not line:
-            break
-        display = line.decode("utf-8", "replace").strip()
-        if display:
-            found.append((normalizeProject(display), display))
-    return found
+class _NameLines:
+    """
+    The names of a list file (one per line) with their normalised forms,
+    streamed into the index a chunk at a time: no list of a million
+    tuples for the garbage collector to walk.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.ended = False
+
+    def next(self, count: int) -> Iterator[tuple[str, str]]:
+        for _ in range(count):
+            line = self.file.readline()
+            if not line:
+                self.ended = True
+                return
+            display = line.decode("utf-8", "replace").strip()
+            if display:
+                yield normalizeProject(display), display
 
 
 class _Stopped(Exception):

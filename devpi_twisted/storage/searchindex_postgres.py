@@ -42,7 +42,9 @@ _SCHEMA = [
     " display TEXT NOT NULL, PRIMARY KEY (name, idx))",
     "CREATE INDEX IF NOT EXISTS devpi_search_names_idx ON devpi_search_names (idx)",
     "CREATE TABLE IF NOT EXISTS devpi_search_namelists (idx TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
-    "CREATE UNLOGGED TABLE IF NOT EXISTS devpi_search_staging (name TEXT PRIMARY KEY, display TEXT NOT NULL)",
+    # a node's staging of a mirror's names (several chunks, duplicates possible): one node indexes at a time
+    "CREATE UNLOGGED TABLE IF NOT EXISTS devpi_search_staging (name TEXT NOT NULL, display TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS devpi_search_staging_name ON devpi_search_staging (name)",
     "CREATE TABLE IF NOT EXISTS devpi_search_docsets (idx TEXT NOT NULL, name TEXT NOT NULL,"
     " version TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (idx, name))",
     "CREATE TABLE IF NOT EXISTS devpi_search_docpages (id BIGSERIAL PRIMARY KEY, idx TEXT NOT NULL,"
@@ -159,7 +161,7 @@ class PostgresSearchIndex:
     def _op_names(self, conn: Any, index: str, sha256: str) -> None:
         conn.execute("DELETE FROM devpi_search_names n WHERE idx = %s AND NOT EXISTS"
                      " (SELECT 1 FROM devpi_search_staging s WHERE s.name = n.name)", (index,))
-        conn.execute("INSERT INTO devpi_search_names (name, idx, display) SELECT name, %s, display"
+        conn.execute("INSERT INTO devpi_search_names (name, idx, display) SELECT DISTINCT ON (name) name, %s, display"
                      " FROM devpi_search_staging ON CONFLICT (name, idx) DO UPDATE SET display = EXCLUDED.display",
                      (index,))
         conn.execute("DELETE FROM devpi_search_staging")
@@ -179,11 +181,8 @@ class PostgresSearchIndex:
         with self._pool.connection() as conn:
             with conn.cursor() as cursor:
                 with cursor.copy("COPY devpi_search_staging (name, display) FROM STDIN") as copy:
-                    seen = set()
                     for name, display in names:
-                        if name not in seen:
-                            seen.add(name)
-                            copy.write_row((name, _clean(display)))
+                        copy.write_row((name, _clean(display)))
 
     def clearStage(self) -> None:
         with self._pool.connection() as conn:
@@ -219,17 +218,25 @@ class PostgresSearchIndex:
         hits: list[IndexHit] = []
         excluded = sorted(q.excluded)
         with self._pool.connection() as conn:
+            def left() -> int:
+                # Ranks come in order: once the better ones fill the results, worse ones are not looked for.
+                return max(0, q.limit - len(hits))
+
             def projects(rank: int, where: str, args: list[Any], order: str = "name") -> None:
+                if not left():
+                    return
                 for name, idx, display, version, summary in conn.execute(
                         "SELECT name, idx, display, version, summary FROM devpi_search_projects"
                         f" WHERE {where} AND NOT (idx = ANY(%s)) ORDER BY {order} LIMIT %s",
-                        [*args, excluded, q.limit]):
+                        [*args, excluded, left()]):
                     hits.append(IndexHit("project", idx, name, display, version, summary, rank, 1.0))
 
             def names(rank: int, where: str, args: list[Any], order: str = "name") -> None:
+                if not left():
+                    return
                 for name, idx, display in conn.execute(
                         f"SELECT name, idx, display FROM devpi_search_names WHERE {where} AND NOT (idx = ANY(%s))"
-                        f" ORDER BY {order} LIMIT %s", [*args, excluded, q.limit]):
+                        f" ORDER BY {order} LIMIT %s", [*args, excluded, left()]):
                     hits.append(IndexHit("project", idx, name, display, None, "", rank, 0.0))
 
             if q.name:
@@ -241,7 +248,7 @@ class PostgresSearchIndex:
                 if q.typos:
                     projects(TYPO, "name = ANY(%s)", [list(q.typos)])
                     names(TYPO, "name = ANY(%s)", [list(q.typos)])
-                if self.trigrams and len(q.name) >= 4:
+                if self.trigrams and len(q.name) >= 4 and left():
                     # pg_trgm: names further off (two typos, a word missing), after those one edit away
                     for table, columns in (("devpi_search_projects", "version, summary"),
                                            ("devpi_search_names", "NULL, ''")):
@@ -251,19 +258,19 @@ class PostgresSearchIndex:
                                 " LIMIT 50", [q.name, q.name, excluded, q.name]):
                             hits.append(IndexHit("project", idx, name, display, version, summary, TYPO,
                                                  -1.0 + float(similarity)))
-            if q.words:
+            if q.words and left():
                 query = tsQuery(q.words)
                 for name, idx, display, version, summary, score in conn.execute(
                         "SELECT name, idx, display, version, summary, ts_rank(doc, query)"
                         " FROM devpi_search_projects, to_tsquery('simple', %s) query"
                         " WHERE doc @@ query AND NOT (idx = ANY(%s)) ORDER BY ts_rank(doc, query) DESC LIMIT %s",
-                        [query, excluded, q.limit]):
+                        [query, excluded, left()]):
                     hits.append(IndexHit("project", idx, name, display, version, summary, TEXT, float(score)))
                 for rowid, name, idx, version, path, title, score in conn.execute(
                         "SELECT id, name, idx, version, path, title, ts_rank(doc, query)"
                         " FROM devpi_search_docpages, to_tsquery('simple', %s) query"
                         " WHERE doc @@ query AND NOT (idx = ANY(%s)) ORDER BY ts_rank(doc, query) DESC LIMIT %s",
-                        [query, excluded, q.limit]):
+                        [query, excluded, left()]) if left() else ():
                     hits.append(IndexHit("doc", idx, name, name, version, "", DOC, float(score), docPath=path,
                                          title=title, extra={"rowid": rowid}))
         return hits

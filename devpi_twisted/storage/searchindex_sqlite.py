@@ -242,20 +242,27 @@ class SQLiteSearchIndex:
 
     def _search(self, conn: sqlite3.Connection, q: SearchQuery) -> list[IndexHit]:
         hits: list[IndexHit] = []
-        limit = q.limit
         pNot, pArgs = _notIn("idx", q.excluded)
         projectCols = "name, idx, display, version, summary"
 
+        def left() -> int:
+            # Ranks come in order: once the better ones fill the results, worse ones are not looked for.
+            return max(0, q.limit - len(hits))
+
         def projects(rank: int, where: str, args: list[Any], score: float = 1.0) -> None:
+            if not left():
+                return
             for name, idx, display, version, summary in conn.execute(
                     f"SELECT {projectCols} FROM projects WHERE {where}{pNot} ORDER BY name LIMIT ?",
-                    [*args, *pArgs, limit]):
+                    [*args, *pArgs, left()]):
                 hits.append(IndexHit("project", idx, name, display, version, summary, rank, score))
 
         def names(rank: int, where: str, args: list[Any]) -> None:
+            if not left():
+                return
             for name, idx, display in conn.execute(
                     f"SELECT name, idx, display FROM names WHERE {where}{pNot} ORDER BY name LIMIT ?",
-                    [*args, *pArgs, limit]):
+                    [*args, *pArgs, left()]):
                 hits.append(IndexHit("project", idx, name, display, None, "", rank, 0.0))
 
         if q.name:
@@ -269,7 +276,7 @@ class SQLiteSearchIndex:
                 marks = ",".join("?" * len(chunk))
                 projects(TYPO, f"name IN ({marks})", chunk)
                 names(TYPO, f"name IN ({marks})", chunk)
-        if q.words:
+        if q.words and left():
             match = ftsQuery(q.words)
             fNot, fArgs = _notIn("p.idx", q.excluded)
             for name, idx, display, version, summary, score in conn.execute(
@@ -277,14 +284,14 @@ class SQLiteSearchIndex:
                     " bm25(projects_fts, 10.0, 5.0, 1.0, 4.0, 2.0, 2.0)"
                     " FROM projects_fts JOIN projects p ON p.id = projects_fts.rowid"
                     f" WHERE projects_fts MATCH ?{fNot} ORDER BY bm25(projects_fts, 10.0, 5.0, 1.0, 4.0, 2.0, 2.0)"
-                    " LIMIT ?", [match, *fArgs, limit]):
+                    " LIMIT ?", [match, *fArgs, left()]):
                 hits.append(IndexHit("project", idx, name, display, version, summary, TEXT, -score))
             dNot, dArgs = _notIn("d.idx", q.excluded)
             for rowid, name, idx, version, path, title, score in conn.execute(
                     "SELECT d.id, d.name, d.idx, d.version, d.path, d.title, bm25(docs_fts, 5.0, 1.0)"
                     " FROM docs_fts JOIN docpages d ON d.id = docs_fts.rowid"
                     f" WHERE docs_fts MATCH ?{dNot} ORDER BY bm25(docs_fts, 5.0, 1.0) LIMIT ?",
-                    [match, *dArgs, limit]):
+                    [match, *dArgs, left()]) if left() else ():
                 hits.append(IndexHit("doc", idx, name, name, version, "", DOC, -score, docPath=path, title=title,
                                      extra={"rowid": rowid}))
         return hits
