@@ -402,3 +402,55 @@ class IEventSubscriber(Interface):
         @return: a Deferred; when it fails the same event is delivered again
             later (with a growing delay) and later events wait.
         """
+
+
+class ISearchIndex(Interface):
+    """
+    The search index (L{devpi_twisted.services.search}): derived data,
+    rebuilt from the state at will, never in the changelog or exports.
+
+    Every method blocks: callers run them in the storage runner's threads.
+    Writes carry the position (the last storage serial indexed) they start
+    from, and are refused with L{devpi_twisted.storage.searchindex.Moved}
+    when the index is elsewhere (another node indexed, or it was cleared).
+    """
+
+    def position():
+        """The last serial indexed, or -1 (empty: to be built from the state)."""
+
+    def claim(node, now, lease):
+        """
+        Whether C{node} may index for the next C{lease} seconds (several
+        nodes may share one index; one indexes at a time).
+        """
+
+    def apply(operations, expected, position):
+        """
+        Apply L{devpi_twisted.storage.searchindex} operations and set the
+        position to C{position}, in one transaction, when the position is
+        still C{expected}.
+        """
+
+    def stageNames(names):
+        """Add C{(name, display)} pairs to the staging list of mirror names."""
+
+    def clearStage():
+        """Empty the staging list of mirror names."""
+
+    def namesDigest(index):
+        """The digest of the mirror name list indexed for C{index}, or C{None}."""
+
+    def docDigests(pairs):
+        """C{{(index, project): sha256}} of the documentation indexed for these projects."""
+
+    def search(query):
+        """The L{devpi_twisted.storage.searchindex.IndexHit}s of a L{SearchQuery}, best first by kind."""
+
+    def texts(hits):
+        """C{{hit.key: text}}: the description or page text behind hits, to highlight."""
+
+    def clear():
+        """Empty the index; its position becomes -1."""
+
+    def close():
+        """Release connections."""

@@ -10,6 +10,7 @@ limits included.  The real HTTP agents, each over its own connection pool,
 are made here too (L{upstreamPool}, L{primaryPool}).
 """
 
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -64,6 +65,8 @@ from devpi_twisted.web.metrics import (
 from devpi_twisted.web.routes import Routes, makeWebResource
 from devpi_twisted.web.server import DevpiRequest, DevpiSite, SiteLimits
 from devpi_twisted.services.readrules import ReadRules
+from devpi_twisted.services.search import Search, SearchIndexer
+from devpi_twisted.web.search import SearchViews
 from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.upload import UploadGate
 
@@ -97,6 +100,9 @@ class Server:
     downloads: Any = None  # the DownloadCounter (a child service of mirrors)
     mirrorCache: Any = None  # the MirrorCache (a child service of mirrors)
     retention: Any = None  # the retention runs behind +retention and the schedule
+    search: Any = None  # services.search.Search
+    searchViews: Any = None  # web.search.SearchViews (the web interface gives it its htmlPage)
+    searchIndexer: Any = None  # the service that keeps the index current (not in --requests-only workers)
 
 
 class _PoolService(Service):
@@ -213,6 +219,7 @@ def buildServer(
     spoolDirectory: str | None = None,
     hashing: PasswordHashing | None = None,
     version: str = __version__,
+    searchIndex: Any = None,
 ) -> Server:
     """
     The whole server over the given collaborators.
@@ -234,6 +241,8 @@ def buildServer(
     @param filesElsewhere: whether mirror files not stored here can still be
         had (default: on a replica, while its primary is reachable).
     @param hashing: the password hashing (default: argon2's defaults).
+    @param searchIndex: the L{devpi_twisted.interfaces.ISearchIndex} (default:
+        L{openSearchIndex}).
     """
     followerStorage = storage
     if config.primaryURL is not None:
@@ -294,6 +303,15 @@ def buildServer(
     webhooks = WebhookRegistry(storage, reactor.seconds)
     retention = Retention(storage, reactor.seconds)
     registry.register(RetentionMetrics(retention))  # type: ignore[arg-type]
+    if searchIndex is None:
+        searchIndex = openSearchIndex(config)
+    search = Search(searchIndex, readRules, runner.runRead)
+    searchIndexer = None
+    if not config.requestsOnly:
+        # A random id: the lease of a node that died lapses; a restarted one takes it then.
+        searchIndexer = SearchIndexer(storage, blobs, searchIndex, runner.runFile, runner.runFile, reactor,
+                                      uuid.uuid4().hex, ready=storageReady)
+    searchViews = SearchViews(search, auth, runner.runFile, wake=searchIndexer.wake if searchIndexer else None)
     # A replica forwards uploads to its primary, which decides.
     bodyGate = UploadGate(auth, releases, blobs, Routes.app.url_map) if replica is None else None
     resource = makeWebResource(
@@ -318,6 +336,7 @@ def buildServer(
         webhooks=webhooks,
         downloads=downloads,
         retention=retention,
+        search=searchViews,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,
@@ -347,6 +366,7 @@ def buildServer(
         users=users, indexes=indexes, releases=releases, pages=pages, mirrors=realMirrors,
         upstreamStats=upstreamStats, metrics=metrics, feed=feed, replica=replica, resource=resource, site=site,
         webhooks=webhooks, downloads=downloads, mirrorCache=mirrorCache, retention=retention,
+        search=search, searchViews=searchViews, searchIndexer=searchIndexer,
     )
 
 
@@ -358,6 +378,21 @@ def runsRetention(config: ServerConfig) -> bool:
 def retentionSchedule(server: Server, reactor: Any, ready: Callable[[], Any] | None = None) -> RetentionSchedule:
     """The scheduled retention runs (README "Retention"), for the process L{runsRetention} names."""
     return RetentionSchedule(server.retention, reactor, server.config.retentionInterval, ready=ready)
+
+
+def openSearchIndex(config: ServerConfig) -> Any:
+    """
+    The search index: in the state's PostgreSQL database (shared by its
+    nodes), else SQLite's C{search.sqlite} in the server directory (in
+    memory when there is none: the tests' servers).
+    """
+    if config.backend.storage == "postgresql" and config.backend.pgDSN:
+        from devpi_twisted.storage.searchindex_postgres import PostgresSearchIndex
+
+        return PostgresSearchIndex(config.backend.pgDSN)
+    from devpi_twisted.storage.searchindex_sqlite import openSQLiteIndex
+
+    return openSQLiteIndex(config.serverdir.path)
 
 
 def deliversEvents(config: ServerConfig) -> bool:

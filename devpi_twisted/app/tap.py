@@ -148,6 +148,9 @@ def makeService(options: Options, reactor: Any = None, checkListen: bool | None 
         pruner = HistoryPruner(storage, reactor, config.historyPruneInterval, config.historyKeep,
                                ready=storageService.whenReady)
         pruner.setServiceParent(top)
+    if server.searchIndexer is not None:
+        # Follows the changelog into the search index (stopped before storage).
+        server.searchIndexer.setServiceParent(top)
     if deliversEvents(config):
         # Only a primary's main process delivers events (stopped before storage).
         events = eventServices(config, storage, reactor, runner, ownNode, ready=storageService.whenReady)

@@ -51,7 +51,7 @@ PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
 _SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens",
-            "+webhooks", "+retention"}
+            "+webhooks", "+retention", "+search"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -81,8 +81,9 @@ class Routes:
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
                  docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
                  tokens: TokenViews | None = None, webhooks: WebhookViews | None = None,
-                 retention: RetentionViews | None = None) -> None:
+                 retention: RetentionViews | None = None, search: Any = None) -> None:
         self._retention = retention
+        self.search = search  # a web.search.SearchViews; the web interface sets its htmlPage
         self._tokens = tokens
         self._webhooks = webhooks
         self._changelog = changelog
@@ -119,6 +120,21 @@ class Routes:
         if self._metrics is None:
             raise NotFound()
         return self._metrics.render(request)
+
+    # search (see .search)
+
+    def _searchViews(self) -> Any:
+        if self.search is None:
+            raise NotFound()
+        return self.search
+
+    @app.route("/+search", methods=["GET"])
+    def searchPage(self, request: IRequest) -> Any:
+        return self._searchViews().search(request)
+
+    @app.route("/+search/rebuild", methods=["POST"])
+    def searchRebuild(self, request: IRequest) -> Any:
+        return self._searchViews().rebuild(request)
 
     # webhooks (see .webhooks)
 
@@ -333,6 +349,7 @@ def makeWebResource(
     webhooks: Any = None,
     downloads: Any = None,
     retention: Any = None,
+    search: Any = None,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -379,6 +396,7 @@ def makeWebResource(
         TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
         WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
         RetentionViews(auth, retention, runFile) if retention is not None else None,
+        search,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews,
