@@ -206,6 +206,7 @@ def buildServer(
     spoolDirectory: str | None = None,
     hashing: PasswordHashing | None = None,
     version: str = __version__,
+    search: Any = None,
 ) -> Server:
     """
     The whole server over the given collaborators.
@@ -227,6 +228,7 @@ def buildServer(
     @param filesElsewhere: whether mirror files not stored here can still be
         had (default: on a replica, while its primary is reachable).
     @param hashing: the password hashing (default: argon2's defaults).
+    @param search: the search service the web interface's search page asks.
     """
     followerStorage = storage
     if config.primaryURL is not None:
@@ -299,6 +301,7 @@ def buildServer(
         runFile=runner.runFile,
         readRules=readRules,
         webhooks=webhooks,
+        search=search,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,

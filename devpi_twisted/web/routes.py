@@ -39,6 +39,7 @@ from devpi_twisted.services.readrules import ReadRules
 from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
+from devpi_twisted.web.ui.views import UIViews, wantsPage
 from devpi_twisted.web.tokens import TokenViews
 from devpi_twisted.web.upload import UploadViews
 from devpi_twisted.web.webhooks import WebhookViews
@@ -50,7 +51,7 @@ PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
 _SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens",
-            "+webhooks"}
+            "+webhooks", "+search", "+static"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -79,7 +80,9 @@ class Routes:
 
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
                  docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
-                 tokens: TokenViews | None = None, webhooks: WebhookViews | None = None) -> None:
+                 tokens: TokenViews | None = None, webhooks: WebhookViews | None = None,
+                 ui: UIViews | None = None) -> None:
+        self._ui = ui  # the web interface: a browser's GET gets its pages (see _page)
         self._tokens = tokens
         self._webhooks = webhooks
         self._changelog = changelog
@@ -93,11 +96,42 @@ class Routes:
     for _type, _handler in HANDLERS:
         app.handle_errors(_type)(lambda self, request, failure, _h=_handler: _h(request, failure))
 
+    def _page(self, request: IRequest) -> UIViews | None:
+        """The web interface, when it is there and the request is a browser's."""
+        return self._ui if self._ui is not None and wantsPage(request) else None
+
     # server-wide
 
     @app.route("/", methods=["GET"])
     def root(self, request: IRequest) -> Any:
+        if ui := self._page(request):
+            return ui.root(request)
         return self._api.listUsers(request)
+
+    # the web interface's own URLs (see .ui)
+
+    def _uiViews(self) -> UIViews:
+        if self._ui is None:
+            raise NotFound()
+        return self._ui
+
+    @app.route("/+static/<name>", methods=["GET"])
+    def static(self, request: IRequest, name: str) -> Any:
+        return self._uiViews().static(request, name)
+
+    @app.route("/+search", methods=["GET"])
+    def search(self, request: IRequest) -> Any:
+        # TODO(search): the JSON answer for everyone else comes with services/search.py.
+        return self._uiViews().searchPage(request)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+d/<path:path>", methods=["GET"])
+    def docFrame(self, request: IRequest, user: str, index: str, project: str, version: str, path: str) -> Any:
+        return self._uiViews().docs(request, user, index, project, version, path)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+toxresults/<filename>", methods=["GET"])
+    def toxresults(self, request: IRequest, user: str, index: str, project: str, version: str,
+                   filename: str) -> Any:
+        return self._uiViews().toxresults(request, user, index, project, version, filename)
 
     @app.route("/+api", methods=["GET", "POST"])
     def rootApi(self, request: IRequest) -> Any:
@@ -201,6 +235,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}", methods=[*_RW, "POST", "PUSH"])
     @app.route(f"/{USER}/{INDEX}/", methods=[*_RW, "POST", "PUSH"])
     def index(self, request: IRequest, user: str, index: str) -> Any:
+        if ui := self._page(request):
+            return ui.index(request, user, index)
         if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
             return self._pages.indexList(request, user, index, slash=True)
         return _byMethod(request, {
@@ -274,6 +310,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}/{PROJECT}", methods=["GET", "DELETE", "PATCH"])
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/", methods=["GET", "DELETE", "PATCH"])
     def project(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        if ui := self._page(request):
+            return ui.project(request, user, index, project)
         if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
             slash = request.path.endswith(b"/")
             return self._pages.project(request, user, index, project, slash=slash or isInstaller(request))
@@ -286,6 +324,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}", methods=["GET", "DELETE", "PATCH"])
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/", methods=["GET", "DELETE", "PATCH"])
     def version(self, request: IRequest, user: str, index: str, project: str, version: str) -> Any:
+        if ui := self._page(request):
+            return ui.version(request, user, index, project, version)
         return _byMethod(request, {
             b"GET": self._projects.getVersion,
             b"DELETE": self._projects.deleteVersion,
@@ -314,6 +354,8 @@ def makeWebResource(
     runFile: Callable[..., Any] = maybeDeferred,
     readRules: ReadRules | None = None,
     webhooks: Any = None,
+    search: Any = None,
+    webUI: bool = True,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -321,6 +363,9 @@ def makeWebResource(
     @param mirrorFiles: answers the file requests of mirrors (files not
         stored yet); by default a L{MirrorFileAnswers} of C{mirrors}.
     @param changelog: the replication feed, when this server may be followed.
+    @param search: the search service the web interface's search page asks
+        (see L{UIViews}); without it the page says search is not available.
+    @param webUI: whether browsers get the web interface's pages.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
     @param webhooks: the L{devpi_twisted.services.webhooks.WebhookRegistry}
@@ -355,6 +400,10 @@ def makeWebResource(
         metrics,
         TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
         WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
+        UIViews(storage=storage, blobs=blobs, auth=auth, users=users, docs=documentation, version=version,
+                outsideURL=config.outsideURL, mirrors=mirrors,
+                replication=replication if replication is not None else changelog, search=search,
+                runFile=runFile) if webUI else None,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews, KnownFileAnswers(knownFiles, blobs, redirects)),
