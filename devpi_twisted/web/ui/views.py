@@ -161,7 +161,7 @@ class UIViews:
             for name, config in sorted(indexes.items()):
                 rows.append(tags.li(
                     tags.h3(link(f"{owner}/{name}", owner, name)),
-                    tags.p(config.get("title") or "", " ",
+                    tags.p(f"{config['title']} " if config.get("title") else "",
                            tags.span(f"({config.get('type', 'stage')})", class_="muted")),
                     tags.p(config.get("description") or "", class_="muted") if config.get("description") else "",
                 ))
@@ -336,11 +336,11 @@ class UIViews:
             content.append(tags.section(tags.h2("Classifiers"),
                                         tags.ul([tags.li(c) for c in classifiers], class_="plain")))
         content.append(await self._filesSection(user, index, info, release))
-        others = [v for v in info.ordered() if v.version != release.version]
-        if others:
-            content.append(tags.section(tags.h2("Other versions"), tags.ul(class_="plain")([
-                tags.li(link(v.version, user, index, info.project, v.version), " ",
-                        tags.span(f"({v.stage})", class_="muted")) for v in others])))
+        versions = [tags.li(link(v.version, user, index, info.project, v.version)(
+                                **({"aria-current": "page"} if pinned and v is release else {})),
+                            " (this one)" if v is release else "", " ",
+                            tags.span(f"({v.stage})", class_="muted")) for v in info.ordered()]
+        content.append(tags.section(tags.h2("Versions"), tags.ul(class_="plain")(versions)))
         return await self._answer(request, Page(f"{info.name} {release.version}", content, crumbs))
 
     def _projectURLs(self, meta: dict[str, Any]) -> list[Any]:
