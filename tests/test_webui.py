@@ -340,8 +340,11 @@ class FakeSearch:
 
 class SearchPageTests(_Base):
     def test_notAvailable(self) -> None:
-        """Without a search service the page says so."""
+        """Without a search service the page says so; a JSON client gets no page."""
         self.assertIn("Search is not available", self.page("/+search?query=demo"))
+        answer = self.server.get("/+search?query=demo", DEVPI_CLIENT)
+        self.assertEqual(answer.code, 404)
+        self.assertTrue(answer.json["message"])
 
     def test_results(self) -> None:
         """Results link to their release, with the matched part marked and escaped, and paged."""
@@ -361,3 +364,18 @@ class SearchPageTests(_Base):
         self.assertIn('value="&lt;demo&gt;"', html)
         self.assertIn("Page 2 of 3", html)
         self.assertIn("page=3", html)
+
+
+class MirrorPageTests(_Base):
+    def test_mirrorProject(self) -> None:
+        """A mirror's project page lists upstream's files; its index page only what is cached."""
+        from devpi_twisted.testing.fakepypi import buildWheel as upstreamWheel
+
+        filename, data, _ = upstreamWheel("upstream-pkg", "3.1")
+        self.server.fake.addFile("upstream-pkg", filename, data)
+        self.assertNotIn("upstream-pkg", self.page("/root/pypi"))
+        html = self.page("/root/pypi/upstream-pkg")
+        self.assertIn("upstream-pkg 3.1", html)
+        self.assertIn(filename, html)
+        self.assertIn("pip install -i http://devpi.test/root/pypi/+simple/ upstream-pkg==3.1", html)
+        self.assertIn('href="/root/pypi/upstream-pkg"', self.page("/root/pypi"))  # cached now

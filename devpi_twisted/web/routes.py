@@ -121,7 +121,9 @@ class Routes:
 
     @app.route("/+search", methods=["GET"])
     def search(self, request: IRequest) -> Any:
-        # TODO(search): the JSON answer for everyone else comes with services/search.py.
+        if wantsJSONAPI(request.getHeader(b"accept")):
+            # TODO(search): the JSON answer comes with services/search.py.
+            raise NotFound()
         return self._uiViews().searchPage(request)
 
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+d/<path:path>", methods=["GET"])
