@@ -165,7 +165,8 @@ class PageTests(_Base):
         html = self.page("/alice/dev/demo-pkg")
         self.assertIn("demo-pkg", html)
         self.assertIn("2.0", html)
-        self.assertIn("<h1>Big title", html.replace('<h1 id="user-content-big-title">', "<h1>"))
+        self.assertIn("<h3>Big title", html.replace('<h3 id="user-content-big-title">', "<h3>"))
+        self.assertEqual(html.count("<h1"), 1)  # the description's headings are below the page's
         self.assertIn("<code>code</code>", html)
         self.assertIn("&gt;=3.9", html)
         self.assertIn("requests&gt;=2", html)

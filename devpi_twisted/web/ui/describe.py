@@ -7,10 +7,18 @@ Rendering is CPU work on text an uploader chose: it runs off the reactor
 (the views call it through C{runFile}), and very long descriptions are cut.
 """
 
+import re
+
 from readme_renderer import markdown, rst, txt
 from werkzeug.http import parse_options_header
 
 MAX_DESCRIPTION = 512 * 1024
+_HEADING = re.compile(r"<(/?)h([1-6])\b")
+
+
+def _demoted(html: str) -> str:
+    """Headings two levels down: the page has its h1 and the description's section an h2."""
+    return _HEADING.sub(lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}", html)
 
 
 def renderDescription(text: str | None, contentType: str | None) -> str | None:
@@ -31,4 +39,4 @@ def renderDescription(text: str | None, contentType: str | None) -> str | None:
         rendered = rst.render(text)
     if rendered is None:
         rendered = txt.render(text)
-    return rendered
+    return _demoted(rendered)
