@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["devpi_twisted", "devpi_twisted.*"]) + ["twisted.plugins"],
     include_package_data=True,
+    package_data={"devpi_twisted.web.ui": ["static/*.css", "static/*.js"]},
     install_requires=[
         "twisted[tls]>=26.4",
         "klein>=24.8",
@@ -25,6 +26,9 @@ setup(
         "multipart>=2.0",
         # API tokens are macaroons, byte-compatible with devpi-tokens' (and PyPI's)
         "pymacaroons>=0.13",
+        # the web interface renders descriptions as PyPI does (rst, Markdown via
+        # comrak, plain), sanitised with nh3: the [md] extra is the Markdown part
+        "readme_renderer[md]>=44",
     ],
     extras_require={
         # --storage postgresql: psycopg 3 and its connection pool

@@ -1492,8 +1492,8 @@ class ProjectJSONTests(_Case):
         self.assertEqual(answer.json["result"]["+links"][0]["hash_spec"], f"sha256={self.wheel.sha256}")
 
     def test_needsJSONAccept(self) -> None:
-        """The project view without a JSON Accept is 415."""
-        for headers in (None, {b"Accept": [b"*/*"]}, {b"Accept": [b"text/html"]}):
+        """The project view without a JSON Accept is 415 (a browser gets a page: tests.test_webui)."""
+        for headers in (None, {b"Accept": [b"*/*"]}, {b"Accept": [b"application/xml"]}):
             self.assertEqual(self.h.get("/alice/dev/demo-pkg", headers).code, 415)
 
     def test_unknown(self) -> None:

@@ -336,7 +336,8 @@ def buildServer(
         webhooks=webhooks,
         downloads=downloads,
         retention=retention,
-        search=searchViews,
+        searchViews=searchViews,
+        search=search,
     )
     if replica is not None:
         resource = ReplicaProxyResource(resource, primaryAgent, replica.primaryURL, storage, blobs, reactor,

@@ -132,3 +132,30 @@ def wantsJSONAPI(accept: bytes | str | None) -> bool:
     if isinstance(accept, str):
         return "application/json" in accept.lower()
     return False
+
+
+_PAGE_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def prefersHTML(accept: bytes | str | None) -> bool:
+    """
+    Whether C{Accept} is a browser's: C{text/html} (or XHTML) named, with a
+    q-value no other named type beats.  A client that names JSON (devpi
+    JSON or PEP 691) or a PEP 691 type at all, sends no header or only
+    C{*/*} is not a browser, so it keeps the answers it gets today.
+    """
+    if not accept or wantsJSONAPI(accept):
+        return False
+    header = accept.decode("latin-1") if isinstance(accept, bytes) else accept
+    if not isinstance(header, str):
+        return False
+    ranges = list(_parseAccept(header))
+    html = max((q for mediaRange, q in ranges if mediaRange in _PAGE_TYPES), default=0.0)
+    if html <= 0.0:
+        return False
+    for mediaRange, q in ranges:
+        if mediaRange in _ALL[:2] and q > 0.0:  # a PEP 691 client
+            return False
+        if mediaRange not in _PAGE_TYPES and "*" not in mediaRange and q > html:
+            return False
+    return True

@@ -40,6 +40,7 @@ from devpi_twisted.web.readgate import ReadGate
 from devpi_twisted.web.retention import RetentionViews
 from devpi_twisted.web.storedfiles import KnownFileAnswers, KnownFiles
 from devpi_twisted.web.docs import DocViews
+from devpi_twisted.web.ui.views import UIViews, wantsPage
 from devpi_twisted.web.tokens import TokenViews
 from devpi_twisted.web.upload import UploadViews
 from devpi_twisted.web.webhooks import WebhookViews
@@ -51,7 +52,7 @@ PROJECT = "<project>"
 VERSION = "<version>"
 _RW = ["GET", "PUT", "PATCH", "DELETE"]
 _SPECIAL = {"+api", "+login", "+status", "+metrics", "+simple", "+f", "+provenance", "+token-create", "+tokens",
-            "+webhooks", "+retention", "+search"}
+            "+webhooks", "+retention", "+search", "+static"}
 
 
 def _byMethod(request: IRequest, views: dict[bytes, Callable[..., Any]], *names: str) -> Any:
@@ -81,9 +82,10 @@ class Routes:
     def __init__(self, api: APIViews, pages: PageViews, projects: ProjectViews, uploads: UploadViews,
                  docs: DocViews, changelog: ChangelogFeed | None = None, metrics: Any = None,
                  tokens: TokenViews | None = None, webhooks: WebhookViews | None = None,
-                 retention: RetentionViews | None = None, search: Any = None) -> None:
+                 retention: RetentionViews | None = None, search: Any = None, ui: UIViews | None = None) -> None:
         self._retention = retention
-        self.search = search  # a web.search.SearchViews; the web interface sets its htmlPage
+        self.search = search  # a web.search.SearchViews: /+search's JSON (and the rebuild)
+        self._ui = ui  # the web interface: a browser's GET gets its pages (see _page)
         self._tokens = tokens
         self._webhooks = webhooks
         self._changelog = changelog
@@ -97,11 +99,44 @@ class Routes:
     for _type, _handler in HANDLERS:
         app.handle_errors(_type)(lambda self, request, failure, _h=_handler: _h(request, failure))
 
+    def _page(self, request: IRequest) -> UIViews | None:
+        """The web interface, when it is there and the request is a browser's."""
+        return self._ui if self._ui is not None and wantsPage(request) else None
+
     # server-wide
 
     @app.route("/", methods=["GET"])
     def root(self, request: IRequest) -> Any:
+        if ui := self._page(request):
+            return ui.root(request)
         return self._api.listUsers(request)
+
+    # the web interface's own URLs (see .ui)
+
+    def _uiViews(self) -> UIViews:
+        if self._ui is None:
+            raise NotFound()
+        return self._ui
+
+    @app.route("/+static/<name>", methods=["GET"])
+    def static(self, request: IRequest, name: str) -> Any:
+        return self._uiViews().static(request, name)
+
+    @app.route("/+search", methods=["GET"])
+    def search(self, request: IRequest) -> Any:
+        """The web interface's page for a browser; JSON (devpi-web's URL) for the rest."""
+        if self._ui is not None and not wantsJSONAPI(request.getHeader(b"accept")):
+            return self._ui.searchPage(request)
+        return self._searchViews().search(request)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+d/<path:path>", methods=["GET"])
+    def docFrame(self, request: IRequest, user: str, index: str, project: str, version: str, path: str) -> Any:
+        return self._uiViews().docs(request, user, index, project, version, path)
+
+    @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/+toxresults/<filename>", methods=["GET"])
+    def toxresults(self, request: IRequest, user: str, index: str, project: str, version: str,
+                   filename: str) -> Any:
+        return self._uiViews().toxresults(request, user, index, project, version, filename)
 
     @app.route("/+api", methods=["GET", "POST"])
     def rootApi(self, request: IRequest) -> Any:
@@ -127,10 +162,6 @@ class Routes:
         if self.search is None:
             raise NotFound()
         return self.search
-
-    @app.route("/+search", methods=["GET"])
-    def searchPage(self, request: IRequest) -> Any:
-        return self._searchViews().search(request)
 
     @app.route("/+search/rebuild", methods=["POST"])
     def searchRebuild(self, request: IRequest) -> Any:
@@ -234,6 +265,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}", methods=[*_RW, "POST", "PUSH"])
     @app.route(f"/{USER}/{INDEX}/", methods=[*_RW, "POST", "PUSH"])
     def index(self, request: IRequest, user: str, index: str) -> Any:
+        if ui := self._page(request):
+            return ui.index(request, user, index)
         if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
             return self._pages.indexList(request, user, index, slash=True)
         return _byMethod(request, {
@@ -307,6 +340,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}/{PROJECT}", methods=["GET", "DELETE", "PATCH"])
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/", methods=["GET", "DELETE", "PATCH"])
     def project(self, request: IRequest, user: str, index: str, project: str) -> Any:
+        if ui := self._page(request):
+            return ui.project(request, user, index, project)
         if request.method in (b"GET", b"HEAD") and _wantsSimple(request):
             slash = request.path.endswith(b"/")
             return self._pages.project(request, user, index, project, slash=slash or isInstaller(request))
@@ -319,6 +354,8 @@ class Routes:
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}", methods=["GET", "DELETE", "PATCH"])
     @app.route(f"/{USER}/{INDEX}/{PROJECT}/{VERSION}/", methods=["GET", "DELETE", "PATCH"])
     def version(self, request: IRequest, user: str, index: str, project: str, version: str) -> Any:
+        if ui := self._page(request):
+            return ui.version(request, user, index, project, version)
         return _byMethod(request, {
             b"GET": self._projects.getVersion,
             b"DELETE": self._projects.deleteVersion,
@@ -349,7 +386,9 @@ def makeWebResource(
     webhooks: Any = None,
     downloads: Any = None,
     retention: Any = None,
+    searchViews: Any = None,
     search: Any = None,
+    webUI: bool = True,
 ) -> Resource:
     """
     The root resource of the site, with devpi's headers on every response.
@@ -357,6 +396,9 @@ def makeWebResource(
     @param mirrorFiles: answers the file requests of mirrors (files not
         stored yet); by default a L{MirrorFileAnswers} of C{mirrors}.
     @param changelog: the replication feed, when this server may be followed.
+    @param search: the search service the web interface's search page asks
+        (see L{UIViews}); without it the page says search is not available.
+    @param webUI: whether browsers get the web interface's pages.
     @param replication: what C{/+status} shows of replication (an object with
         C{statusFields()}); by default the feed's.
     @param webhooks: the L{devpi_twisted.services.webhooks.WebhookRegistry}
@@ -396,7 +438,11 @@ def makeWebResource(
         TokenViews(storage, auth, auth.tokens, runFile) if auth.tokens is not None else None,
         WebhookViews(auth, webhooks, runFile) if webhooks is not None else None,
         RetentionViews(auth, retention, runFile) if retention is not None else None,
-        search,
+        searchViews,
+        UIViews(storage=storage, blobs=blobs, auth=auth, users=users, docs=documentation, version=version,
+                outsideURL=config.outsideURL, mirrors=mirrors,
+                replication=replication if replication is not None else changelog, search=search,
+                runFile=runFile) if webUI else None,
     )
     return DevpiHeadersResource(
         ReadGate(CachedAnswersFirst(routes.app.resource(), pageViews,
