@@ -421,21 +421,6 @@ class IndexingTests(SynchronousTestCase):
         self.assertEqual(t.h.get("/+search?query=" + "x" * 300).code, 400)
         self.assertEqual(t.h.get("/+search").json["result"]["total"], 0)
 
-    def test_htmlHook(self) -> None:
-        t = self.makeHarness()
-        seen: list[Any] = []
-
-        def page(request: Any, results: Any) -> bytes:
-            seen.append(results)
-            request.setHeader(b"Content-Type", b"application/json")  # the harness checks JSON bodies
-            return b"{}"
-
-        t.server.searchViews.htmlPage = page
-        t.h.get("/+search?query=x", headers={b"Accept": [b"text/html"]})
-        self.assertEqual([r.query for r in seen], ["x"])
-        t.h.get("/+search?query=y")  # asks for JSON
-        self.assertEqual(len(seen), 1)
-
 
 def _inline(f: Any, *args: Any) -> Deferred:
     from twisted.internet.defer import maybeDeferred

@@ -101,7 +101,7 @@ class Server:
     mirrorCache: Any = None  # the MirrorCache (a child service of mirrors)
     retention: Any = None  # the retention runs behind +retention and the schedule
     search: Any = None  # services.search.Search
-    searchViews: Any = None  # web.search.SearchViews (the web interface gives it its htmlPage)
+    searchViews: Any = None  # web.search.SearchViews: the JSON answer of /+search and its rebuild
     searchIndexer: Any = None  # the service that keeps the index current (not in --requests-only workers)
 
 

@@ -3,9 +3,8 @@
 C{GET /+search?query=TEXT&page=N} (devpi-web's URL) and the root-only
 C{POST /+search/rebuild}.
 
-A request that asks for JSON (C{Accept} naming C{application/json}) gets
-the JSON answer; any other gets the HTML page when the web interface gave
-one (C{htmlPage}), else JSON as well.
+The JSON answer; a browser gets the web interface's page instead (the
+route decides: L{devpi_twisted.web.routes.Routes.search}).
 """
 
 from typing import Any, Callable
@@ -14,15 +13,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.web.iweb import IRequest
 
 from devpi_twisted.errors import BadRequest, Forbidden, Unauthorized
-from devpi_twisted.model.negotiation import wantsJSONAPI
 from devpi_twisted.services.auth import Authenticator
 from devpi_twisted.services.search import Search, resultsAsJSON
 from devpi_twisted.web.context import identityOf, requesterOf
 from devpi_twisted.web.responses import jsonBody
-
-HTMLPage = Callable[[IRequest, Any], Any]
-"""C{htmlPage(request, results)}: renders a L{devpi_twisted.model.search.SearchResults} (bytes or a Deferred)."""
-
 
 def _argument(request: IRequest, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
@@ -36,17 +30,14 @@ def _argument(request: IRequest, name: bytes) -> str | None:
 
 class SearchViews:
     """
-    @param htmlPage: the web interface's renderer of the search page;
-        without it every answer is JSON.
     @param wake: called after a rebuild was asked for (the indexer's C{wake}).
     """
 
     def __init__(self, search: Search, auth: Authenticator, runFile: Callable[..., Any] = maybeDeferred,
-                 htmlPage: HTMLPage | None = None, wake: Callable[[], None] | None = None) -> None:
+                 wake: Callable[[], None] | None = None) -> None:
         self._search = search
         self._auth = auth
         self._runFile = runFile
-        self.htmlPage = htmlPage
         self.wake = wake
 
     async def search(self, request: IRequest) -> Any:
@@ -58,8 +49,6 @@ class SearchViews:
             raise BadRequest("page must be a number from 1")
         identity = await identityOf(request, self._auth)
         results = await self._search.search(identity, query, int(pageText))
-        if self.htmlPage is not None and not wantsJSONAPI(request.getHeader(b"accept")):
-            return await maybeDeferred(self.htmlPage, request, results)
         return jsonBody(request, result=resultsAsJSON(results), type="search")
 
     async def rebuild(self, request: IRequest) -> bytes:
