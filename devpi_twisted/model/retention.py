@@ -20,8 +20,6 @@ newest upload of its release files (a re-upload makes it young again); a
 version without files has no age, so age and download rules keep it.
 """
 
-import calendar
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from devpi_twisted.errors import BadRequest
+from devpi_twisted.model.timeutil import parseIsoSeconds
 
 KEEP_LATEST = "retention_keep_latest"
 MAX_AGE = "retention_max_age_days"
@@ -106,9 +105,8 @@ def parseUploadTime(text: Any) -> float | None:
     """Unix time of a PEP 700 C{upload-time} (C{2024-01-02T03:04:05.678901Z}); C{None} if unreadable."""
     if not isinstance(text, str) or len(text) < 19:
         return None
-    try:
-        seconds = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
+    seconds = parseIsoSeconds(text[:19])
+    if seconds is None:
         return None
     fraction = text[19:].rstrip("Z")
     if fraction.startswith(".") and fraction[1:].isdigit():

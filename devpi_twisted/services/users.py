@@ -48,6 +48,16 @@ def replicaChanges(secret: bytes, changes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def replicaSnapshot(storage: Any, secret: bytes) -> tuple[int, float | None, dict[str, Any]]:
+    """
+    The whole current state as a replica may have it (password hashes made
+    fingerprints, as in the feed): C{(serial, commit time or None, state)}.
+    """
+    serial, items = await storage.read(lambda view: (view.serial, view.items("")))
+    when = storage.lastCommitTime() if storage.currentSerial() == serial else None
+    return serial, when, replicaChanges(secret, dict(items))
+
+
 class Users:
     """The user operations of the JSON API."""
 

@@ -33,7 +33,7 @@ from devpi_twisted.services.auth import checkReplicationToken, replicationKey
 from devpi_twisted.errors import Conflict, Forbidden, Gone, NotFound
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.storage import ChangeRecord, HistoryPruned
-from devpi_twisted.services.users import replicaChanges
+from devpi_twisted.services.users import replicaChanges, replicaSnapshot
 from devpi_twisted.web.context import clientAddress
 from devpi_twisted.web.files import FileResponse
 from devpi_twisted.web.headers import setSerial
@@ -197,9 +197,7 @@ class ChangelogFeed:
     async def snapshot(self, request: IRequest) -> bytes:
         """The whole current state, for a replica that starts over (see the module docstring)."""
         self._authorize(request)
-        serial, items = await self._storage.read(lambda view: (view.serial, view.items("")))
-        when = self._storage.lastCommitTime() if self._storage.currentSerial() == serial else None
-        state = replicaChanges(self._secret, dict(items))
+        serial, when, state = await replicaSnapshot(self._storage, self._secret)
         setSerial(request, serial)
         request.setHeader(b"Content-Type", JSONL)
         request.setHeader(b"Cache-Control", b"no-store")
