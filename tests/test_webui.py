@@ -106,6 +106,13 @@ class NegotiationTests(_Base):
         self.assertTrue(before[("/alice/dev/demo-pkg/", 1)].header("Content-Type").startswith(
             "application/vnd.pypi.simple.v1+json"))
 
+    def test_negotiatedAnswersVary(self) -> None:
+        """A page and the JSON at the same URL both say what they depend on, for shared caches."""
+        self.upload()
+        for path in ("/", "/alice/dev", "/alice/dev/demo-pkg", "/alice/dev/demo-pkg/1.0"):
+            for client in (DEVPI_CLIENT, BROWSER):
+                self.assertIn("Accept", self.server.get(path, client).header("Vary") or "", (path, client))
+
     def test_simplePagesUnchanged(self) -> None:
         """A browser still gets the plain simple page under +simple/."""
         self.upload()

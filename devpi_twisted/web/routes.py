@@ -100,8 +100,15 @@ class Routes:
         app.handle_errors(_type)(lambda self, request, failure, _h=_handler: _h(request, failure))
 
     def _page(self, request: IRequest) -> UIViews | None:
-        """The web interface, when it is there and the request is a browser's."""
-        return self._ui if self._ui is not None and wantsPage(request) else None
+        """
+        The web interface, when it is there and the request is a browser's.
+        Either way the answer depends on who asks: a shared cache must not
+        give a browser's page to devpi-client, or its JSON to a browser.
+        """
+        if self._ui is None:
+            return None
+        request.setHeader(b"Vary", b"Accept, User-Agent, Authorization, X-Devpi-Auth")
+        return self._ui if wantsPage(request) else None
 
     # server-wide
 

@@ -135,7 +135,7 @@ class UIViews:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Content-Security-Policy", csp.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"Vary", b"Accept, Authorization, X-Devpi-Auth")
+        request.setHeader(b"Vary", b"Accept, User-Agent, Authorization, X-Devpi-Auth")
         request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
         return b"" if request.method == b"HEAD" else body
 
