@@ -13,13 +13,16 @@ embedded index.
 """
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from devpi_twisted.errors import StorageUnavailable
 from devpi_twisted.interfaces import ISearchIndex
 from devpi_twisted.storage.searchindex import (
     DOC, EXACT, PREFIX, TEXT, TYPO, IndexHit, Moved, ProjectDoc, SearchQuery, prefixBound,
@@ -104,13 +107,26 @@ class PostgresSearchIndex:
                 # typos are found by key lookups instead.
                 log.warn("pg_trgm unavailable ({error}); typo-tolerant names use key lookups", error=str(e))
 
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """
+        A pooled connection; PostgreSQL unreachable is L{StorageUnavailable}
+        at once (503 to a search, a retry later to the indexer), not a wait
+        of the pool's default half minute or a 500.
+        """
+        try:
+            with self._pool.connection(timeout=2.0) as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout, PoolClosed) as e:
+            raise StorageUnavailable(f"the search index's PostgreSQL is unreachable just now ({type(e).__name__})")
+
     def position(self) -> int:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute("SELECT serial FROM devpi_search_position WHERE id = 1").fetchone()
             return int(row[0]) if row else -1
 
     def claim(self, node: str, now: float, lease: float) -> bool:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "UPDATE devpi_search_position SET node = %s, until = %s"
                 " WHERE id = 1 AND (node IS NULL OR node = %s OR until < %s) RETURNING 1",
@@ -118,7 +134,7 @@ class PostgresSearchIndex:
             return row is not None
 
     def apply(self, operations: list[tuple[Any, ...]], expected: int, position: int) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             with conn.transaction():
                 row = conn.execute("SELECT serial FROM devpi_search_position WHERE id = 1 FOR UPDATE").fetchone()
                 if row is None or int(row[0]) != expected:
@@ -178,18 +194,18 @@ class PostgresSearchIndex:
             conn.execute(f"DELETE FROM {table} WHERE idx = %s", (index,))
 
     def stageNames(self, names: list[tuple[str, str]]) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             with conn.cursor() as cursor:
                 with cursor.copy("COPY devpi_search_staging (name, display) FROM STDIN") as copy:
                     for name, display in names:
                         copy.write_row((name, _clean(display)))
 
     def clearStage(self) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             conn.execute("DELETE FROM devpi_search_staging")
 
     def clear(self) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             with conn.transaction():
                 conn.execute("SELECT serial FROM devpi_search_position WHERE id = 1 FOR UPDATE")
                 for table in _TABLES:
@@ -200,13 +216,13 @@ class PostgresSearchIndex:
         self._pool.close()
 
     def namesDigest(self, index: str) -> str | None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute("SELECT sha256 FROM devpi_search_namelists WHERE idx = %s", (index,)).fetchone()
             return row[0] if row else None
 
     def docDigests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         found = {}
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             for index, name in pairs:
                 row = conn.execute("SELECT sha256 FROM devpi_search_docsets WHERE idx = %s AND name = %s",
                                    (index, name)).fetchone()
@@ -217,7 +233,7 @@ class PostgresSearchIndex:
     def search(self, q: SearchQuery) -> list[IndexHit]:
         hits: list[IndexHit] = []
         excluded = sorted(q.excluded)
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             def left() -> int:
                 # Ranks come in order: once the better ones fill the results, worse ones are not looked for.
                 return max(0, q.limit - len(hits))
@@ -277,7 +293,7 @@ class PostgresSearchIndex:
 
     def texts(self, hits: list[IndexHit]) -> dict[Any, str]:
         found = {}
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             for hit in hits:
                 if hit.kind == "doc":
                     row = conn.execute("SELECT body FROM devpi_search_docpages WHERE id = %s",
