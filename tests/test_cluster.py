@@ -467,13 +467,14 @@ class ReplicaTests(_TwoNodes):
         await self.mustAPI("PUT", "/alice/fromb", {}, base=self.b.url)
         expected = {viaA.filename: viaA.sha256, viaB.filename: viaB.sha256}
         await self.waitForFiles(replica, "alice/dev", "demo-pkg", expected, within=15.0)
-        await self.mustAPI("GET", "/alice/fromb", base=replica.url)
         serial = await self.sameSerial()
         deadline = time.monotonic() + 15
         while await self.serialOf(replica) != serial:
             if time.monotonic() > deadline:
                 self.fail(f"replica at {await self.serialOf(replica)}, primary at {serial}")
             await sleep(0.1)
+        # the index made through B came after the uploads: known once the replica has caught up
+        await self.mustAPI("GET", "/alice/fromb", base=replica.url)
         for name, url, sha in await self.fileLinks(replica, "alice/dev", "demo-pkg"):
             code, content = await self.download(url)
             self.assertEqual((code, hashlib.sha256(content).hexdigest()), (200, sha), name)
