@@ -3,7 +3,12 @@ The storage service: metadata with a serial and changelog, and a blob store.
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+import json
+from typing import Any, Callable
+
+from zope.interface import implementer
+
+from devpi_twisted.interfaces import IWriteTransaction
 
 
 @dataclass(frozen=True)
@@ -79,3 +84,49 @@ def blobRef(value: Any) -> str | None:
 def prefixUpperBound(prefix: str) -> str:
     """The smallest string greater than every string starting with C{prefix}."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+
+
+def canonicalJSON(value: Any) -> str:
+    """The stored text of a value: compact, keys sorted (so equal values store alike)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@implementer(IWriteTransaction)
+class OverlayTransaction:
+    """
+    The write transaction of a backend whose current view reads committed
+    values: its own changes laid over that view (reads see them), kept in
+    C{changes} (C{None}: deleted) for the backend to store on commit.
+
+    @param checkKey: refuses a key the backend cannot store (raises).
+    """
+
+    def __init__(self, view: Any, serial: int, checkKey: Callable[[str], None] | None = None) -> None:
+        self._view = view
+        self._checkKey = checkKey
+        self.serial = serial
+        self.changes: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        if key in self.changes:
+            return self.changes[key]
+        return self._view.get(key)
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        merged = dict(self._view.items(prefix))
+        for key, value in self.changes.items():
+            if key.startswith(prefix):
+                merged[key] = value
+        return sorted((k, v) for k, v in merged.items() if v is not None)
+
+    def set(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("use delete() to remove a key")
+        if self._checkKey is not None:
+            self._checkKey(key)
+        # A round trip through JSON keeps later reads in this transaction
+        # identical to what a fresh read will return.
+        self.changes[key] = json.loads(canonicalJSON(value))
+
+    def delete(self, key: str) -> None:
+        self.changes[key] = None

@@ -45,7 +45,9 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import BadRequest, InsufficientStorage, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import IReadView, ISharedSecret, IStorage, IWriteTransaction
-from devpi_twisted.storage import ChangeRecord, HistoryPruned, SerialMismatch, blobRef, prefixUpperBound
+from devpi_twisted.storage import (
+    ChangeRecord, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
+)
 from devpi_twisted.storage.threads import Runner
 
 T = TypeVar("T")
@@ -77,8 +79,7 @@ _MAX_MISSED = 1000
 CONNECT_TIMEOUT = 2
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+_dumps = canonicalJSON
 
 
 def describeDSN(dsn: str) -> str:
@@ -164,6 +165,11 @@ def _lastSerial(conn: psycopg.Connection) -> tuple[int, float | None]:
     return (row[0], row[1]) if row else (-1, None)
 
 
+def _checkStorable(key: str) -> None:
+    if not _storable(key):
+        raise BadRequest(f"a name must not contain a NUL character: {key!r}")
+
+
 def _storable(key: str) -> bool:
     """
     PostgreSQL text cannot hold NUL, so no key with one was ever stored:
@@ -218,37 +224,6 @@ class _HistoricalView:
             (prefix, prefixUpperBound(prefix), self.serial),
         ).fetchall()
         return [(k, json.loads(v)) for k, v in rows if v is not None]
-
-
-@implementer(IWriteTransaction)
-class _WriteTransaction:
-    def __init__(self, conn: psycopg.Connection, serial: int) -> None:
-        self._view = _CurrentView(conn, serial)
-        self.serial = serial
-        self.changes: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any:
-        if key in self.changes:
-            return self.changes[key]
-        return self._view.get(key)
-
-    def items(self, prefix: str) -> list[tuple[str, Any]]:
-        merged = dict(self._view.items(prefix))
-        for key, value in self.changes.items():
-            if key.startswith(prefix):
-                merged[key] = value
-        return sorted((k, v) for k, v in merged.items() if v is not None)
-
-    def set(self, key: str, value: Any) -> None:
-        if value is None:
-            raise ValueError("use delete() to remove a key")
-        if not _storable(key):
-            raise BadRequest(f"a name must not contain a NUL character: {key!r}")
-        # Through JSON, so reads in this transaction match later ones.
-        self.changes[key] = json.loads(_dumps(value))
-
-    def delete(self, key: str) -> None:
-        self.changes[key] = None
 
 
 def _createSchema(conn: psycopg.Connection) -> None:
@@ -440,7 +415,7 @@ class PostgresStorage:
             # Held to the commit: the next writer, on any node, reads our serial.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
             last = _lastSerial(conn)[0]
-            txn = _WriteTransaction(conn, last)
+            txn = OverlayTransaction(_CurrentView(conn, last), last, _checkStorable)
             result = function(txn)
             if not txn.changes:
                 conn.execute("ROLLBACK")

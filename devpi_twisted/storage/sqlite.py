@@ -40,7 +40,9 @@ from zope.interface import implementer
 
 from devpi_twisted.errors import InsufficientStorage
 from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
-from devpi_twisted.storage import ChangeRecord, HistoryPruned, SerialMismatch, blobRef, prefixUpperBound
+from devpi_twisted.storage import (
+    ChangeRecord, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
+)
 from devpi_twisted.storage.threads import Runner
 
 T = TypeVar("T")
@@ -67,8 +69,7 @@ def _oldest(conn: sqlite3.Connection) -> int:
     return -1 if row is None else int(row[0])
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+_dumps = canonicalJSON
 
 
 _SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)
@@ -141,36 +142,6 @@ class _HistoricalView:
             (prefix, prefixUpperBound(prefix), self.serial),
         )
         return [(k, json.loads(v)) for k, v in rows if v is not None]
-
-
-@implementer(IWriteTransaction)
-class _WriteTransaction:
-    def __init__(self, conn: sqlite3.Connection, serial: int) -> None:
-        self._view = _CurrentView(conn, serial)
-        self.serial = serial
-        self.changes: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any:
-        if key in self.changes:
-            return self.changes[key]
-        return self._view.get(key)
-
-    def items(self, prefix: str) -> list[tuple[str, Any]]:
-        merged = dict(self._view.items(prefix))
-        for key, value in self.changes.items():
-            if key.startswith(prefix):
-                merged[key] = value
-        return sorted((k, v) for k, v in merged.items() if v is not None)
-
-    def set(self, key: str, value: Any) -> None:
-        if value is None:
-            raise ValueError("use delete() to remove a key")
-        # A round trip through JSON keeps later reads in this transaction
-        # identical to what a fresh read will return.
-        self.changes[key] = json.loads(_dumps(value))
-
-    def delete(self, key: str) -> None:
-        self.changes[key] = None
 
 
 @implementer(IStorage)
@@ -254,7 +225,7 @@ class SqliteStorage:
         try:
             row = conn.execute("SELECT MAX(serial) FROM changelog").fetchone()
             last = -1 if row[0] is None else row[0]
-            txn = _WriteTransaction(conn, last)
+            txn = OverlayTransaction(_CurrentView(conn, last), last)
             result = function(txn)
             if not txn.changes:
                 conn.execute("ROLLBACK")
