@@ -17,10 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from devpi_twisted.errors import BadRequest, Forbidden, NotFound, Unauthorized
@@ -30,6 +28,7 @@ from devpi_twisted.model.indexconfig import STAGE
 from devpi_twisted.model.retention import Policy, VersionFacts, parseUploadTime, policyOf, select
 from devpi_twisted.services.fileentries import projectEntries, removalReason
 from devpi_twisted.services.releases import removeVersion
+from devpi_twisted.storage.periodic import PeriodicService
 
 log = Logger()
 
@@ -248,7 +247,7 @@ class Retention:
         return results
 
 
-class RetentionSchedule(Service):
+class RetentionSchedule(PeriodicService):
     """
     Applies every index's policy each C{interval} seconds, once C{ready()}
     has fired; run only by a primary's main process (never a replica or a
@@ -257,39 +256,15 @@ class RetentionSchedule(Service):
 
     def __init__(self, retention: Retention, clock: IReactorTime, interval: float,
                  ready: Callable[[], "Deferred[None]"] | None = None) -> None:
+        super().__init__(clock, interval, ready)
         self._retention = retention
-        self._clock = clock
-        self._interval = interval
-        self._ready = ready
-        self._loop: LoopingCall | None = None
-        self._passes: Deferred[Any] | None = None
         self.lastRun: float | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        waiting = self._ready() if self._ready is not None else succeed(None)
-        waiting.addCallback(lambda _: self._start())
+    what = "retention: a scheduled run"
 
-    def _start(self) -> None:
-        if not self.running:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._safeRun()))
-        self._loop.clock = self._clock
-        self._passes = self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def onePass(self) -> Any:
         # A run under way stops after its current batch (each a whole transaction).
-        passes, self._passes = self._passes, None
-        return passes
-
-    async def _safeRun(self) -> None:
-        try:
-            await self.runOnce()
-        except Exception:
-            log.failure("retention: a scheduled run failed; trying again in {interval} s", interval=self._interval)
+        return self.runOnce()
 
     async def runOnce(self) -> list[RunResult]:
         results = await self._retention.applyAll(proceed=lambda: self.running)

@@ -15,59 +15,34 @@ a C{--requests-only} worker, and only after the startup cleanup.
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from devpi_twisted.interfaces import IBlobStore, IStorage
 from devpi_twisted.storage import CollectResult
+from devpi_twisted.storage.periodic import PeriodicService
 
 log = Logger()
 
 
-class BlobCollector(Service):
+class BlobCollector(PeriodicService):
     """Runs L{collectOnce} every C{interval} seconds once C{ready()} has fired."""
+
+    what = "blob collector: a pass"
 
     def __init__(self, storage: IStorage, blobs: IBlobStore, clock: IReactorTime, interval: float,
                  ready: Callable[[], "Deferred[None]"] | None = None) -> None:
+        super().__init__(clock, interval, ready)
         self._storage = storage
         self._blobs = blobs
-        self._clock = clock
-        self._interval = interval
-        self._ready = ready
-        self._loop: LoopingCall | None = None
-        self._passes: Deferred[Any] | None = None
         self.lastPass: float | None = None
         self.totals = CollectResult()
 
-    def startService(self) -> None:
-        super().startService()
-        waiting = self._ready() if self._ready is not None else succeed(None)
-        waiting.addCallback(lambda _: self._start())
-
-    def _start(self) -> None:
-        if not self.running:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._safePass()))
-        self._loop.clock = self._clock
-        self._passes = self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def onePass(self) -> Any:
         # A pass under way finishes (its file operations are short and each
         # leaves the store consistent); stopping waits for it.
-        passes, self._passes = self._passes, None
-        return passes
-
-    async def _safePass(self) -> None:
-        try:
-            await self.collectOnce()
-        except Exception:
-            log.failure("blob collector: a pass failed; trying again in {interval} s", interval=self._interval)
+        return self.collectOnce()
 
     async def collectOnce(self) -> CollectResult:
         """One pass; what it did."""

@@ -18,18 +18,17 @@ C{--requests-only} worker), after the startup cleanup.
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from devpi_twisted.interfaces import IStorage
+from devpi_twisted.storage.periodic import PeriodicService
 
 log = Logger()
 
 
-class HistoryPruner(Service):
+class HistoryPruner(PeriodicService):
     """
     Runs L{pruneOnce} every C{interval} seconds once C{ready()} has fired.
 
@@ -40,17 +39,15 @@ class HistoryPruner(Service):
         pruned.
     """
 
+    what = "history pruner: a pass"
+
     def __init__(self, storage: IStorage, clock: IReactorTime, interval: float, keep: float,
                  needed: Iterable[Callable[[], int | None]] = (),
                  ready: Callable[[], "Deferred[Any]"] | None = None) -> None:
+        super().__init__(clock, interval, ready)
         self._storage = storage
-        self._clock = clock
-        self._interval = interval
         self._keep = keep
         self._needed = list(needed)
-        self._ready = ready
-        self._loop: LoopingCall | None = None
-        self._passes: Deferred[Any] | None = None
         self.lastPass: float | None = None
         self.removed = 0
 
@@ -58,31 +55,9 @@ class HistoryPruner(Service):
         """One more reader whose position limits pruning."""
         self._needed.append(needed)
 
-    def startService(self) -> None:
-        super().startService()
-        waiting = self._ready() if self._ready is not None else succeed(None)
-        waiting.addCallback(lambda _: self._start())
-
-    def _start(self) -> None:
-        if not self.running:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._safePass()))
-        self._loop.clock = self._clock
-        self._passes = self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def onePass(self) -> Any:
         # A pass under way finishes its current short transaction; stopping waits for it.
-        passes, self._passes = self._passes, None
-        return passes
-
-    async def _safePass(self) -> None:
-        try:
-            await self.pruneOnce()
-        except Exception:
-            log.failure("history pruner: a pass failed; trying again in {interval} s", interval=self._interval)
+        return self.pruneOnce()
 
     def keepFrom(self) -> int:
         """The oldest serial the readers still need (the current one when none needs older)."""
