@@ -130,3 +130,49 @@ class OverlayTransaction:
 
     def delete(self, key: str) -> None:
         self.changes[key] = None
+
+
+class ChangeTeller:
+    """
+    Tells subscribers of each committed change once, whoever committed it:
+    this process, or another one on the same storage (which a backend
+    notices by polling or notification, possibly out of serial order).
+    Keeps the last serial and commit time a backend answers with.
+
+    @ivar told: every serial up to this one has been told.
+    @ivar ahead: serials told beyond C{told} (commits that overtook others).
+    """
+
+    def __init__(self, serial: int, lastTime: float | None) -> None:
+        self.serial = serial
+        self.lastTime = lastTime
+        self.told = serial
+        self.ahead: set[int] = set()
+        self._subscribers: list[Callable[[ChangeRecord], None]] = []
+
+    def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def tell(self, record: ChangeRecord) -> None:
+        if record.serial <= self.told or record.serial in self.ahead:
+            return
+        if record.serial >= self.serial:
+            self.serial, self.lastTime = record.serial, record.time
+        if record.serial == self.told + 1:
+            self.told = record.serial
+            while self.told + 1 in self.ahead:
+                self.told += 1
+                self.ahead.discard(self.told)
+        else:
+            self.ahead.add(record.serial)
+            if len(self.ahead) > 100000:  # nobody is filling the gaps
+                self.told = max(self.ahead)
+                self.ahead.clear()
+        for callback in list(self._subscribers):
+            callback(record)
+
+    def skipTo(self, serial: int) -> None:
+        """Take every change up to C{serial} as told (a snapshot replaced them; history pruned them)."""
+        self.told = max(self.told, serial)
+        self.ahead = {s for s in self.ahead if s > serial}

@@ -46,7 +46,7 @@ from zope.interface import implementer
 from devpi_twisted.errors import BadRequest, InsufficientStorage, StorageError, StorageUnavailable
 from devpi_twisted.interfaces import IReadView, ISharedSecret, IStorage, IWriteTransaction
 from devpi_twisted.storage import (
-    ChangeRecord, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
+    ChangeRecord, ChangeTeller, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
 )
 from devpi_twisted.storage.threads import Runner
 
@@ -264,7 +264,6 @@ class PostgresStorage:
         self._where = describeDSN(dsn)
         self._runner = runner
         self._poolSize = poolSize
-        self._subscribers: list[Callable[[ChangeRecord], None]] = []
         self._lock = threading.Lock()
         self._closed = False
         self._lastProbe = 0.0
@@ -272,16 +271,13 @@ class PostgresStorage:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 _createSchema(conn)
-                self._serial, self._lastTime = _lastSerial(conn)
+                # Tells subscribers of each commit once, this node's or another's.
+                self._teller = ChangeTeller(*_lastSerial(conn))
             self._pool: ConnectionPool | None = self._newPool()
         except psycopg.OperationalError as e:
             raise StorageUnavailable(f"cannot reach PostgreSQL at {self._where}: {_firstLine(e)}") from e
         except psycopg.Error as e:
             raise StorageError(f"cannot use PostgreSQL at {self._where}: {_firstLine(e)}") from e
-        # Subscribers have been told of every serial up to _told, and of
-        # those in _toldAhead (own commits that overtook a catch-up).
-        self._told = self._serial
-        self._toldAhead: set[int] = set()
         self._catchUpLock = DeferredLock()
         self._catchUpPending = False
         self._reactor: Any = None
@@ -382,10 +378,10 @@ class PostgresStorage:
     # IStorage
 
     def currentSerial(self) -> int:
-        return self._serial
+        return self._teller.serial
 
     def lastCommitTime(self) -> float | None:
-        return self._lastTime
+        return self._teller.lastTime
 
     def _readSnapshot(self, function: Callable[[IReadView], T], serial: int | None) -> T:
         def work(conn: psycopg.Connection) -> T:
@@ -422,7 +418,7 @@ class PostgresStorage:
                 return None, result, []
             # Other nodes' changes our subscribers have not heard of yet: told
             # before ours, so every subscriber hears the changes in serial order.
-            told = self._told
+            told = self._teller.told
             missed = _fetchChanges(conn, told, _MAX_MISSED) if self.isWatching() and last > told else []
             serial, now = last + 1, time.time()
             _storeChanges(conn, serial, now, txn.changes)
@@ -456,30 +452,14 @@ class PostgresStorage:
     def _committed(self, outcome: tuple[ChangeRecord | None, T, list[ChangeRecord]]) -> tuple[int, T]:
         record, result, missed = outcome
         if record is None:
-            return self._serial, result
+            return self._teller.serial, result
         for earlier in missed:
-            self._tell(earlier)
-        self._tell(record)
-        if self.isWatching() and record.serial > self._told:
+            self._teller.tell(earlier)
+        self._teller.tell(record)
+        if self.isWatching() and record.serial > self._teller.told:
             # Another node committed just before us: tell its change too.
             self._scheduleCatchUp()
         return record.serial, result
-
-    def _tell(self, record: ChangeRecord) -> None:
-        """Tell subscribers of C{record}, once, whichever node committed it."""
-        if record.serial <= self._told or record.serial in self._toldAhead:
-            return
-        if record.serial >= self._serial:
-            self._serial, self._lastTime = record.serial, record.time
-        if record.serial == self._told + 1:
-            self._told = record.serial
-            while self._told + 1 in self._toldAhead:
-                self._told += 1
-                self._toldAhead.discard(self._told)
-        else:
-            self._toldAhead.add(record.serial)
-        for callback in list(self._subscribers):
-            callback(record)
 
     def _changesSince(self, serial: int, limit: int) -> list[ChangeRecord]:
         def work(conn: psycopg.Connection) -> list[ChangeRecord]:
@@ -577,9 +557,8 @@ class PostgresStorage:
 
     def applySnapshot(self, serial: int, time: float, state: dict[str, Any]) -> Deferred[int]:
         def applied(record: ChangeRecord) -> int:
-            self._told = max(self._told, record.serial - 1)
-            self._toldAhead = {s for s in self._toldAhead if s > record.serial}
-            self._tell(record)
+            self._teller.skipTo(record.serial - 1)
+            self._teller.tell(record)
             return record.serial
 
         return self._runner.runWrite(self._applySnapshot, serial, time, state).addCallback(applied)
@@ -588,8 +567,7 @@ class PostgresStorage:
         return self._runner.runRead(self._changesSince, serial, limit)
 
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        return self._teller.subscribe(callback)
 
     def referencedBlobs(self) -> Deferred[set[str]]:
         """The digests of every blob a current value refers to."""
@@ -721,7 +699,7 @@ class PostgresStorage:
 
         def got(records: list[ChangeRecord]) -> Deferred[None] | None:
             for record in records:
-                self._tell(record)
+                self._teller.tell(record)
             return self._catchUp() if len(records) == 500 else None
 
         def pruned(failure: Any) -> None:
@@ -730,9 +708,9 @@ class PostgresStorage:
             failure.trap(HistoryPruned)
             log.warn("changes before serial {oldest} were pruned before this node heard of them",
                      oldest=failure.value.oldest)
-            self._told = max(self._told, failure.value.oldest)
+            self._teller.skipTo(failure.value.oldest)
 
-        return self.changesSince(self._told, 500).addCallbacks(got, pruned)
+        return self.changesSince(self._teller.told, 500).addCallbacks(got, pruned)
 
     def close(self) -> Deferred[None]:
         listener = self.stopWatching()

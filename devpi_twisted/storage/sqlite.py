@@ -41,7 +41,7 @@ from zope.interface import implementer
 from devpi_twisted.errors import InsufficientStorage
 from devpi_twisted.interfaces import IReadView, IStorage, IWriteTransaction
 from devpi_twisted.storage import (
-    ChangeRecord, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
+    ChangeRecord, ChangeTeller, HistoryPruned, OverlayTransaction, SerialMismatch, blobRef, canonicalJSON, prefixUpperBound,
 )
 from devpi_twisted.storage.threads import Runner
 
@@ -159,18 +159,14 @@ class SqliteStorage:
         self._path = path
         self._runner = runner
         self._local = threading.local()
-        self._subscribers: list[Callable[[ChangeRecord], None]] = []
         conn = self._connect()
         with conn:
             conn.executescript(_SCHEMA)
         row = conn.execute("SELECT serial, at FROM changelog ORDER BY serial DESC LIMIT 1").fetchone()
-        self._serial, self._lastTime = (row[0], row[1]) if row else (-1, None)
+        # Tells subscribers of each commit once, this process's or another's.
+        self._teller = ChangeTeller(*((row[0], row[1]) if row else (-1, None)))
         conn.close()
         self._local = threading.local()
-        # Subscribers have been told of every serial up to _told, and of
-        # those in _toldAhead (commits that overtook another process's).
-        self._told = self._serial
-        self._toldAhead: set[int] = set()
         self._watcher: LoopingCall | None = None
         self._catchUpLock = DeferredLock()
 
@@ -192,10 +188,10 @@ class SqliteStorage:
         return conn
 
     def currentSerial(self) -> int:
-        return self._serial
+        return self._teller.serial
 
     def lastCommitTime(self) -> float | None:
-        return self._lastTime
+        return self._teller.lastTime
 
     def _readSnapshot(self, function: Callable[[IReadView], T], serial: int | None) -> T:
         conn = self._conn()
@@ -269,31 +265,12 @@ class SqliteStorage:
     def _committed(self, outcome: tuple[ChangeRecord | None, T]) -> tuple[int, T]:
         record, result = outcome
         if record is None:
-            return self._serial, result
-        self._tell(record)
-        if self._watcher is not None and record.serial > self._told:
+            return self._teller.serial, result
+        self._teller.tell(record)
+        if self._watcher is not None and record.serial > self._teller.told:
             # Another process committed just before us: tell its change too.
             self._catchUp().addErrback(lambda f: log.failure("following other processes' commits", f))
         return record.serial, result
-
-    def _tell(self, record: ChangeRecord) -> None:
-        """Tell subscribers of C{record}, once, whoever committed it."""
-        if record.serial <= self._told or record.serial in self._toldAhead:
-            return
-        if record.serial >= self._serial:
-            self._serial, self._lastTime = record.serial, record.time
-        if record.serial == self._told + 1:
-            self._told = record.serial
-            while self._told + 1 in self._toldAhead:
-                self._told += 1
-                self._toldAhead.discard(self._told)
-        else:
-            self._toldAhead.add(record.serial)
-            if len(self._toldAhead) > 100000:  # nobody is filling the gaps
-                self._told = max(self._toldAhead)
-                self._toldAhead.clear()
-        for callback in list(self._subscribers):
-            callback(record)
 
     # other processes on the same database
 
@@ -329,7 +306,7 @@ class SqliteStorage:
 
     def _poll(self) -> Deferred[None]:
         def check(last: int) -> Deferred[None] | None:
-            if last > self._told and not self._catchUpLock.locked:
+            if last > self._teller.told and not self._catchUpLock.locked:
                 return self._catchUp()
             return None
 
@@ -343,7 +320,7 @@ class SqliteStorage:
         def fetch() -> Deferred[None]:
             def got(records: list[ChangeRecord]) -> Deferred[None] | None:
                 for record in records:
-                    self._tell(record)
+                    self._teller.tell(record)
                 return fetch() if len(records) == 500 else None
 
             def pruned(failure: Any) -> None:
@@ -352,9 +329,9 @@ class SqliteStorage:
                 failure.trap(HistoryPruned)
                 log.warn("changes before serial {oldest} were pruned before this process heard of them",
                          oldest=failure.value.oldest)
-                self._told = max(self._told, failure.value.oldest)
+                self._teller.skipTo(failure.value.oldest)
 
-            return self.changesSince(self._told, 500).addCallbacks(got, pruned)
+            return self.changesSince(self._teller.told, 500).addCallbacks(got, pruned)
 
         return self._catchUpLock.run(fetch)
 
@@ -386,8 +363,7 @@ class SqliteStorage:
         return self._runner.runRead(self._changesSince, serial, limit)
 
     def subscribe(self, callback: Callable[[ChangeRecord], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        return self._teller.subscribe(callback)
 
     # pruning
 
@@ -491,9 +467,8 @@ class SqliteStorage:
     def applySnapshot(self, serial: int, time: float, state: dict[str, Any]) -> Deferred[int]:
         def applied(record: ChangeRecord) -> int:
             # Nothing before it is left to tell.
-            self._told = max(self._told, record.serial - 1)
-            self._toldAhead = {s for s in self._toldAhead if s > record.serial}
-            self._tell(record)
+            self._teller.skipTo(record.serial - 1)
+            self._teller.tell(record)
             return record.serial
 
         d = self._runner.runWrite(self._applySnapshot, serial, time, state).addErrback(_diskFull)
