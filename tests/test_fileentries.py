@@ -29,10 +29,11 @@ WHEEL = "demo_pkg-1.0-py3-none-any.whl"
 
 
 def _modules(*under: str) -> Iterator[tuple[str, ast.Module]]:
-    """C{(path below the package, parsed module)} of each module in the given subpackages."""
+    """C{(path below the package, parsed module)} of each module in the given subpackages (and theirs)."""
     for sub in under:
-        for path in sorted(PACKAGE.child(sub).globChildren("*.py")):
-            yield f"{sub}/{path.basename()}", ast.parse(path.getContent())
+        top = PACKAGE.child(sub)
+        for path in sorted(p for p in top.walk() if p.basename().endswith(".py")):
+            yield "/".join(path.segmentsFrom(PACKAGE)), ast.parse(path.getContent())
 
 
 def _allModules() -> Iterator[tuple[str, ast.Module]]:

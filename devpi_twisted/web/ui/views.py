@@ -27,15 +27,13 @@ from devpi_twisted.model.negotiation import prefersHTML
 from devpi_twisted.model.redact import scrubText, scrubURL
 from devpi_twisted.model.search import SearchHit, SearchResults
 from devpi_twisted.services.auth import Authenticator
+from devpi_twisted.services.browse import Browse, FileInfo, ProjectInfo, VersionInfo
 from devpi_twisted.services.queries import mirrorVersions
 from devpi_twisted.services.releases import Documentation
 from devpi_twisted.services.simple import Restricted
 from devpi_twisted.services.users import Users
 from devpi_twisted.web.context import identityOf, outsideURL
 from devpi_twisted.web.pages import isInstaller
-from devpi_twisted.web.ui.data import (
-    FileInfo, ProjectInfo, VersionInfo, collectIndexPage, collectProjectInfo,
-)
 from devpi_twisted.web.ui.describe import renderDescription
 from devpi_twisted.web.ui.static import StaticAssets
 from devpi_twisted.web.ui.templates import (
@@ -115,8 +113,10 @@ class UIViews:
 
     def __init__(self, *, storage: IStorage, blobs: IBlobStore, auth: Authenticator, users: Users,
                  docs: Documentation, version: str, outsideURL: str | None = None, mirrors: Any = None,
-                 replication: Any = None, search: Any = None, runFile: Callable[..., Any] = maybeDeferred) -> None:
-        self._storage = storage
+                 replication: Any = None, search: Any = None, runFile: Callable[..., Any] = maybeDeferred,
+                 browse: Browse | None = None) -> None:
+        self._storage = storage  # for the current serial
+        self._browse = browse if browse is not None else Browse(storage)
         self._blobs = blobs
         self._auth = auth
         self._users = users
@@ -195,7 +195,7 @@ class UIViews:
 
     async def index(self, request: IRequest, user: str, index: str) -> bytes:
         page = _pageNumber(request)
-        data = await self._storage.read(lambda view: collectIndexPage(view, user, index, page, PAGE_SIZE))
+        data = await self._browse.indexPage(user, index, page, PAGE_SIZE)
         config = data.config
         isMirror = config.get("type") == "mirror"
         settings: list[tuple[str, Any]] = [("Type", config.get("type", "stage"))]
@@ -231,10 +231,10 @@ class UIViews:
     # projects and versions
 
     async def _projectInfo(self, request: IRequest, user: str, index: str, project: str) -> ProjectInfo:
-        info = await self._storage.read(lambda view: collectProjectInfo(view, user, index, project))
+        info = await self._browse.projectInfo(user, index, project)
         if isinstance(info, Restricted):
             readable = stageReader(await identityOf(request, self._auth))
-            info = await self._storage.read(lambda view: collectProjectInfo(view, user, index, project, readable))
+            info = await self._browse.projectInfo(user, index, project, readable)
         base = outsideURL(request, self._outsideURL)
         for stage in info.mirrors:
             if self._mirrors is None:

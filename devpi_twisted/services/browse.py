@@ -1,9 +1,11 @@
 """
-What the pages show, read from storage in one view each, over the part of
+What the web interface's pages show (L{devpi_twisted.web.ui}), read from
+storage in one view each, over the part of
 an index's resolution order the requester may read (as the JSON views do:
 L{devpi_twisted.services.queries.collectProject}), with what the JSON
 shapes leave out (file sizes, uploaders, which index a file comes from,
-tox results).  Pure functions over an L{IReadView}.
+tox results).  L{Browse} is the service the views ask; the C{collect}
+functions are pure, over an L{IReadView}.
 """
 
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from devpi_twisted.errors import NotFound
-from devpi_twisted.interfaces import IReadView
+from devpi_twisted.interfaces import IReadView, IStorage
 from devpi_twisted.model import keys
 from devpi_twisted.model.inheritance import Stage, contributingStages, isPublicOrder, visibleOrder
 from devpi_twisted.services.fileentries import projectEntries
@@ -172,3 +174,21 @@ def collectIndexPage(view: IReadView, user: str, index: str, page: int, pageSize
             projectConfig = view.get(keys.projectKey(user, index, name)) or {}
             shown.append((projectConfig.get("name") or name, latestVersion(view, user, index, name)))
     return IndexPage(config, shown, len(names), page, pageSize)
+
+
+class Browse:
+    """The reads behind the web interface's index and project pages."""
+
+    def __init__(self, storage: IStorage) -> None:
+        self._storage = storage
+
+    def indexPage(self, user: str, index: str, page: int, pageSize: int) -> Any:
+        """@return: a Deferred with an L{IndexPage}."""
+        return self._storage.read(lambda view: collectIndexPage(view, user, index, page, pageSize))
+
+    def projectInfo(self, user: str, index: str, project: str, readable: Readable | None = None) -> Any:
+        """
+        @return: a Deferred with a L{ProjectInfo}, or L{Restricted} when the
+            index's chain holds a restricted index and C{readable} is not given.
+        """
+        return self._storage.read(lambda view: collectProjectInfo(view, user, index, project, readable))
